@@ -1,0 +1,209 @@
+//! `kiln bench`: training throughput of the tiny GPT, as JSON lines.
+//!
+//! For each backend and model configuration it measures, in one process:
+//! - `hand`: a minimal hand-written Burn loop (batches built before timing,
+//!   forward + loss + backward + AdamW step, as the PyTorch reference does);
+//! - `coordinator`: the same number of steps through `TrainingCoordinator`
+//!   (which builds its batches as it goes and keeps its books).
+//!
+//! `overhead` = hand tokens/s over all steps ÷ coordinator tokens/s − 1, both
+//! counted over the same steps (warm-up included), measured back to back.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use clap::Parser;
+use kiln_backend_cpu::{CpuBackend, Flex, NdArray};
+use kiln_coordinator::TrainingCoordinator;
+use kiln_core::rng::SplitMix64;
+use kiln_core::{Batch, DataModule, Inputs, ProgressMode, Split, Targets, TaskKind, TaskSpec};
+use kiln_models::{TextDataModule, TinyGptConfig};
+
+/// Measure training throughput of the tiny GPT.
+#[derive(Debug, Clone, Parser)]
+pub struct BenchArgs {
+    /// Backends to measure: ndarray, flex or all.
+    #[arg(long, default_value = "all")]
+    backend: String,
+    /// Model configurations: tiny (d 128, 2 layers, T 64), small (d 256, 4 layers, T 128) or all.
+    #[arg(long, default_value = "tiny")]
+    config: String,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Rounds (each measures every backend and configuration once).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+}
+
+const VOCAB: usize = 65;
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let backends: Vec<CpuBackend> = match args.backend.as_str() {
+        "all" => vec![CpuBackend::NdArray, CpuBackend::Flex],
+        other => vec![other.parse()?],
+    };
+    let configs: Vec<(&str, TinyGptConfig)> = match args.config.as_str() {
+        "tiny" => vec![("tiny", TinyGptConfig::tiny(VOCAB))],
+        "small" => vec![("small", TinyGptConfig::small(VOCAB))],
+        "all" => vec![
+            ("tiny", TinyGptConfig::tiny(VOCAB)),
+            ("small", TinyGptConfig::small(VOCAB)),
+        ],
+        other => anyhow::bail!("invalid config {other:?}: expected tiny, small or all"),
+    };
+    if args.steps == 0 || args.batch == 0 {
+        anyhow::bail!("--steps and --batch must be at least 1");
+    }
+    for round in 1..=args.rounds {
+        for (name, cfg) in &configs {
+            for backend in &backends {
+                let line = match backend {
+                    CpuBackend::NdArray => measure::<Autodiff<NdArray>>(args, name, *cfg)?,
+                    CpuBackend::Flex => measure::<Autodiff<Flex>>(args, name, *cfg)?,
+                };
+                let mut line = line;
+                line["backend"] = backend.to_string().into();
+                line["round"] = round.into();
+                emit(&line);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)] // JSON lines on stdout are this command's output
+fn emit(line: &serde_json::Value) {
+    println!("{line}");
+}
+
+fn measure<B: AutodiffBackend>(
+    args: &BenchArgs,
+    name: &str,
+    cfg: TinyGptConfig,
+) -> Result<serde_json::Value> {
+    let seed = 1337;
+    let data = TextDataModule::random(VOCAB, 1_000_000, cfg.seq_len, seed)?;
+    let total = args.warmup + args.steps;
+    let tokens_per_step = (args.batch * cfg.seq_len) as f64;
+
+    let hand = hand_loop::<B>(args, cfg, &data, seed)?;
+
+    let dir = tempfile_dir()?;
+    let coordinator = TrainingCoordinator::builder()
+        .batch_size(args.batch)
+        .max_steps(total as u64)
+        .limit_val_batches(1)
+        .log_every_n_steps(1_000_000)
+        .enable_checkpointing(false)
+        .progress(ProgressMode::Off)
+        .default_root_dir(&dir)
+        .seed(seed)
+        .build()?;
+    let task = TaskSpec::new(
+        "bench",
+        TaskKind::Lm {
+            vocab_size: VOCAB,
+            seq_len: cfg.seq_len,
+        },
+    );
+    let model = cfg.init::<B>(seed, &Default::default())?;
+    let report = coordinator
+        .train::<B, _, _>(model, &data, &task, None, 1)?
+        .report;
+    let _ = std::fs::remove_dir_all(&dir);
+    let coordinator_tps = report.throughput.items_per_s;
+
+    Ok(serde_json::json!({
+        "config": name,
+        "params": cfg.num_params(),
+        "batch": args.batch,
+        "seq_len": cfg.seq_len,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "hand_tokens_per_s": hand.timed_tokens_per_s,
+        "hand_ms_per_step": 1000.0 * tokens_per_step / hand.timed_tokens_per_s,
+        "hand_all_steps_tokens_per_s": hand.all_tokens_per_s,
+        "coordinator_tokens_per_s": coordinator_tps,
+        "overhead": hand.all_tokens_per_s / coordinator_tps - 1.0,
+        "hand_final_loss": hand.final_loss,
+        "coordinator_final_loss": report.step_losses.last(),
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    }))
+}
+
+struct HandResult {
+    timed_tokens_per_s: f64,
+    all_tokens_per_s: f64,
+    final_loss: f64,
+}
+
+/// The minimal loop a Burn user would write by hand, as in `shared/bench/`.
+fn hand_loop<B: AutodiffBackend>(
+    args: &BenchArgs,
+    cfg: TinyGptConfig,
+    data: &TextDataModule,
+    seed: u64,
+) -> Result<HandResult> {
+    let device = B::Device::default();
+    let mut model = cfg.init::<B>(seed, &device)?;
+    let mut optim = AdamWConfig::new()
+        .with_beta_2(0.95)
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.1)
+        .init::<B, kiln_models::TinyGpt<B>>();
+    let ce = CrossEntropyLossConfig::new().init(&device);
+    let total = args.warmup + args.steps;
+    let mut rng = SplitMix64::new(seed);
+    let n = data.len(Split::Train) as u64;
+    let mut batches = Vec::with_capacity(total);
+    for _ in 0..total {
+        let idx: Vec<usize> = (0..args.batch).map(|_| rng.below(n) as usize).collect();
+        let Batch { inputs, targets } = data.batch::<B>(Split::Train, &idx, &device)?;
+        match (inputs, targets) {
+            (Inputs::Tokens(x), Targets::Tokens(y)) => batches.push((x, y)),
+            _ => anyhow::bail!("text data gave non-token batches"),
+        }
+    }
+    let tokens_per_step = (args.batch * cfg.seq_len) as f64;
+    let mut final_loss = f64::NAN;
+    let start = Instant::now();
+    let mut timed_start = start;
+    for (i, (x, y)) in batches.into_iter().enumerate() {
+        if i == args.warmup {
+            timed_start = Instant::now();
+        }
+        let logits = model.logits(x)?;
+        let [b, t, v] = logits.dims();
+        let loss = ce.forward(logits.reshape([b * t, v]), y.reshape([b * t]));
+        final_loss = loss.clone().into_scalar().elem::<f64>();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(3e-4, model, grads);
+    }
+    let timed = timed_start.elapsed().as_secs_f64();
+    let all = start.elapsed().as_secs_f64();
+    let _ = model.valid();
+    Ok(HandResult {
+        timed_tokens_per_s: tokens_per_step * args.steps as f64 / timed,
+        all_tokens_per_s: tokens_per_step * total as f64 / all,
+        final_loss,
+    })
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

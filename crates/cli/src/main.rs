@@ -1,0 +1,47 @@
+//! `kiln`: train models, from the command line, through the `TrainingCoordinator`.
+
+mod bench;
+mod train;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// kiln: train Burn models through one coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a model (the default when no command is given).
+    Train(Box<train::TrainArgs>),
+    /// Measure training throughput (JSON lines on stdout).
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let result = match cli.command {
+        None => train::run(&train::TrainArgs::parse_from(["kiln"])),
+        Some(Command::Train(args)) => train::run(&args),
+        Some(Command::Bench(args)) => bench::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("kiln: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! `kiln train`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use clap::Parser;
+use kiln_backend_cpu::{CpuBackend, Flex, NdArray};
+use kiln_coordinator::{CoordinatorBuilder, Trained, TrainingCoordinator};
+use kiln_core::{
+    CoordinatorConfig, DataModule, LrSchedule, ProgressMode, TaskKind, TaskModel, TaskSpec,
+    TrainReport,
+};
+use kiln_models::{
+    CharTokenizer, MlpConfig, TabularDataModule, TextDataModule, TinyGptConfig, builtin_corpus,
+    load_text_file,
+};
+
+/// Train a model. With no flags: the tiny GPT on the built-in corpus for one epoch
+/// on CPU.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kiln train")]
+pub struct TrainArgs {
+    /// Task preset: lm_tiny (tiny GPT on text), cls_tiny or reg_tiny (MLP on synthetic tables).
+    #[arg(long, default_value = "lm_tiny")]
+    task: String,
+    /// UTF-8 text file to train the language model on (default: the built-in corpus).
+    #[arg(long, value_name = "FILE")]
+    text: Option<PathBuf>,
+    /// CPU backend: ndarray or flex.
+    #[arg(long, default_value = "flex")]
+    backend: String,
+    /// auto, single, vanilla, ddp, ddp_spawn or fsdp (Lightning's `strategy`).
+    #[arg(long, default_value = "auto")]
+    strategy: String,
+    /// 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true (Lightning's `precision`).
+    #[arg(long, default_value = "32-true")]
+    precision: String,
+    /// auto, a count, -1, or a list such as 0,2 (Lightning's `devices`).
+    #[arg(long, default_value = "auto")]
+    devices: String,
+    /// Number of machines (Lightning's `num_nodes`).
+    #[arg(long, default_value_t = 1)]
+    num_nodes: u32,
+    /// Epochs to train.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Train on at most this many batches per epoch.
+    #[arg(long)]
+    limit_train_batches: Option<usize>,
+    /// Examples per batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    /// Linear warm-up steps, then cosine decay to 10% (0: constant learning rate).
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u64,
+    /// Micro-batches per optimizer step (gradients averaged).
+    #[arg(long, default_value_t = 1)]
+    accumulate_grad_batches: u32,
+    /// Clip the global gradient norm to this value.
+    #[arg(long)]
+    gradient_clip_val: Option<f64>,
+    /// Seed for weights, data order and synthetic data.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Log metrics every N optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    log_every_n_steps: u64,
+    /// Context length of the language model.
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    /// Where run directories go.
+    #[arg(long, default_value = "runs")]
+    output_dir: PathBuf,
+    /// Experiment name.
+    #[arg(long, default_value = "default")]
+    experiment: String,
+    /// Run name (generated when absent).
+    #[arg(long)]
+    run_name: Option<String>,
+    /// Progress display: auto, bar, lines or off.
+    #[arg(long, default_value = "auto")]
+    progress: String,
+    /// Do not save the trained weights.
+    #[arg(long)]
+    no_checkpointing: bool,
+    /// Print the whole report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl TrainArgs {
+    fn coordinator(&self) -> Result<TrainingCoordinator> {
+        let schedule = if self.warmup_steps > 0 {
+            LrSchedule::WarmupCosine {
+                warmup_steps: self.warmup_steps,
+                min_lr_ratio: 0.1,
+            }
+        } else {
+            LrSchedule::Constant
+        };
+        let mut config = CoordinatorConfig {
+            num_nodes: self.num_nodes,
+            enable_checkpointing: !self.no_checkpointing,
+            log_every_n_steps: self.log_every_n_steps,
+            max_steps: self.max_steps,
+            limit_train_batches: self.limit_train_batches,
+            accumulate_grad_batches: self.accumulate_grad_batches,
+            gradient_clip_val: self.gradient_clip_val,
+            batch_size: self.batch_size,
+            seed: self.seed,
+            progress: self.progress.parse::<ProgressMode>()?,
+            default_root_dir: self.output_dir.clone(),
+            experiment: self.experiment.clone(),
+            run_name: self.run_name.clone(),
+            ..CoordinatorConfig::default()
+        };
+        config.optimizer.lr = self.lr;
+        config.optimizer.schedule = schedule;
+        Ok(CoordinatorBuilder::from_config(config)
+            .strategy(&self.strategy)
+            .precision(&self.precision)
+            .devices(&self.devices)
+            .build()?)
+    }
+}
+
+pub fn run(args: &TrainArgs) -> Result<()> {
+    // Check every argument before loading data or building a model.
+    let coordinator = args.coordinator()?;
+    let backend: CpuBackend = args.backend.parse()?;
+    if args.epochs == 0 {
+        anyhow::bail!("invalid epochs 0: expected an integer >= 1");
+    }
+    let task = TaskSpec::preset(&args.task)?;
+    let report = match backend {
+        CpuBackend::NdArray => train_task::<Autodiff<NdArray>>(args, &coordinator, task)?,
+        CpuBackend::Flex => train_task::<Autodiff<Flex>>(args, &coordinator, task)?,
+    };
+    print_summary(&report, args.json)
+}
+
+fn train_task<B: AutodiffBackend>(
+    args: &TrainArgs,
+    coordinator: &TrainingCoordinator,
+    mut task: TaskSpec,
+) -> Result<TrainReport> {
+    let device = B::Device::default();
+    match task.kind {
+        TaskKind::Lm { .. } => {
+            let text = match &args.text {
+                Some(path) => load_text_file(path)?,
+                None => builtin_corpus(),
+            };
+            let tokenizer = CharTokenizer::from_text(&text);
+            let vocab = tokenizer.vocab_size();
+            let data = TextDataModule::new(tokenizer.encode(&text)?, vocab, args.seq_len)?;
+            task.kind = TaskKind::Lm {
+                vocab_size: vocab,
+                seq_len: args.seq_len,
+            };
+            let model = TinyGptConfig {
+                seq_len: args.seq_len,
+                ..TinyGptConfig::tiny(vocab)
+            }
+            .init::<B>(args.seed, &device)?;
+            fit(coordinator, model, &data, &task, args)
+        }
+        TaskKind::Classification { num_classes } => {
+            let data = TabularDataModule::blobs(num_classes, 16, 4096, 512, args.seed);
+            let model = MlpConfig::for_task(&task.kind, 16)?.init::<B>(args.seed, &device)?;
+            fit(coordinator, model, &data, &task, args)
+        }
+        TaskKind::Regression { outputs } => {
+            let data = TabularDataModule::linear(outputs, 16, 4096, 512, args.seed);
+            let model = MlpConfig::for_task(&task.kind, 16)?.init::<B>(args.seed, &device)?;
+            fit(coordinator, model, &data, &task, args)
+        }
+    }
+}
+
+fn fit<B, M, D>(
+    coordinator: &TrainingCoordinator,
+    model: M,
+    data: &D,
+    task: &TaskSpec,
+    args: &TrainArgs,
+) -> Result<TrainReport>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TaskModel<B>,
+    M::InnerModule: TaskModel<B::InnerBackend>,
+    D: DataModule,
+{
+    let Trained { report, .. } = coordinator
+        .train::<B, M, D>(model, data, task, None, args.epochs)
+        .context("training did not complete")?;
+    Ok(report)
+}
+
+#[allow(clippy::print_stdout)] // printing the result is this command's job
+fn print_summary(report: &TrainReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    let get = |k: &str| report.final_metrics.get(k).copied();
+    println!(
+        "kiln: {} after {} epoch(s), {} optimizer steps in {:.1} s ({:.0} items/s, {})",
+        report.status.label(),
+        report.epochs,
+        report.optimizer_steps,
+        report.wall_time_s,
+        report.throughput.items_per_s,
+        report.plan
+    );
+    if let Some(loss) = get("valid/loss") {
+        let mut line = format!("kiln: final validation loss {loss:.4}");
+        if let Some(ppl) = get("valid/perplexity") {
+            line.push_str(&format!(", perplexity {ppl:.2}"));
+        }
+        if let Some(acc) = get("valid/accuracy") {
+            line.push_str(&format!(", accuracy {:.2}%", acc * 100.0));
+        }
+        println!("{line}");
+    }
+    if let Some(dir) = &report.run_dir {
+        println!("kiln: run outputs in {}", dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! [`CoordinatorBuilder`]: the seed's constructor, with Lightning's argument names.
+
+use std::path::PathBuf;
+
+use kiln_core::{CoordinatorConfig, LrSchedule, ProgressMode};
+
+use crate::{Result, TrainingCoordinator};
+
+/// Builds a [`TrainingCoordinator`] from the strings Lightning users know.
+///
+/// Setters take the values as written on a command line or in a config file; they
+/// are parsed and checked in [`build`](Self::build), whose error names the first
+/// bad value and the accepted ones.
+///
+/// | kiln | Lightning `Trainer` | burn-train |
+/// | --- | --- | --- |
+/// | `strategy("auto"\|"single"\|"vanilla"\|"ddp"\|"ddp_spawn"\|"fsdp")` | `strategy` | `ExecutionStrategy` |
+/// | `precision("32-true"\|"bf16-mixed"\|...)` | `precision` | backend element type |
+/// | `devices("auto"\|"2"\|"-1"\|"0,2")` | `devices` | device list |
+/// | `num_nodes(n)` | `num_nodes` | (burn-collective nodes) |
+/// | `enable_checkpointing(b)` | `enable_checkpointing` | `with_file_checkpointer` |
+/// | `log_every_n_steps(n)` | `log_every_n_steps` | (none: every batch) |
+/// | `max_steps(n)` | `max_steps` | (none) |
+/// | `limit_train_batches(n)` | `limit_train_batches` (count) | (none) |
+/// | `accumulate_grad_batches(n)` | `accumulate_grad_batches` (mean) | `grads_accumulation` (sum) |
+/// | `gradient_clip_val(x)` | `gradient_clip_val` (global norm) | `GradientClippingConfig::Norm` (per tensor) |
+/// | `default_root_dir(p)` | `default_root_dir` | `SupervisedTraining::new(dir, ..)` |
+///
+/// ```
+/// let err = kiln_coordinator::TrainingCoordinator::builder()
+///     .strategy("deepspeed")
+///     .build()
+///     .unwrap_err();
+/// assert!(err.to_string().contains("auto, single, vanilla, ddp, ddp_spawn, fsdp"));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct CoordinatorBuilder {
+    config: CoordinatorConfig,
+    strategy: Option<String>,
+    precision: Option<String>,
+    devices: Option<String>,
+}
+
+impl CoordinatorBuilder {
+    /// Starts from a configuration (e.g. one read from JSON).
+    pub fn from_config(config: CoordinatorConfig) -> Self {
+        Self {
+            config,
+            ..Default::default()
+        }
+    }
+
+    /// `auto`, `single`, `vanilla`, `ddp`, `ddp_spawn` or `fsdp`.
+    pub fn strategy(mut self, s: impl Into<String>) -> Self {
+        self.strategy = Some(s.into());
+        self
+    }
+
+    /// `32`, `32-true`, `bf16-mixed`, `16-mixed`, `bf16-true`, `16-true`, `bf16`, `16`.
+    pub fn precision(mut self, s: impl Into<String>) -> Self {
+        self.precision = Some(s.into());
+        self
+    }
+
+    /// `auto`, a count, `-1`, or a list such as `0,2`.
+    pub fn devices(mut self, s: impl Into<String>) -> Self {
+        self.devices = Some(s.into());
+        self
+    }
+
+    /// Number of machines.
+    pub fn num_nodes(mut self, n: u32) -> Self {
+        self.config.num_nodes = n;
+        self
+    }
+
+    /// Whether the run's weights are saved.
+    pub fn enable_checkpointing(mut self, on: bool) -> Self {
+        self.config.enable_checkpointing = on;
+        self
+    }
+
+    /// Log metrics every `n` optimizer steps.
+    pub fn log_every_n_steps(mut self, n: u64) -> Self {
+        self.config.log_every_n_steps = n;
+        self
+    }
+
+    /// Stop after `n` optimizer steps.
+    pub fn max_steps(mut self, n: u64) -> Self {
+        self.config.max_steps = Some(n);
+        self
+    }
+
+    /// Train on at most `n` batches per epoch.
+    pub fn limit_train_batches(mut self, n: usize) -> Self {
+        self.config.limit_train_batches = Some(n);
+        self
+    }
+
+    /// Validate on at most `n` batches per epoch.
+    pub fn limit_val_batches(mut self, n: usize) -> Self {
+        self.config.limit_val_batches = Some(n);
+        self
+    }
+
+    /// Average gradients over `n` micro-batches per optimizer step.
+    pub fn accumulate_grad_batches(mut self, n: u32) -> Self {
+        self.config.accumulate_grad_batches = n;
+        self
+    }
+
+    /// Clip the global gradient norm to `max_norm`.
+    pub fn gradient_clip_val(mut self, max_norm: f64) -> Self {
+        self.config.gradient_clip_val = Some(max_norm);
+        self
+    }
+
+    /// Examples per micro-batch.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.config.batch_size = n;
+        self
+    }
+
+    /// Base learning rate.
+    pub fn learning_rate(mut self, lr: f64) -> Self {
+        self.config.optimizer.lr = lr;
+        self
+    }
+
+    /// Learning-rate schedule.
+    pub fn lr_schedule(mut self, schedule: LrSchedule) -> Self {
+        self.config.optimizer.schedule = schedule;
+        self
+    }
+
+    /// Seed for data order and the loop's randomness.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.config.seed = seed;
+        self
+    }
+
+    /// How progress is shown.
+    pub fn progress(mut self, mode: ProgressMode) -> Self {
+        self.config.progress = mode;
+        self
+    }
+
+    /// Where run directories are created.
+    pub fn default_root_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.default_root_dir = dir.into();
+        self
+    }
+
+    /// Experiment name.
+    pub fn experiment(mut self, name: impl Into<String>) -> Self {
+        self.config.experiment = name.into();
+        self
+    }
+
+    /// Run name (generated when not set).
+    pub fn run_name(mut self, name: impl Into<String>) -> Self {
+        self.config.run_name = Some(name.into());
+        self
+    }
+
+    /// Parses and validates everything; the error names the first bad value.
+    pub fn build(self) -> Result<TrainingCoordinator> {
+        let mut config = self.config;
+        if let Some(s) = self.strategy {
+            config.strategy = s.parse()?;
+        }
+        if let Some(s) = self.precision {
+            config.precision = s.parse()?;
+        }
+        if let Some(s) = self.devices {
+            config.devices = s.parse()?;
+        }
+        TrainingCoordinator::new(config)
+    }
+}

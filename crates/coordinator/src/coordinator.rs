@@ -1,0 +1,282 @@
+//! [`TrainingCoordinator`]: validated configuration in, trained model and report out.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::prelude::Backend;
+use burn::tensor::backend::AutodiffBackend;
+use kiln_core::{
+    CoordinatorConfig, DataModule, ProgressMode, RunStatus, Split, TaskModel, TaskSpec, Throughput,
+    TrainReport,
+};
+use kiln_experiment_db::{EndStatus, NewRun, RunTracker};
+
+use crate::native::{self, Failure, LoopInputs, LoopStats};
+use crate::plan::resolve_plan;
+use crate::progress::Progress;
+use crate::run_dir::RunDir;
+use crate::tracking::Metrics;
+use crate::{CoordinatorBuilder, CoordinatorError, Result};
+
+/// A trained model and the report of its run.
+#[derive(Debug)]
+pub struct Trained<M> {
+    /// The model after the last optimizer step.
+    pub model: M,
+    /// What happened.
+    pub report: TrainReport,
+}
+
+/// Trains models: the Rust counterpart of PyTorch Lightning's `Trainer`, wrapped
+/// the way the seed card's `TrainingCoordinator` wraps it.
+///
+/// Built from a [`CoordinatorConfig`] (validated here: a bad value is an error that
+/// names it and the accepted ones; nothing panics), or through
+/// [`TrainingCoordinator::builder`] with Lightning's strings. The same coordinator
+/// can train any number of models.
+#[derive(Debug, Clone)]
+pub struct TrainingCoordinator {
+    config: CoordinatorConfig,
+}
+
+impl TrainingCoordinator {
+    /// A coordinator for `config`, after checking it.
+    pub fn new(config: CoordinatorConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self { config })
+    }
+
+    /// A builder taking Lightning's argument names and strings.
+    pub fn builder() -> CoordinatorBuilder {
+        CoordinatorBuilder::default()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// Trains `model` on `data` for `task` for `n_epochs` epochs on the backend's
+    /// default device, recording the run in `experiment_db` when given.
+    ///
+    /// This is the seed's `train(model, datamodule, task_spec, experiment_db,
+    /// n_epochs)`. The resolved plan is logged at start and returned in the report;
+    /// the run's files go to `<default_root_dir>/<experiment>/<run name>/`.
+    ///
+    /// # Errors
+    /// - [`CoordinatorError::Config`]: the task spec, model or data do not fit
+    ///   together (checked before training starts);
+    /// - [`CoordinatorError::NotAvailable`]: the strategy, device count, node count
+    ///   or precision asked for is not implemented by this build;
+    /// - [`CoordinatorError::RunFailed`]: training started and failed (e.g. a
+    ///   non-finite loss); the run is recorded as FAILED and the error carries the
+    ///   report.
+    pub fn train<B, M, D>(
+        &self,
+        model: M,
+        data: &D,
+        task: &TaskSpec,
+        experiment_db: Option<&mut dyn RunTracker>,
+        n_epochs: usize,
+    ) -> Result<Trained<M>>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + TaskModel<B>,
+        M::InnerModule: TaskModel<B::InnerBackend>,
+        D: DataModule,
+    {
+        self.train_on(
+            &[B::Device::default()],
+            model,
+            data,
+            task,
+            experiment_db,
+            n_epochs,
+        )
+    }
+
+    /// [`train`](Self::train) on the given devices; the configuration's `devices`
+    /// selects among them by index.
+    pub fn train_on<B, M, D>(
+        &self,
+        devices: &[B::Device],
+        model: M,
+        data: &D,
+        task: &TaskSpec,
+        experiment_db: Option<&mut dyn RunTracker>,
+        n_epochs: usize,
+    ) -> Result<Trained<M>>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + TaskModel<B>,
+        M::InnerModule: TaskModel<B::InnerBackend>,
+        D: DataModule,
+    {
+        let started = Instant::now();
+        let config = &self.config;
+        task.validate()?;
+        if n_epochs == 0 {
+            return Err(kiln_core::Error::invalid("n_epochs", 0, "an integer >= 1").into());
+        }
+        let first = devices.first().ok_or_else(|| {
+            kiln_core::Error::invalid("devices", "[]", "at least one device to train on")
+        })?;
+        if data.len(Split::Train) == 0 {
+            return Err(kiln_core::Error::Data("the training split is empty".into()).into());
+        }
+        data.check_task(task)?;
+        model.check_task(task)?;
+        let plan = resolve_plan(config, &<B as Backend>::name(first), devices.len())?;
+        for warning in &plan.warnings {
+            tracing::warn!("{warning}");
+        }
+        let device = &devices[plan.devices[0]];
+
+        let run_dir = RunDir::create(
+            &config.default_root_dir,
+            &config.experiment,
+            config.run_name.as_deref(),
+            &task.name,
+        )?;
+        let record = serde_json::json!({ "task": task, "config": config, "plan": plan });
+        run_dir.write_json("config.json", &record)?;
+        let new_run = NewRun {
+            experiment: config.experiment.clone(),
+            name: run_dir.name.clone(),
+            config: record,
+            params: run_params(config, task),
+            kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+            git_commit: None,
+            host: host_name(),
+        };
+        let mut metrics = Metrics::start(experiment_db, &new_run)?;
+        tracing::info!(run = %run_dir.name, dir = %run_dir.path.display(), %plan, "training");
+        if config.progress != ProgressMode::Off {
+            eprintln!("kiln: run {} in {}", run_dir.name, run_dir.path.display());
+            eprintln!("kiln: plan {plan}");
+            for warning in &plan.warnings {
+                eprintln!("kiln: warning: {warning}");
+            }
+        }
+
+        let total = native::total_steps(config, data.len(Split::Train), n_epochs);
+        let mut progress = Progress::new(config.progress, total);
+        let mut stats = LoopStats::default();
+        let inputs = LoopInputs {
+            config,
+            task,
+            data,
+            device,
+            n_epochs,
+        };
+        // A panic inside a model, a data module or a backend kernel must not leave
+        // the run RUNNING forever: it ends the run as FAILED with the panic's message.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            native::fit::<B, M, D>(&inputs, model, &mut metrics, &mut progress, &mut stats)
+        }))
+        .unwrap_or_else(|panic| Err(Failure::Panicked(panic_message(panic.as_ref()))));
+        progress.finish();
+
+        let outcome = outcome.and_then(|model| {
+            if config.enable_checkpointing {
+                run_dir.save_model::<B, M>(&model)?;
+            }
+            Ok(model)
+        });
+        let (status, model) = match outcome {
+            Ok(model) => (RunStatus::Finished, Some(model)),
+            Err(Failure::Diverged(reason) | Failure::Panicked(reason)) => {
+                (RunStatus::Failed { reason }, None)
+            }
+            Err(Failure::Error(e)) => (
+                RunStatus::Failed {
+                    reason: e.to_string(),
+                },
+                None,
+            ),
+        };
+        let end_status = match status {
+            RunStatus::Finished => EndStatus::Finished,
+            RunStatus::Killed => EndStatus::Killed,
+            _ => EndStatus::Failed,
+        };
+        let reason = match &status {
+            RunStatus::Failed { reason } => Some(reason.clone()),
+            _ => None,
+        };
+        let tracker_result = metrics.finish(end_status, reason.as_deref());
+
+        let items = stats.samples as f64 * data.items_per_example() as f64;
+        let seconds = stats.train_seconds.max(1e-9);
+        let report = TrainReport {
+            status,
+            plan,
+            epochs: stats.epochs,
+            optimizer_steps: stats.steps,
+            step_losses: stats.step_losses,
+            final_metrics: metrics
+                .summaries()
+                .iter()
+                .map(|(k, s)| (k.clone(), s.last))
+                .collect(),
+            metrics: metrics.summaries().clone(),
+            throughput: Throughput {
+                items_per_s: items / seconds,
+                samples_per_s: stats.samples as f64 / seconds,
+            },
+            wall_time_s: started.elapsed().as_secs_f64(),
+            run_dir: Some(run_dir.path.clone()),
+            run_id: metrics.run_id(),
+        };
+        run_dir.write_json("report.json", &report)?;
+        tracker_result?;
+        match (model, reason) {
+            (Some(model), _) => Ok(Trained { model, report }),
+            (None, reason) => Err(CoordinatorError::RunFailed {
+                reason: reason.unwrap_or_default(),
+                report: Box::new(report),
+            }),
+        }
+    }
+}
+
+/// The text of a panic payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".into());
+    format!("panicked during training: {text}")
+}
+
+/// Flat parameters stored with the run for querying.
+fn run_params(config: &CoordinatorConfig, task: &TaskSpec) -> Vec<(String, String)> {
+    let o = &config.optimizer;
+    vec![
+        ("task".into(), task.name.clone()),
+        ("task_type".into(), task.kind.type_name().into()),
+        ("strategy".into(), config.strategy.to_string()),
+        ("precision".into(), config.precision.to_string()),
+        ("devices".into(), config.devices.to_string()),
+        ("num_nodes".into(), config.num_nodes.to_string()),
+        ("batch_size".into(), config.batch_size.to_string()),
+        (
+            "accumulate_grad_batches".into(),
+            config.accumulate_grad_batches.to_string(),
+        ),
+        ("lr".into(), o.lr.to_string()),
+        ("weight_decay".into(), o.weight_decay.to_string()),
+        ("seed".into(), config.seed.to_string()),
+    ]
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}

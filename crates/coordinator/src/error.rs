@@ -1,0 +1,56 @@
+use std::path::PathBuf;
+
+use kiln_core::TrainReport;
+
+/// Everything that can stop the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// A configuration value, task spec, model or data module is not usable.
+    #[error(transparent)]
+    Config(#[from] kiln_core::Error),
+    /// The configuration asks for something this build or this version cannot run yet.
+    #[error("{what} is not available: {reason}")]
+    NotAvailable {
+        /// What was asked for, e.g. `strategy ddp with 2 devices`.
+        what: String,
+        /// Why not, and what would provide it.
+        reason: String,
+    },
+    /// The experiment store failed.
+    #[error(transparent)]
+    Tracker(#[from] kiln_experiment_db::Error),
+    /// A file of the run could not be written.
+    #[error("cannot write {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Model weights could not be saved.
+    #[error("cannot save the model to {path}: {reason}")]
+    Record {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        reason: String,
+    },
+    /// Training started but failed; the run is recorded as FAILED and the report
+    /// holds what was done until then.
+    #[error("run failed: {reason}")]
+    RunFailed {
+        /// What went wrong, e.g. `loss is NaN at step 12 (epoch 0, batch 11)`.
+        reason: String,
+        /// The report of the failed run.
+        report: Box<TrainReport>,
+    },
+}
+
+impl CoordinatorError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        CoordinatorError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

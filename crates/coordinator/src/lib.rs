@@ -1,0 +1,46 @@
+//! kiln's `TrainingCoordinator`: one entry point that trains a Burn model on a data
+//! module for a task, on the strategy, devices and precision asked for, and records
+//! the run.
+//!
+//! ```no_run
+//! use kiln_backend_cpu::Flex;
+//! use kiln_coordinator::TrainingCoordinator;
+//! use kiln_core::TaskSpec;
+//! use kiln_models::{CharTokenizer, TextDataModule, TinyGptConfig, builtin_corpus};
+//! use burn::backend::Autodiff;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let text = builtin_corpus();
+//! let tok = CharTokenizer::from_text(&text);
+//! let data = TextDataModule::new(tok.encode(&text)?, tok.vocab_size(), 64)?;
+//! let task = TaskSpec::lm_tiny();
+//! let device = Default::default();
+//! let model = TinyGptConfig::tiny(65).init::<Autodiff<Flex>>(1337, &device)?;
+//!
+//! let coordinator = TrainingCoordinator::builder().strategy("auto").devices("auto").build()?;
+//! let trained = coordinator.train(model, &data, &task, None, 1)?;
+//! println!("valid loss {:?}", trained.report.final_metrics.get("valid/loss"));
+//! # Ok(()) }
+//! ```
+//!
+//! How each parameter maps to Lightning's `Trainer` is documented on
+//! [`CoordinatorBuilder`] and in `README.md`.
+
+mod builder;
+mod coordinator;
+mod error;
+mod grad;
+mod native;
+mod objective;
+mod plan;
+mod progress;
+mod run_dir;
+mod tracking;
+
+pub use builder::CoordinatorBuilder;
+pub use coordinator::{Trained, TrainingCoordinator};
+pub use error::CoordinatorError;
+pub use plan::resolve_plan;
+
+/// Result alias for the coordinator.
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;

@@ -1,0 +1,274 @@
+//! The loss and the metrics, derived from the task kind.
+
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use kiln_core::{Error, Prediction, Targets, TaskKind};
+
+/// Mean loss of a batch, ready for `backward`.
+pub(crate) fn loss<B: Backend>(
+    kind: &TaskKind,
+    prediction: Prediction<B>,
+    targets: Targets<B>,
+) -> kiln_core::Result<Tensor<B, 1>> {
+    Ok(match flatten(kind, prediction, targets)? {
+        Flat::Classes { logits, targets } => cross_entropy(logits, targets),
+        Flat::Values { pred, targets } => (pred - targets).powi_scalar(2).mean(),
+    })
+}
+
+/// Sums over a validation batch: (loss × count, correct predictions, count).
+pub(crate) fn evaluate<B: Backend>(
+    kind: &TaskKind,
+    prediction: Prediction<B>,
+    targets: Targets<B>,
+) -> kiln_core::Result<EvalSums> {
+    Ok(match flatten(kind, prediction, targets)? {
+        Flat::Classes { logits, targets } => {
+            let [n, _] = logits.dims();
+            let correct = logits
+                .clone()
+                .argmax(1)
+                .reshape([n])
+                .equal(targets.clone())
+                .int()
+                .sum()
+                .into_scalar()
+                .elem::<f64>();
+            let loss = cross_entropy(logits, targets).into_scalar().elem::<f64>();
+            EvalSums {
+                loss_sum: loss * n as f64,
+                correct: Some(correct),
+                count: n as f64,
+            }
+        }
+        Flat::Values { pred, targets } => {
+            let [n, _] = pred.dims();
+            let loss = (pred - targets)
+                .powi_scalar(2)
+                .mean()
+                .into_scalar()
+                .elem::<f64>();
+            EvalSums {
+                loss_sum: loss * n as f64,
+                correct: None,
+                count: n as f64,
+            }
+        }
+    })
+}
+
+/// Running sums of a validation pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct EvalSums {
+    pub loss_sum: f64,
+    pub correct: Option<f64>,
+    pub count: f64,
+}
+
+impl EvalSums {
+    pub fn add(&mut self, other: EvalSums) {
+        self.loss_sum += other.loss_sum;
+        self.count += other.count;
+        self.correct = match (self.correct, other.correct) {
+            (Some(a), Some(b)) => Some(a + b),
+            (None, b) => b,
+            (a, None) => a,
+        };
+    }
+
+    /// `(name, value)` of each metric of `kind`.
+    pub fn metrics(&self, kind: &TaskKind) -> Vec<(&'static str, f64)> {
+        let loss = self.loss_sum / self.count.max(1.0);
+        let mut out = vec![("loss", loss)];
+        if let TaskKind::Lm { .. } = kind {
+            out.push(("perplexity", perplexity(loss)));
+        }
+        if let Some(c) = self.correct {
+            out.push(("accuracy", c / self.count.max(1.0)));
+        }
+        out
+    }
+}
+
+/// `exp(loss)`, capped at `exp(20)` like the upstream project so a diverged run
+/// still prints a number.
+pub(crate) fn perplexity(loss: f64) -> f64 {
+    loss.min(20.0).exp()
+}
+
+enum Flat<B: Backend> {
+    Classes {
+        logits: Tensor<B, 2>,
+        targets: Tensor<B, 1, Int>,
+    },
+    Values {
+        pred: Tensor<B, 2>,
+        targets: Tensor<B, 2>,
+    },
+}
+
+/// Checks prediction and targets against the task and flattens sequences.
+fn flatten<B: Backend>(
+    kind: &TaskKind,
+    prediction: Prediction<B>,
+    targets: Targets<B>,
+) -> kiln_core::Result<Flat<B>> {
+    let mismatch = |msg: String| Err(Error::TaskMismatch(msg));
+    match (kind, prediction, targets) {
+        (TaskKind::Lm { vocab_size, .. }, Prediction::TokenLogits(logits), Targets::Tokens(t)) => {
+            let [b, s, v] = logits.dims();
+            if v != *vocab_size {
+                return mismatch(format!(
+                    "the model predicts {v} tokens but the task's vocab_size is {vocab_size}"
+                ));
+            }
+            if t.dims() != [b, s] {
+                return mismatch(format!(
+                    "logits {:?} do not match targets {:?}",
+                    [b, s, v],
+                    t.dims()
+                ));
+            }
+            Ok(Flat::Classes {
+                logits: logits.reshape([b * s, v]),
+                targets: t.reshape([b * s]),
+            })
+        }
+        (
+            TaskKind::Classification { num_classes },
+            Prediction::ClassLogits(logits),
+            Targets::Classes(t),
+        ) => {
+            let [b, c] = logits.dims();
+            if c != *num_classes {
+                return mismatch(format!(
+                    "the model predicts {c} classes but the task has {num_classes}"
+                ));
+            }
+            if t.dims() != [b] {
+                return mismatch(format!(
+                    "logits {:?} do not match targets {:?}",
+                    [b, c],
+                    t.dims()
+                ));
+            }
+            Ok(Flat::Classes { logits, targets: t })
+        }
+        (TaskKind::Regression { outputs }, Prediction::Values(pred), Targets::Values(t)) => {
+            let [b, o] = pred.dims();
+            if o != *outputs {
+                return mismatch(format!(
+                    "the model predicts {o} values but the task has {outputs} outputs"
+                ));
+            }
+            if t.dims() != [b, o] {
+                return mismatch(format!(
+                    "predictions {:?} do not match targets {:?}",
+                    [b, o],
+                    t.dims()
+                ));
+            }
+            Ok(Flat::Values { pred, targets: t })
+        }
+        (kind, p, t) => mismatch(format!(
+            "a {} task cannot score a {} prediction against {} targets",
+            kind.type_name(),
+            match p {
+                Prediction::TokenLogits(_) => "token-logits",
+                Prediction::ClassLogits(_) => "class-logits",
+                Prediction::Values(_) => "values",
+            },
+            match t {
+                Targets::Tokens(_) => "token",
+                Targets::Classes(_) => "class",
+                Targets::Values(_) => "value",
+            }
+        )),
+    }
+}
+
+/// Mean cross-entropy of `logits` `[n, c]` against class ids `[n]`.
+fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let [n, _] = logits.dims();
+    let picked = log_softmax(logits, 1).gather(1, targets.reshape([n, 1]));
+    picked.mean().neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_backend_cpu::NdArray;
+
+    type B = NdArray;
+
+    #[test]
+    fn cross_entropy_of_uniform_logits_is_ln_classes() {
+        let dev = Default::default();
+        let logits = Tensor::<B, 3>::zeros([2, 3, 5], &dev);
+        let targets = Tensor::<B, 2, Int>::from_data([[0, 1, 2], [3, 4, 0]], &dev);
+        let kind = TaskKind::Lm {
+            vocab_size: 5,
+            seq_len: 3,
+        };
+        let l = loss(
+            &kind,
+            Prediction::TokenLogits(logits),
+            Targets::Tokens(targets),
+        )
+        .unwrap()
+        .into_scalar()
+        .elem::<f64>();
+        assert!((l - 5f64.ln()).abs() < 1e-6, "{l}");
+    }
+
+    #[test]
+    fn accuracy_counts_argmax_hits() {
+        let dev = Default::default();
+        let logits = Tensor::<B, 2>::from_data([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]], &dev);
+        let targets = Tensor::<B, 1, Int>::from_data([0, 1, 1], &dev);
+        let kind = TaskKind::Classification { num_classes: 2 };
+        let sums = evaluate(
+            &kind,
+            Prediction::ClassLogits(logits),
+            Targets::Classes(targets),
+        )
+        .unwrap();
+        assert_eq!(sums.correct, Some(2.0));
+        assert_eq!(sums.count, 3.0);
+    }
+
+    #[test]
+    fn a_prediction_of_the_wrong_kind_is_a_task_mismatch() {
+        let dev = Default::default();
+        let pred = Prediction::Values(Tensor::<B, 2>::zeros([2, 1], &dev));
+        let targets = Targets::Classes(Tensor::<B, 1, Int>::zeros([2], &dev));
+        let err = loss(&TaskKind::Classification { num_classes: 2 }, pred, targets)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("classification task cannot score a values prediction"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn vocabulary_size_mismatch_is_named() {
+        let dev = Default::default();
+        let pred = Prediction::TokenLogits(Tensor::<B, 3>::zeros([1, 2, 4], &dev));
+        let targets = Targets::Tokens(Tensor::<B, 2, Int>::zeros([1, 2], &dev));
+        let err = loss(
+            &TaskKind::Lm {
+                vocab_size: 65,
+                seq_len: 2,
+            },
+            pred,
+            targets,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("predicts 4 tokens") && err.contains("vocab_size is 65"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! Strategy resolution: what will actually run. See `docs/strategies.md`.
+
+use kiln_core::{CoordinatorConfig, Engine, Precision, ResolvedPlan, Strategy};
+
+use crate::{CoordinatorError, Result};
+
+/// Resolves `config` against the backend and the number of devices present.
+///
+/// | asked | devices resolved | runs |
+/// | --- | --- | --- |
+/// | `auto`, `single`, `vanilla` | 1 | native loop, one device |
+/// | `ddp`, `ddp_spawn`, `fsdp` | 1 | native loop, one device, with a warning |
+/// | `auto`, `ddp`, `ddp_spawn`, `fsdp` | > 1 | not available yet (data-parallel issue) |
+/// | `single`, `vanilla` | > 1 | error: these run on one device |
+/// | any, `num_nodes > 1` | | not available yet (multi-node issue) |
+/// | precision other than `32-true` | | not available yet (precision issue) |
+///
+/// The engine is always kiln's native loop in this version; the burn-train
+/// `Learner` engine is its own feature.
+pub fn resolve_plan(
+    config: &CoordinatorConfig,
+    backend: &str,
+    available_devices: usize,
+) -> Result<ResolvedPlan> {
+    config.validate()?;
+    let selection = config.devices.select(available_devices)?;
+    let n = selection.indices.len();
+    let mut warnings = Vec::new();
+    let strategy = match (config.strategy, n) {
+        (Strategy::Auto | Strategy::Single | Strategy::Vanilla, 1) => Strategy::Single,
+        (Strategy::Ddp | Strategy::DdpSpawn | Strategy::Fsdp, 1) => {
+            warnings.push(format!(
+                "strategy {} with one device runs as single (nothing to distribute)",
+                config.strategy
+            ));
+            Strategy::Single
+        }
+        (Strategy::Single | Strategy::Vanilla, _) => {
+            return Err(kiln_core::Error::invalid(
+                "devices",
+                &config.devices,
+                format!(
+                    "one device for strategy {} (use ddp for {n})",
+                    config.strategy
+                ),
+            )
+            .into());
+        }
+        (s, _) => {
+            let runs_as = if s == Strategy::Auto {
+                Strategy::Ddp
+            } else {
+                s
+            };
+            return Err(CoordinatorError::NotAvailable {
+                what: format!("strategy {s} on {n} devices (= {runs_as})"),
+                reason: "data-parallel training is not implemented in this version of kiln \
+                         yet (tracked by the data-parallel issue); use one device"
+                    .into(),
+            });
+        }
+    };
+    if config.num_nodes > 1 {
+        return Err(CoordinatorError::NotAvailable {
+            what: format!("num_nodes {}", config.num_nodes),
+            reason: "multi-node training is not implemented in this version of kiln yet \
+                     (tracked by the multi-node issue)"
+                .into(),
+        });
+    }
+    if config.precision != Precision::F32 {
+        return Err(CoordinatorError::NotAvailable {
+            what: format!("precision {}", config.precision),
+            reason: "only 32-true is implemented in this version of kiln (mixed and \
+                     half precision are tracked by the precision issue)"
+                .into(),
+        });
+    }
+    Ok(ResolvedPlan {
+        engine: Engine::Native,
+        strategy,
+        devices: selection.indices,
+        num_nodes: config.num_nodes,
+        world_size: n * config.num_nodes as usize,
+        precision: config.precision,
+        backend: backend.to_string(),
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::Devices;
+    use rstest::rstest;
+
+    fn cfg(strategy: &str, devices: &str) -> CoordinatorConfig {
+        CoordinatorConfig {
+            strategy: strategy.parse().unwrap(),
+            devices: devices.parse().unwrap(),
+            ..Default::default()
+        }
+    }
+
+    #[rstest]
+    #[case("auto", "auto", 1, Strategy::Single, 0)]
+    #[case("single", "1", 1, Strategy::Single, 0)]
+    #[case("vanilla", "auto", 1, Strategy::Single, 0)]
+    #[case("ddp", "1", 1, Strategy::Single, 1)]
+    #[case("ddp_spawn", "auto", 1, Strategy::Single, 1)]
+    #[case("fsdp", "[0]", 1, Strategy::Single, 1)]
+    fn one_device_resolves_to_single(
+        #[case] strategy: &str,
+        #[case] devices: &str,
+        #[case] available: usize,
+        #[case] want: Strategy,
+        #[case] n_warnings: usize,
+    ) {
+        let plan = resolve_plan(&cfg(strategy, devices), "ndarray", available).unwrap();
+        assert_eq!(plan.strategy, want);
+        assert_eq!(plan.engine, Engine::Native);
+        assert_eq!(plan.world_size, 1);
+        assert_eq!(plan.warnings.len(), n_warnings, "{:?}", plan.warnings);
+    }
+
+    #[rstest]
+    #[case::ddp_two(cfg("ddp", "2"), 2, "strategy ddp on 2 devices")]
+    #[case::auto_two(cfg("auto", "auto"), 2, "strategy auto on 2 devices (= ddp)")]
+    #[case::nodes(CoordinatorConfig { num_nodes: 2, ..Default::default() }, 1, "num_nodes 2")]
+    #[case::bf16(CoordinatorConfig { precision: kiln_core::Precision::Bf16Mixed, ..Default::default() }, 1, "precision bf16-mixed")]
+    fn what_this_version_cannot_run_says_so(
+        #[case] config: CoordinatorConfig,
+        #[case] available: usize,
+        #[case] needle: &str,
+    ) {
+        let err = resolve_plan(&config, "ndarray", available).unwrap_err();
+        assert!(
+            matches!(err, CoordinatorError::NotAvailable { .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(needle) && msg.contains("not available"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn single_on_several_devices_is_a_config_error() {
+        let err = resolve_plan(&cfg("single", "2"), "cuda", 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("invalid devices \"2\"") && err.contains("use ddp"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn more_devices_than_present_is_a_config_error() {
+        let config = CoordinatorConfig {
+            devices: Devices::Count(3),
+            ..Default::default()
+        };
+        let err = resolve_plan(&config, "ndarray", 1).unwrap_err().to_string();
+        assert!(err.contains("invalid devices \"3\""), "{err}");
+    }
+}

@@ -1,0 +1,93 @@
+//! Metrics on their way to the report and to the experiment store.
+
+use std::collections::BTreeMap;
+
+use kiln_core::MetricSummary;
+use kiln_experiment_db::{EndStatus, MetricPoint, NewRun, RunId, RunTracker};
+
+use crate::Result;
+use crate::run_dir::unix_now;
+
+/// Keeps each metric's last and best value for the report and forwards points to
+/// the run tracker, when there is one.
+pub(crate) struct Metrics<'t> {
+    tracker: Option<(&'t mut dyn RunTracker, RunId)>,
+    summaries: BTreeMap<String, MetricSummary>,
+    pending: Vec<MetricPoint>,
+}
+
+impl<'t> Metrics<'t> {
+    pub fn start(tracker: Option<&'t mut dyn RunTracker>, run: &NewRun) -> Result<Self> {
+        let tracker = match tracker {
+            Some(t) => {
+                let id = t.start_run(run)?;
+                Some((t, id))
+            }
+            None => None,
+        };
+        Ok(Self {
+            tracker,
+            summaries: BTreeMap::new(),
+            pending: Vec::new(),
+        })
+    }
+
+    pub fn run_id(&self) -> Option<RunId> {
+        self.tracker.as_ref().map(|(_, id)| *id)
+    }
+
+    /// Records one value; it reaches the store at the next [`flush`](Self::flush).
+    pub fn record(&mut self, split: &str, key: &str, step: u64, epoch: usize, value: f64) {
+        let higher_is_better = key == "accuracy";
+        let entry = self
+            .summaries
+            .entry(format!("{split}/{key}"))
+            .or_insert(MetricSummary {
+                last: value,
+                best: value,
+                best_step: step,
+            });
+        entry.last = value;
+        let better = if higher_is_better {
+            value > entry.best
+        } else {
+            value < entry.best
+        };
+        if better || !entry.best.is_finite() {
+            entry.best = value;
+            entry.best_step = step;
+        }
+        if self.tracker.is_some() {
+            self.pending.push(MetricPoint {
+                key: key.to_string(),
+                split: split.to_string(),
+                step,
+                epoch: epoch as u64,
+                value,
+                wall_time: unix_now(),
+            });
+        }
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some((tracker, id)) = self.tracker.as_mut()
+            && !self.pending.is_empty()
+        {
+            tracker.log_metrics(*id, &self.pending)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    pub fn finish(&mut self, status: EndStatus, reason: Option<&str>) -> Result<()> {
+        self.flush()?;
+        if let Some((tracker, id)) = self.tracker.as_mut() {
+            tracker.finish_run(*id, status, reason)?;
+        }
+        Ok(())
+    }
+
+    pub fn summaries(&self) -> &BTreeMap<String, MetricSummary> {
+        &self.summaries
+    }
+}

@@ -1,0 +1,35 @@
+//! kiln's shared vocabulary.
+//!
+//! Everything the other kiln crates agree on lives here and nothing else does:
+//!
+//! - [`TaskSpec`]: what is being learned (language modelling, classification,
+//!   regression); the loss and the metrics follow from its kind.
+//! - [`CoordinatorConfig`] and its parts ([`Strategy`], [`Precision`], [`Devices`]),
+//!   parsed from the strings PyTorch Lightning users already know.
+//! - [`TaskModel`] and [`DataModule`]: what a model and a data source implement to be
+//!   trained, generic over the Burn backend.
+//! - [`TrainReport`]: what a run returns.
+//! - [`Error`]: the one error type of this crate.
+//!
+//! `kiln-core` names no concrete backend: it depends on Burn's traits only.
+
+mod config;
+mod data;
+mod error;
+mod model;
+mod report;
+pub mod rng;
+mod task;
+
+pub use config::{
+    CoordinatorConfig, DeviceSelection, Devices, LrSchedule, OptimizerConfig, Precision,
+    ProgressMode, Strategy,
+};
+pub use data::{Batch, DataModule, Split};
+pub use error::Error;
+pub use model::{Inputs, Prediction, Targets, TaskModel};
+pub use report::{Engine, MetricSummary, ResolvedPlan, RunStatus, Throughput, TrainReport};
+pub use task::{TASK_SPEC_SCHEMA_VERSION, TaskKind, TaskSpec};
+
+/// Result alias for kiln-core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,143 @@
+//! What a training run returns and records.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Precision, Strategy};
+
+/// The engine that ran the training loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// kiln's own loop (the seed's "vanilla PyTorch loop").
+    Native,
+    /// burn-train's `Learner` (the seed's "Lightning Trainer").
+    Learner,
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Engine::Native => "native",
+            Engine::Learner => "learner",
+        })
+    }
+}
+
+/// What will run, resolved once from the configuration, the build and the
+/// hardware; printed at start, stored with the run and returned in the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolvedPlan {
+    /// Engine running the loop.
+    pub engine: Engine,
+    /// Strategy actually used (never `auto`).
+    pub strategy: Strategy,
+    /// Device indices used on this node.
+    pub devices: Vec<usize>,
+    /// Number of nodes.
+    pub num_nodes: u32,
+    /// Workers in total (devices × nodes).
+    pub world_size: usize,
+    /// Precision actually used.
+    pub precision: Precision,
+    /// Backend name, e.g. `ndarray`, `flex`, `cuda`.
+    pub backend: String,
+    /// Warnings raised while resolving (also logged once).
+    pub warnings: Vec<String>,
+}
+
+impl fmt::Display for ResolvedPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "engine={} strategy={} backend={} devices={:?} nodes={} world={} precision={}",
+            self.engine,
+            self.strategy,
+            self.backend,
+            self.devices,
+            self.num_nodes,
+            self.world_size,
+            self.precision
+        )
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RunStatus {
+    /// Still training.
+    Running,
+    /// Trained to the end.
+    Finished,
+    /// Stopped by an error (e.g. a non-finite loss at step N).
+    Failed {
+        /// What went wrong.
+        reason: String,
+    },
+    /// Stopped by the user (SIGINT/SIGTERM).
+    Killed,
+}
+
+impl RunStatus {
+    /// `RUNNING`, `FINISHED`, `FAILED` or `KILLED`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RunStatus::Running => "RUNNING",
+            RunStatus::Finished => "FINISHED",
+            RunStatus::Failed { .. } => "FAILED",
+            RunStatus::Killed => "KILLED",
+        }
+    }
+}
+
+/// A metric's last and best values over the run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MetricSummary {
+    /// The last value logged.
+    pub last: f64,
+    /// The best value logged (lowest for losses, highest for accuracies).
+    pub best: f64,
+    /// Optimizer step at which `best` was logged.
+    pub best_step: u64,
+}
+
+/// Training speed over the whole run, validation excluded.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Throughput {
+    /// Items per second: tokens for language modelling, samples otherwise.
+    pub items_per_s: f64,
+    /// Samples (examples) per second.
+    pub samples_per_s: f64,
+}
+
+/// What [`TrainingCoordinator::train`](../kiln_coordinator/struct.TrainingCoordinator.html#method.train)
+/// returns: the upstream result dictionary, typed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// How the run ended.
+    pub status: RunStatus,
+    /// What ran.
+    pub plan: ResolvedPlan,
+    /// Epochs completed (a partial last epoch cut by `max_steps` counts).
+    pub epochs: usize,
+    /// Optimizer steps taken.
+    pub optimizer_steps: u64,
+    /// Training loss of every optimizer step, in order (mean over its micro-batches).
+    pub step_losses: Vec<f32>,
+    /// Last value of each metric, keyed `split/name` (e.g. `valid/loss`).
+    pub final_metrics: BTreeMap<String, f64>,
+    /// Last and best value of each metric, keyed like `final_metrics`.
+    pub metrics: BTreeMap<String, MetricSummary>,
+    /// Training speed.
+    pub throughput: Throughput,
+    /// Wall time of the whole call, seconds.
+    pub wall_time_s: f64,
+    /// Where the run's files are.
+    pub run_dir: Option<PathBuf>,
+    /// The run's id in the experiment store, when one was given.
+    pub run_id: Option<i64>,
+}

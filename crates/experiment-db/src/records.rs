@@ -1,0 +1,163 @@
+//! What the store's queries return.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{EndStatus, Error, Result, RunId};
+
+/// A run's status as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RunStatus {
+    /// Started and not ended yet (or its process died without saying so).
+    Running,
+    /// Trained to the end.
+    Finished,
+    /// Stopped by an error; the run's `failure_reason` says which.
+    Failed,
+    /// Stopped by the user.
+    Killed,
+}
+
+impl RunStatus {
+    /// The status as stored: `RUNNING`, `FINISHED`, `FAILED` or `KILLED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "RUNNING",
+            RunStatus::Finished => "FINISHED",
+            RunStatus::Failed => "FAILED",
+            RunStatus::Killed => "KILLED",
+        }
+    }
+
+    /// Parses a stored status.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for anything but the four stored statuses.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "RUNNING" => Ok(RunStatus::Running),
+            "FINISHED" => Ok(RunStatus::Finished),
+            "FAILED" => Ok(RunStatus::Failed),
+            "KILLED" => Ok(RunStatus::Killed),
+            other => Err(Error::Invalid(format!(
+                "unknown run status {other:?} (expected RUNNING, FINISHED, FAILED or KILLED)"
+            ))),
+        }
+    }
+
+    /// Whether the run has ended.
+    pub fn is_ended(self) -> bool {
+        self != RunStatus::Running
+    }
+}
+
+impl From<EndStatus> for RunStatus {
+    fn from(status: EndStatus) -> Self {
+        match status {
+            EndStatus::Finished => RunStatus::Finished,
+            EndStatus::Failed => RunStatus::Failed,
+            EndStatus::Killed => RunStatus::Killed,
+        }
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A run as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The run's id.
+    pub id: RunId,
+    /// Name of the experiment the run belongs to.
+    pub experiment: String,
+    /// Run name, unique within its experiment.
+    pub name: String,
+    /// Stored status.
+    pub status: RunStatus,
+    /// The whole configuration as given to [`crate::RunTracker::start_run`].
+    pub config: serde_json::Value,
+    /// kiln's version.
+    pub kiln_version: String,
+    /// Git commit of the code, when known.
+    pub git_commit: Option<String>,
+    /// Host name.
+    pub host: String,
+    /// Seconds since the Unix epoch when the run started.
+    pub started_at: f64,
+    /// Seconds since the Unix epoch when the run ended; `None` while it runs.
+    pub ended_at: Option<f64>,
+    /// Seconds since the Unix epoch of the last heartbeat (the start counts as one).
+    pub heartbeat_at: Option<f64>,
+    /// Attempt number, 1 for a run that was never resumed.
+    pub attempt: u32,
+    /// Why the run ended, when a reason was given (always for a failure).
+    pub failure_reason: Option<String>,
+}
+
+/// Summary of one metric series (one key and split of one run), kept current as
+/// points are written.
+///
+/// Non-finite values count for `last` but never for `min` or `max`. Of equal minima
+/// (maxima) the one written first is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricSummaryRecord {
+    /// Metric name.
+    pub key: String,
+    /// Split (`train`, `valid`, ...).
+    pub split: String,
+    /// Value at the highest step written (of points at one step, the last written);
+    /// NaN when that value was NaN.
+    pub last: f64,
+    /// Highest step written.
+    pub last_step: u64,
+    /// `(step, value)` of the smallest finite value; `None` when no value was finite.
+    pub min: Option<(u64, f64)>,
+    /// `(step, value)` of the largest finite value; `None` when no value was finite.
+    pub max: Option<(u64, f64)>,
+}
+
+/// Which end of a metric is best.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Goal {
+    /// Smaller is better (a loss).
+    Min,
+    /// Larger is better (an accuracy).
+    Max,
+}
+
+/// An artifact to record for a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewArtifact {
+    /// Kind: `checkpoint`, `plot`, `config`, ...
+    pub kind: String,
+    /// Path relative to the run directory.
+    pub path: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// SHA-256 of the content as lowercase hex, when computed.
+    pub sha256: Option<String>,
+}
+
+/// An artifact as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    /// The artifact's id.
+    pub id: i64,
+    /// Run the artifact belongs to.
+    pub run: RunId,
+    /// Kind: `checkpoint`, `plot`, `config`, ...
+    pub kind: String,
+    /// Path relative to the run directory.
+    pub path: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// SHA-256 of the content as lowercase hex, when computed.
+    pub sha256: Option<String>,
+    /// Seconds since the Unix epoch when it was recorded.
+    pub created_at: f64,
+}

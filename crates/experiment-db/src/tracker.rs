@@ -1,0 +1,82 @@
+//! [`RunTracker`]: the narrow interface through which a training loop records a run.
+//!
+//! The coordinator talks to this trait only and issues no SQL; [`crate::ExperimentDb`]
+//! implements it, and so can any other store.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+
+/// A run's id in the store.
+pub type RunId = i64;
+
+/// What is known of a run when it starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewRun {
+    /// Experiment the run belongs to (created on first use).
+    pub experiment: String,
+    /// Run name, unique within its experiment.
+    pub name: String,
+    /// The whole configuration as JSON (task spec, coordinator configuration, plan).
+    pub config: serde_json::Value,
+    /// Flat parameters worth querying by (`lr`, `batch_size`, `strategy`, ...).
+    pub params: Vec<(String, String)>,
+    /// kiln's version.
+    pub kiln_version: String,
+    /// Git commit of the code, when known.
+    pub git_commit: Option<String>,
+    /// Host name.
+    pub host: String,
+}
+
+/// One metric value at one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    /// Metric name, e.g. `loss`.
+    pub key: String,
+    /// `train` or `valid`.
+    pub split: String,
+    /// Optimizer step the value belongs to.
+    pub step: u64,
+    /// Epoch (0-based) the value belongs to.
+    pub epoch: u64,
+    /// The value (finite or not: a diverged loss is recorded as it was).
+    pub value: f64,
+    /// Seconds since the Unix epoch when the value was measured.
+    pub wall_time: f64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EndStatus {
+    /// Trained to the end.
+    Finished,
+    /// Stopped by an error.
+    Failed,
+    /// Stopped by the user.
+    Killed,
+}
+
+impl EndStatus {
+    /// The status as stored: `FINISHED`, `FAILED` or `KILLED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndStatus::Finished => "FINISHED",
+            EndStatus::Failed => "FAILED",
+            EndStatus::Killed => "KILLED",
+        }
+    }
+}
+
+/// Records runs. Every method may be called from the training thread: an
+/// implementation must not block it on the disk for long (buffer and write in the
+/// background), and must have written everything by the time `finish_run` returns.
+pub trait RunTracker {
+    /// Registers a run as RUNNING and returns its id.
+    fn start_run(&mut self, run: &NewRun) -> Result<RunId>;
+    /// Records metric points of a run.
+    fn log_metrics(&mut self, run: RunId, points: &[MetricPoint]) -> Result<()>;
+    /// Marks the run ended, with the reason when it failed; flushes pending points first.
+    fn finish_run(&mut self, run: RunId, status: EndStatus, reason: Option<&str>) -> Result<()>;
+}

@@ -1,0 +1,245 @@
+//! The tiny character-level GPT of `shared/bench/README.md`.
+//!
+//! Pre-LayerNorm decoder blocks (`x += Attn(LN1(x)); x += MLP(LN2(x))`), learned
+//! absolute positions, causal multi-head self-attention with separate Q, K, V
+//! projections, an exact (erf) GELU MLP, a final LayerNorm and an untied head, every
+//! Linear with a bias. Parameter count
+//! `V·d + T·d + L·(12d² + 13d) + 2d + d·V + V` = 421,697 for V = 65, T = 64,
+//! d = 128, L = 2.
+
+use burn::module::Param;
+use burn::nn::{LayerNorm, LayerNormConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, softmax};
+use kiln_core::rng::SplitMix64;
+use kiln_core::{Error, Inputs, Prediction, TaskKind, TaskModel, TaskSpec};
+
+use crate::layers::{Dense, normal_tensor};
+
+/// Shape of a [`TinyGpt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TinyGptConfig {
+    /// Vocabulary size V.
+    pub vocab_size: usize,
+    /// Context length T.
+    pub seq_len: usize,
+    /// Model width d.
+    pub d_model: usize,
+    /// Attention heads (must divide `d_model`).
+    pub n_heads: usize,
+    /// Decoder blocks L.
+    pub n_layers: usize,
+    /// Hidden width of each block's MLP.
+    pub d_ff: usize,
+}
+
+impl TinyGptConfig {
+    /// The benchmark's configuration for a vocabulary of `vocab_size` tokens:
+    /// T = 64, d = 128, 4 heads, 2 layers, MLP 512.
+    pub fn tiny(vocab_size: usize) -> Self {
+        Self {
+            vocab_size,
+            seq_len: 64,
+            d_model: 128,
+            n_heads: 4,
+            n_layers: 2,
+            d_ff: 512,
+        }
+    }
+
+    /// The benchmark's second, larger configuration: d = 256, 4 layers, T = 128.
+    pub fn small(vocab_size: usize) -> Self {
+        Self {
+            vocab_size,
+            seq_len: 128,
+            d_model: 256,
+            n_heads: 4,
+            n_layers: 4,
+            d_ff: 1024,
+        }
+    }
+
+    /// Number of trainable parameters this configuration has.
+    pub fn num_params(&self) -> usize {
+        let (v, t, d, f) = (self.vocab_size, self.seq_len, self.d_model, self.d_ff);
+        let block = 2 * d + 4 * (d * d + d) + 2 * d + (d * f + f) + (f * d + d);
+        v * d + t * d + self.n_layers * block + 2 * d + d * v + v
+    }
+
+    /// Builds the model with weights drawn from `seed`.
+    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> kiln_core::Result<TinyGpt<B>> {
+        if self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
+            return Err(Error::invalid(
+                "n_heads",
+                self.n_heads,
+                format!("a divisor of d_model {}", self.d_model),
+            ));
+        }
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("seq_len", self.seq_len),
+            ("d_model", self.d_model),
+            ("n_layers", self.n_layers),
+            ("d_ff", self.d_ff),
+        ] {
+            if v == 0 {
+                return Err(Error::invalid(field, v, "an integer >= 1"));
+            }
+        }
+        let mut rng = SplitMix64::new(seed);
+        let d = self.d_model;
+        let tok_emb = Param::from_tensor(normal_tensor([self.vocab_size, d], &mut rng, device));
+        let pos_emb = Param::from_tensor(normal_tensor([self.seq_len, d], &mut rng, device));
+        let blocks = (0..self.n_layers)
+            .map(|_| Block::new(d, self.n_heads, self.d_ff, &mut rng, device))
+            .collect();
+        let ln_f = LayerNormConfig::new(d).with_epsilon(1e-5).init(device);
+        let head = Dense::new(d, self.vocab_size, &mut rng, device);
+        Ok(TinyGpt {
+            tok_emb,
+            pos_emb,
+            blocks,
+            ln_f,
+            head,
+        })
+    }
+}
+
+/// One pre-LN decoder block.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    ln1: LayerNorm<B>,
+    q: Dense<B>,
+    k: Dense<B>,
+    v: Dense<B>,
+    proj: Dense<B>,
+    ln2: LayerNorm<B>,
+    up: Dense<B>,
+    down: Dense<B>,
+    n_heads: usize,
+}
+
+impl<B: Backend> Block<B> {
+    fn new(
+        d: usize,
+        n_heads: usize,
+        d_ff: usize,
+        rng: &mut SplitMix64,
+        device: &B::Device,
+    ) -> Self {
+        let ln = || LayerNormConfig::new(d).with_epsilon(1e-5).init(device);
+        Self {
+            ln1: ln(),
+            q: Dense::new(d, d, rng, device),
+            k: Dense::new(d, d, rng, device),
+            v: Dense::new(d, d, rng, device),
+            proj: Dense::new(d, d, rng, device),
+            ln2: ln(),
+            up: Dense::new(d, d_ff, rng, device),
+            down: Dense::new(d_ff, d, rng, device),
+            n_heads,
+        }
+    }
+
+    /// `x`: `[b·t, d]`; `mask`: additive causal mask `[1, 1, t, t]`.
+    fn forward(&self, x: Tensor<B, 2>, b: usize, t: usize, mask: Tensor<B, 4>) -> Tensor<B, 2> {
+        let [_, d] = x.dims();
+        let (h, hd) = (self.n_heads, d / self.n_heads);
+        let a = self.ln1.forward(x.clone());
+        let heads = |y: Tensor<B, 2>| y.reshape([b, t, h, hd]).swap_dims(1, 2);
+        let q = heads(self.q.forward(a.clone()));
+        let k = heads(self.k.forward(a.clone()));
+        let v = heads(self.v.forward(a));
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (hd as f64).sqrt())
+            + mask;
+        let y = softmax(scores, 3)
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b * t, d]);
+        let x = x + self.proj.forward(y);
+        let m = self
+            .down
+            .forward(gelu(self.up.forward(self.ln2.forward(x.clone()))));
+        x + m
+    }
+}
+
+/// The tiny GPT. Build it with [`TinyGptConfig::init`].
+#[derive(Module, Debug)]
+pub struct TinyGpt<B: Backend> {
+    tok_emb: Param<Tensor<B, 2>>,
+    pos_emb: Param<Tensor<B, 2>>,
+    blocks: Vec<Block<B>>,
+    ln_f: LayerNorm<B>,
+    head: Dense<B>,
+}
+
+impl<B: Backend> TinyGpt<B> {
+    /// Logits `[b, t, V]` for token ids `[b, t]`, `t` at most the configured context.
+    pub fn logits(&self, tokens: Tensor<B, 2, Int>) -> kiln_core::Result<Tensor<B, 3>> {
+        let [b, t] = tokens.dims();
+        let [max_t, d] = self.pos_emb.dims();
+        if t == 0 || t > max_t {
+            return Err(Error::TaskMismatch(format!(
+                "sequence length {t} does not fit the model's context of {max_t} tokens"
+            )));
+        }
+        let device = tokens.device();
+        let pos = self.pos_emb.val().narrow(0, 0, t).unsqueeze::<3>();
+        let x = burn::tensor::module::embedding(self.tok_emb.val(), tokens) + pos;
+        let mut x = x.reshape([b * t, d]);
+        let mask = causal_mask::<B>(t, &device);
+        for block in &self.blocks {
+            x = block.forward(x, b, t, mask.clone());
+        }
+        let logits = self.head.forward(self.ln_f.forward(x));
+        let [_, v] = logits.dims();
+        Ok(logits.reshape([b, t, v]))
+    }
+}
+
+impl<B: Backend> TaskModel<B> for TinyGpt<B> {
+    fn forward(&self, inputs: Inputs<B>) -> kiln_core::Result<Prediction<B>> {
+        Ok(Prediction::TokenLogits(self.logits(inputs.into_tokens()?)?))
+    }
+
+    fn check_task(&self, task: &TaskSpec) -> kiln_core::Result<()> {
+        let [vocab, _] = self.tok_emb.dims();
+        let [context, _] = self.pos_emb.dims();
+        match task.kind {
+            TaskKind::Lm {
+                vocab_size,
+                seq_len,
+            } => {
+                if vocab_size != vocab {
+                    return Err(Error::TaskMismatch(format!(
+                        "the model has a vocabulary of {vocab} tokens but the task's vocab_size is {vocab_size}"
+                    )));
+                }
+                if seq_len > context {
+                    return Err(Error::TaskMismatch(format!(
+                        "the model's context is {context} tokens but the task's seq_len is {seq_len}"
+                    )));
+                }
+                Ok(())
+            }
+            ref other => Err(Error::TaskMismatch(format!(
+                "the GPT does language modelling, not {}",
+                other.type_name()
+            ))),
+        }
+    }
+}
+
+/// Additive causal mask `[1, 1, t, t]`: 0 on and below the diagonal, -inf above.
+fn causal_mask<B: Backend>(t: usize, device: &B::Device) -> Tensor<B, 4> {
+    let mut m = vec![0.0f32; t * t];
+    for i in 0..t {
+        for j in (i + 1)..t {
+            m[i * t + j] = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [1, 1, t, t]), device)
+}

@@ -1,0 +1,264 @@
+//! How runs end: honest statuses, clear errors, nothing silently wrong.
+
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use kiln_backend_cpu::NdArray;
+use kiln_coordinator::{CoordinatorError, TrainingCoordinator};
+use kiln_core::{Batch, DataModule, Inputs, RunStatus, Split, Targets, TaskKind, TaskSpec};
+use kiln_models::{MlpConfig, TabularDataModule};
+use kiln_tests::{corpus_data, quiet, small_gpt};
+use rstest::rstest;
+
+type B = Autodiff<NdArray>;
+
+/// Regression data whose features turn NaN from example `bad_from` on.
+struct PoisonedData {
+    bad_from: usize,
+}
+
+impl DataModule for PoisonedData {
+    fn len(&self, _split: Split) -> usize {
+        64
+    }
+
+    fn batch<Bk: Backend>(
+        &self,
+        _split: Split,
+        indices: &[usize],
+        device: &Bk::Device,
+    ) -> kiln_core::Result<Batch<Bk>> {
+        let n = indices.len();
+        let x: Vec<f32> = indices
+            .iter()
+            .flat_map(|&i| {
+                [if i >= self.bad_from {
+                    f32::NAN
+                } else {
+                    i as f32 / 64.0
+                }; 4]
+            })
+            .collect();
+        Ok(Batch {
+            inputs: Inputs::Features(Tensor::from_data(TensorData::new(x, [n, 4]), device)),
+            targets: Targets::Values(Tensor::zeros([n, 1], device)),
+        })
+    }
+}
+
+#[test]
+fn a_non_finite_loss_fails_the_run_with_the_step_and_writes_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = TaskSpec::reg_tiny();
+    let model = MlpConfig::for_task(&task.kind, 4)
+        .unwrap()
+        .init::<B>(1, &Default::default())
+        .unwrap();
+    let coordinator = quiet(dir.path()).batch_size(64).build().unwrap();
+    let err = coordinator
+        .train::<B, _, _>(model, &PoisonedData { bad_from: 0 }, &task, None, 2)
+        .unwrap_err();
+    let CoordinatorError::RunFailed { reason, report } = err else {
+        panic!("expected RunFailed, got {err}");
+    };
+    assert_eq!(reason, "training loss is NaN at step 1 (epoch 0, batch 0)");
+    assert_eq!(
+        report.status,
+        RunStatus::Failed {
+            reason: reason.clone()
+        }
+    );
+    assert_eq!(report.optimizer_steps, 0);
+    let saved = std::fs::read_to_string(report.run_dir.unwrap().join("report.json")).unwrap();
+    assert!(
+        saved.contains("\"FAILED\"") && saved.contains("NaN at step 1"),
+        "{saved}"
+    );
+}
+
+#[rstest]
+#[case::vocabulary(|_| small_gpt(10, 32), "the model has a vocabulary of 10 tokens but the task's vocab_size is")]
+#[case::context(|v| small_gpt(v, 16), "the model's context is 16 tokens but the task's seq_len is 32")]
+fn a_model_that_does_not_fit_the_task_is_refused_before_training(
+    #[case] cfg: fn(usize) -> kiln_models::TinyGptConfig,
+    #[case] needle: &str,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, task) = corpus_data(20_000, 32);
+    let model = cfg(data.vocab_size())
+        .init::<B>(1, &Default::default())
+        .unwrap();
+    let err = quiet(dir.path())
+        .build()
+        .unwrap()
+        .train::<B, _, _>(model, &data, &task, None, 1);
+    let msg = err.unwrap_err().to_string();
+    assert!(msg.contains(needle), "{msg}");
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "no run directory is made"
+    );
+}
+
+/// Data whose batches panic: a bug in user code.
+struct PanickingData;
+
+impl DataModule for PanickingData {
+    fn len(&self, _split: Split) -> usize {
+        8
+    }
+
+    fn batch<Bk: Backend>(
+        &self,
+        _split: Split,
+        _indices: &[usize],
+        _device: &Bk::Device,
+    ) -> kiln_core::Result<Batch<Bk>> {
+        panic!("user bug in batch()")
+    }
+}
+
+#[test]
+fn a_panic_during_training_ends_the_run_failed_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = TaskSpec::reg_tiny();
+    let model = MlpConfig::for_task(&task.kind, 4)
+        .unwrap()
+        .init::<B>(1, &Default::default())
+        .unwrap();
+    let err =
+        quiet(dir.path())
+            .build()
+            .unwrap()
+            .train::<B, _, _>(model, &PanickingData, &task, None, 1);
+    let Err(CoordinatorError::RunFailed { reason, report }) = err else {
+        panic!("expected RunFailed");
+    };
+    assert_eq!(reason, "panicked during training: user bug in batch()");
+    assert_eq!(report.status.label(), "FAILED");
+}
+
+#[rstest]
+#[case::text_for_classification(
+    TaskSpec::cls_tiny(),
+    "text data feeds language modelling, not classification"
+)]
+#[case::wrong_seq_len(TaskSpec::new("x", TaskKind::Lm { vocab_size: 200, seq_len: 16 }), "task's seq_len is 16")]
+#[case::vocab_too_small(TaskSpec::new("x", TaskKind::Lm { vocab_size: 5, seq_len: 32 }), "task's vocab_size is 5")]
+fn data_that_does_not_fit_the_task_is_refused_before_training(
+    #[case] task: TaskSpec,
+    #[case] needle: &str,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = corpus_data(20_000, 32);
+    let model = small_gpt(data.vocab_size(), 32)
+        .init::<B>(1, &Default::default())
+        .unwrap();
+    let err = quiet(dir.path())
+        .build()
+        .unwrap()
+        .train::<B, _, _>(model, &data, &task, None, 1);
+    let msg = err.unwrap_err().to_string();
+    assert!(msg.contains(needle), "{msg}");
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "no run directory is made"
+    );
+}
+
+#[rstest]
+#[case::unknown_strategy(TrainingCoordinator::builder().strategy("horovod"), "invalid strategy \"horovod\"")]
+#[case::unknown_precision(TrainingCoordinator::builder().precision("fp8"), "invalid precision \"fp8\"")]
+#[case::devices_zero(TrainingCoordinator::builder().devices("0"), "invalid devices \"0\"")]
+#[case::devices_negative(TrainingCoordinator::builder().devices("-2"), "invalid devices \"-2\"")]
+#[case::devices_letters(TrainingCoordinator::builder().devices("a,b"), "invalid devices \"a,b\"")]
+#[case::num_nodes_zero(TrainingCoordinator::builder().num_nodes(0), "invalid num_nodes \"0\"")]
+#[case::log_every_zero(TrainingCoordinator::builder().log_every_n_steps(0), "invalid log_every_n_steps \"0\"")]
+#[case::batch_zero(TrainingCoordinator::builder().batch_size(0), "invalid batch_size \"0\"")]
+#[case::negative_lr(TrainingCoordinator::builder().learning_rate(-1.0), "invalid lr \"-1\"")]
+fn the_builder_refuses_bad_values_by_name(
+    #[case] builder: kiln_coordinator::CoordinatorBuilder,
+    #[case] needle: &str,
+) {
+    let msg = builder.build().unwrap_err().to_string();
+    assert!(msg.starts_with(needle), "{msg}");
+}
+
+#[test]
+fn ddp_on_one_device_runs_single_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = TabularDataModule::blobs(2, 16, 256, 64, 3);
+    let task = TaskSpec::cls_tiny();
+    let model = MlpConfig::for_task(&task.kind, 16)
+        .unwrap()
+        .init::<B>(1, &Default::default())
+        .unwrap();
+    let coordinator = quiet(dir.path())
+        .strategy("ddp")
+        .devices("1")
+        .learning_rate(1e-2)
+        .build()
+        .unwrap();
+    let report = coordinator
+        .train::<B, _, _>(model, &data, &task, None, 3)
+        .unwrap()
+        .report;
+    assert_eq!(report.plan.strategy, kiln_core::Strategy::Single);
+    assert_eq!(
+        report.plan.warnings,
+        vec!["strategy ddp with one device runs as single (nothing to distribute)"]
+    );
+    assert!(
+        report.final_metrics["valid/accuracy"] > 0.9,
+        "{:?}",
+        report.final_metrics
+    );
+}
+
+#[test]
+fn several_devices_are_not_available_yet_and_say_which_issue() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = TabularDataModule::blobs(2, 16, 64, 16, 3);
+    let task = TaskSpec::cls_tiny();
+    let model = MlpConfig::for_task(&task.kind, 16)
+        .unwrap()
+        .init::<B>(1, &Default::default())
+        .unwrap();
+    let devices = [Default::default(), Default::default()];
+    let err = quiet(dir.path())
+        .strategy("ddp")
+        .devices("2")
+        .build()
+        .unwrap()
+        .train_on::<B, _, _>(&devices, model, &data, &task, None, 1)
+        .unwrap_err();
+    assert!(
+        matches!(err, CoordinatorError::NotAvailable { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("data-parallel"), "{err}");
+}
+
+#[test]
+fn a_run_name_is_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = TabularDataModule::linear(1, 16, 64, 16, 3);
+    let task = TaskSpec::reg_tiny();
+    let coordinator = quiet(dir.path()).run_name("r1").build().unwrap();
+    let model = || {
+        MlpConfig::for_task(&task.kind, 16)
+            .unwrap()
+            .init::<B>(1, &Default::default())
+            .unwrap()
+    };
+    coordinator
+        .train::<B, _, _>(model(), &data, &task, None, 1)
+        .unwrap();
+    let msg = coordinator
+        .train::<B, _, _>(model(), &data, &task, None, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("invalid run_name \"r1\"") && msg.contains("directory exists"),
+        "{msg}"
+    );
+}

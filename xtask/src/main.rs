@@ -1,0 +1,316 @@
+//! kiln's developer tasks. Runs cargo and the built binaries; links no kiln crate.
+//!
+//! - `cargo xtask train [ARGS...]`: builds the release `kiln` binary and runs
+//!   `kiln train ARGS...` (training in a debug build is never what you want).
+//! - `cargo xtask bench [--rounds N] [--config tiny|small|all] [--compare-pytorch]
+//!   [--no-write]`: builds the release binary, runs `kiln bench` for N rounds,
+//!   interleaved with the PyTorch reference of `../shared/bench/` when asked and
+//!   torch is installed, prints JSON lines and medians, and rewrites the generated
+//!   section of `docs/benchmarks.md`.
+
+#![allow(clippy::print_stdout)] // printing results is what xtask is for
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use serde_json::Value;
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("train") => train(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        _ => Err(
+            "usage: cargo xtask train [ARGS...] | cargo xtask bench [--rounds N] \
+                  [--config tiny|small|all] [--compare-pytorch] [--no-write]"
+                .into(),
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Builds the release `kiln` binary and returns its path.
+fn build_release() -> Result<PathBuf> {
+    eprintln!("xtask: building the release kiln binary (cargo build --release -p kiln-cli)");
+    let status = cargo()
+        .current_dir(root())
+        .args(["build", "--release", "--quiet", "-p", "kiln-cli"])
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err("cargo build --release -p kiln-cli failed".into());
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    Ok(target
+        .join("release")
+        .join(format!("kiln{}", std::env::consts::EXE_SUFFIX)))
+}
+
+fn train(args: &[String]) -> Result<()> {
+    let kiln = build_release()?;
+    let status = Command::new(&kiln)
+        .arg("train")
+        .args(args)
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", kiln.display()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("kiln train exited with {status}"))
+    }
+}
+
+struct BenchOptions {
+    rounds: usize,
+    config: String,
+    compare_pytorch: bool,
+    write: bool,
+}
+
+fn parse_bench(args: &[String]) -> Result<BenchOptions> {
+    let mut o = BenchOptions {
+        rounds: 3,
+        config: "all".into(),
+        compare_pytorch: false,
+        write: true,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--rounds" => {
+                let v = it.next().ok_or("--rounds needs a value")?;
+                o.rounds = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n >= 1)
+                    .ok_or(format!("invalid --rounds {v:?}: expected an integer >= 1"))?;
+            }
+            "--config" => {
+                let v = it.next().ok_or("--config needs a value")?;
+                if !["tiny", "small", "all"].contains(&v.as_str()) {
+                    return Err(format!(
+                        "invalid --config {v:?}: expected tiny, small or all"
+                    ));
+                }
+                o.config = v.clone();
+            }
+            "--compare-pytorch" => o.compare_pytorch = true,
+            "--no-write" => o.write = false,
+            other => return Err(format!("unknown bench flag {other:?}")),
+        }
+    }
+    Ok(o)
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let opts = parse_bench(args)?;
+    let kiln = build_release()?;
+    let torch_script = root().join("../shared/bench/torch_tinygpt.py");
+    let torch = if opts.compare_pytorch {
+        let ok = torch_script.exists()
+            && Command::new("python3")
+                .args(["-c", "import torch"])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!(
+                "xtask: PyTorch reference skipped: needs {} and `pip install torch`",
+                torch_script.display()
+            );
+        }
+        ok
+    } else {
+        false
+    };
+    let mut kiln_lines: Vec<Value> = Vec::new();
+    let mut torch_lines: Vec<Value> = Vec::new();
+    for round in 1..=opts.rounds {
+        eprintln!("xtask: round {round}/{}", opts.rounds);
+        let out = Command::new(&kiln)
+            .args(["bench", "--rounds", "1", "--config", &opts.config])
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot run kiln bench: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("kiln bench exited with {}", out.status));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut v: Value =
+                serde_json::from_str(line).map_err(|e| format!("bad bench line {line:?}: {e}"))?;
+            v["round"] = round.into();
+            println!("{v}");
+            kiln_lines.push(v);
+        }
+        if torch {
+            let configs: &[&str] = match opts.config.as_str() {
+                "tiny" => &["tiny"],
+                "small" => &["small"],
+                _ => &["tiny", "small"],
+            };
+            for config in configs {
+                let mut cmd = Command::new("python3");
+                cmd.arg(&torch_script)
+                    .args(["--threads", "2", "--warmup", "5", "--steps", "30"]);
+                if *config == "small" {
+                    cmd.args(["--d-model", "256", "--layers", "4", "--seq", "128"]);
+                }
+                let out = cmd
+                    .output()
+                    .map_err(|e| format!("cannot run python3: {e}"))?;
+                if !out.status.success() {
+                    return Err(format!(
+                        "the PyTorch reference failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+                let text = String::from_utf8_lossy(&out.stdout);
+                let line = text.lines().last().unwrap_or_default();
+                let mut v: Value = serde_json::from_str(line)
+                    .map_err(|e| format!("bad PyTorch line {line:?}: {e}"))?;
+                v["config"] = (*config).into();
+                v["round"] = round.into();
+                v["backend"] = "pytorch".into();
+                println!("{v}");
+                torch_lines.push(v);
+            }
+        }
+    }
+    let summary = summarise(&kiln_lines, &torch_lines);
+    for s in &summary {
+        println!("{s}");
+    }
+    if opts.write {
+        let cmd = format!("cargo xtask bench {}", args.join(" "));
+        write_benchmarks_md(cmd.trim_end(), &summary)?;
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn field(v: &Value, k: &str) -> Option<f64> {
+    v.get(k).and_then(Value::as_f64)
+}
+
+/// Medians per (config, backend), with ratios to PyTorch measured in the same sitting.
+fn summarise(kiln: &[Value], torch: &[Value]) -> Vec<Value> {
+    let mut keys: Vec<(String, String)> = kiln
+        .iter()
+        .map(|v| {
+            (
+                v["config"].as_str().unwrap_or("").into(),
+                v["backend"].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect();
+    keys.dedup();
+    keys.sort();
+    keys.dedup();
+    let mut out = Vec::new();
+    for (config, backend) in keys {
+        let rows: Vec<&Value> = kiln
+            .iter()
+            .filter(|v| v["config"] == config.as_str() && v["backend"] == backend.as_str())
+            .collect();
+        let med = |k: &str| median(rows.iter().filter_map(|v| field(v, k)).collect());
+        let torch_tps = median(
+            torch
+                .iter()
+                .filter(|v| v["config"] == config.as_str())
+                .filter_map(|v| field(v, "tokens_per_s"))
+                .collect(),
+        );
+        let hand = med("hand_tokens_per_s");
+        let coord = med("coordinator_tokens_per_s");
+        out.push(serde_json::json!({
+            "summary": true,
+            "config": config,
+            "backend": backend,
+            "rounds": rows.len(),
+            "hand_tokens_per_s": hand,
+            "coordinator_tokens_per_s": coord,
+            "overhead": med("overhead"),
+            "pytorch_tokens_per_s": if torch_tps.is_finite() { Value::from(torch_tps) } else { Value::Null },
+            "ratio_hand_to_pytorch": if torch_tps.is_finite() { Value::from(hand / torch_tps) } else { Value::Null },
+        }));
+    }
+    out
+}
+
+const START: &str = "<!-- xtask-bench:start -->";
+const END: &str = "<!-- xtask-bench:end -->";
+
+fn write_benchmarks_md(command: &str, summary: &[Value]) -> Result<()> {
+    let path = root().join("docs/benchmarks.md");
+    let old = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| format!("# Benchmarks\n\n{START}\n{END}\n"));
+    let (Some(s), Some(e)) = (old.find(START), old.find(END)) else {
+        return Err(format!(
+            "{} lacks the markers {START} / {END}",
+            path.display()
+        ));
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let fmt = |v: &Value, k: &str| match field(v, k) {
+        Some(x) if k.starts_with("ratio") || k == "overhead" => format!("{x:.3}"),
+        Some(x) => format!("{x:.0}"),
+        None => "—".into(),
+    };
+    let mut table = format!(
+        "{START}\nGenerated by `{command}` ({threads} hardware threads), medians over rounds.\n\n\
+         | config | backend | rounds | hand loop tokens/s | coordinator tokens/s | coordinator overhead | PyTorch tokens/s | hand / PyTorch |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    );
+    for v in summary {
+        table.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            v["config"].as_str().unwrap_or(""),
+            v["backend"].as_str().unwrap_or(""),
+            v["rounds"],
+            fmt(v, "hand_tokens_per_s"),
+            fmt(v, "coordinator_tokens_per_s"),
+            fmt(v, "overhead"),
+            fmt(v, "pytorch_tokens_per_s"),
+            fmt(v, "ratio_hand_to_pytorch"),
+        ));
+    }
+    let new = format!("{}{}{}", &old[..s], table, &old[e..]);
+    std::fs::write(&path, new).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(())
+}
