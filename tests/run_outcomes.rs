@@ -262,3 +262,25 @@ fn a_run_name_is_never_reused() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_stop_request_ends_the_run_killed_with_its_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = TabularDataModule::linear(1, 16, 256, 16, 3);
+    let task = TaskSpec::reg_tiny();
+    let coordinator = quiet(dir.path()).batch_size(8).build().unwrap();
+    let model = MlpConfig::for_task(&task.kind, 16)
+        .unwrap()
+        .init::<B>(1, &Default::default())
+        .unwrap();
+    coordinator.stop_handle().stop();
+    let err = coordinator
+        .train::<B, _, _>(model, &data, &task, None, 1)
+        .unwrap_err();
+    let CoordinatorError::Stopped { report } = err else {
+        panic!("expected Stopped, got {err}")
+    };
+    assert_eq!(report.status, RunStatus::Killed);
+    let saved = std::fs::read_to_string(report.run_dir.unwrap().join("report.json")).unwrap();
+    assert!(saved.contains("\"KILLED\""), "{saved}");
+}

@@ -1,6 +1,7 @@
 //! `kiln`: train models, from the command line, through the `TrainingCoordinator`.
 
 mod bench;
+mod runs;
 mod train;
 
 use std::process::ExitCode;
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Train a model (the default when no command is given).
     Train(Box<train::TrainArgs>),
+    /// List the runs recorded in the experiment store.
+    Runs(runs::RunsArgs),
     /// Measure training throughput (JSON lines on stdout).
     Bench(bench::BenchArgs),
 }
@@ -35,10 +38,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => train::run(&train::TrainArgs::parse_from(["kiln"])),
         Some(Command::Train(args)) => train::run(&args),
+        Some(Command::Runs(args)) => runs::run(&args),
         Some(Command::Bench(args)) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<train::Interrupted>().is_some() => {
+            eprintln!("kiln: {err}");
+            ExitCode::from(130)
+        }
         Err(err) => {
             eprintln!("kiln: error: {err:#}");
             ExitCode::FAILURE

@@ -1,6 +1,6 @@
 //! `kiln train`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use burn::backend::Autodiff;
@@ -8,11 +8,12 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use kiln_backend_cpu::{CpuBackend, Flex, NdArray};
-use kiln_coordinator::{CoordinatorBuilder, Trained, TrainingCoordinator};
+use kiln_coordinator::{CoordinatorBuilder, CoordinatorError, Trained, TrainingCoordinator};
 use kiln_core::{
     CoordinatorConfig, DataModule, LrSchedule, ProgressMode, TaskKind, TaskModel, TaskSpec,
     TrainReport,
 };
+use kiln_experiment_db::{ExperimentDb, RunTracker};
 use kiln_models::{
     CharTokenizer, MlpConfig, TabularDataModule, TextDataModule, TinyGptConfig, builtin_corpus,
     load_text_file,
@@ -89,9 +90,25 @@ pub struct TrainArgs {
     /// Progress display: auto, bar, lines or off.
     #[arg(long, default_value = "auto")]
     progress: String,
-    /// Do not save the trained weights.
+    /// Do not write checkpoints or the trained weights.
     #[arg(long)]
     no_checkpointing: bool,
+    /// Resume the run from its checkpoint: last, best, or a checkpoint directory
+    /// (with --run-name, last/best look in that run; else in the newest run).
+    #[arg(long, value_name = "last|best|DIR")]
+    resume: Option<String>,
+    /// Also write a checkpoint every N optimizer steps (default: every epoch only).
+    #[arg(long, value_name = "N")]
+    checkpoint_every_n_steps: Option<u64>,
+    /// Keep this many best checkpoints by validation loss, besides the last.
+    #[arg(long, default_value_t = 1)]
+    save_top_k: usize,
+    /// Experiment store to record the run in (default: <output-dir>/kiln.sqlite).
+    #[arg(long, value_name = "FILE")]
+    db: Option<PathBuf>,
+    /// Do not record the run in an experiment store.
+    #[arg(long, conflicts_with = "db")]
+    no_db: bool,
     /// Print the whole report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -124,6 +141,11 @@ impl TrainArgs {
             ..CoordinatorConfig::default()
         };
         config.optimizer.lr = self.lr;
+        config.checkpoint.every_n_steps = self.checkpoint_every_n_steps;
+        config.checkpoint.save_top_k = self.save_top_k;
+        if let Some(which) = &self.resume {
+            config.ckpt_path = Some(which.parse()?);
+        }
         config.optimizer.schedule = schedule;
         Ok(CoordinatorBuilder::from_config(config)
             .strategy(&self.strategy)
@@ -141,17 +163,59 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         anyhow::bail!("invalid epochs 0: expected an integer >= 1");
     }
     let task = TaskSpec::preset(&args.task)?;
-    let report = match backend {
-        CpuBackend::NdArray => train_task::<Autodiff<NdArray>>(args, &coordinator, task)?,
-        CpuBackend::Flex => train_task::<Autodiff<Flex>>(args, &coordinator, task)?,
+    stop_on_signals(&coordinator);
+    let mut db = if args.no_db {
+        None
+    } else {
+        Some(open_db(args.db.as_deref(), &args.output_dir)?)
     };
-    print_summary(&report, args.json)
+    let tracker = db.as_mut().map(|db| db as &mut dyn RunTracker);
+    let report = match backend {
+        CpuBackend::NdArray => train_task::<Autodiff<NdArray>>(args, &coordinator, task, tracker)?,
+        CpuBackend::Flex => train_task::<Autodiff<Flex>>(args, &coordinator, task, tracker)?,
+    };
+    print_summary(&report, db.as_ref().map(ExperimentDb::path), args.json)
+}
+
+/// The run was stopped by SIGINT/SIGTERM; `main` exits with 130.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by a signal: the run is recorded as KILLED")]
+pub struct Interrupted;
+
+/// SIGINT and SIGTERM stop the run at the next batch (recorded KILLED); a second
+/// signal exits at once.
+fn stop_on_signals(coordinator: &TrainingCoordinator) {
+    let stop = coordinator.stop_handle();
+    let installed = ctrlc::set_handler(move || {
+        if stop.is_stopped() {
+            std::process::exit(130);
+        }
+        eprintln!("\nkiln: stopping at the next batch (send the signal again to exit now)");
+        stop.stop();
+    });
+    if let Err(e) = installed {
+        tracing::warn!("cannot install the SIGINT/SIGTERM handler: {e}");
+    }
+}
+
+/// Opens the experiment store at `path`, or `<output_dir>/kiln.sqlite`.
+pub fn open_db(path: Option<&Path>, output_dir: &Path) -> Result<ExperimentDb> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => output_dir.join("kiln.sqlite"),
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    ExperimentDb::open(&path).with_context(|| format!("cannot open {}", path.display()))
 }
 
 fn train_task<B: AutodiffBackend>(
     args: &TrainArgs,
     coordinator: &TrainingCoordinator,
     mut task: TaskSpec,
+    tracker: Option<&mut dyn RunTracker>,
 ) -> Result<TrainReport> {
     let device = B::Device::default();
     match task.kind {
@@ -172,17 +236,17 @@ fn train_task<B: AutodiffBackend>(
                 ..TinyGptConfig::tiny(vocab)
             }
             .init::<B>(args.seed, &device)?;
-            fit(coordinator, model, &data, &task, args)
+            fit(coordinator, model, &data, &task, tracker, args)
         }
         TaskKind::Classification { num_classes } => {
             let data = TabularDataModule::blobs(num_classes, 16, 4096, 512, args.seed);
             let model = MlpConfig::for_task(&task.kind, 16)?.init::<B>(args.seed, &device)?;
-            fit(coordinator, model, &data, &task, args)
+            fit(coordinator, model, &data, &task, tracker, args)
         }
         TaskKind::Regression { outputs } => {
             let data = TabularDataModule::linear(outputs, 16, 4096, 512, args.seed);
             let model = MlpConfig::for_task(&task.kind, 16)?.init::<B>(args.seed, &device)?;
-            fit(coordinator, model, &data, &task, args)
+            fit(coordinator, model, &data, &task, tracker, args)
         }
     }
 }
@@ -192,6 +256,7 @@ fn fit<B, M, D>(
     model: M,
     data: &D,
     task: &TaskSpec,
+    tracker: Option<&mut dyn RunTracker>,
     args: &TrainArgs,
 ) -> Result<TrainReport>
 where
@@ -200,14 +265,26 @@ where
     M::InnerModule: TaskModel<B::InnerBackend>,
     D: DataModule,
 {
-    let Trained { report, .. } = coordinator
-        .train::<B, M, D>(model, data, task, None, args.epochs)
-        .context("training did not complete")?;
-    Ok(report)
+    match coordinator.train::<B, M, D>(model, data, task, tracker, args.epochs) {
+        Ok(Trained { report, .. }) => Ok(report),
+        Err(CoordinatorError::Stopped { report }) => {
+            eprintln!(
+                "kiln: stopped after {} optimizer steps; outputs in {}",
+                report.optimizer_steps,
+                report
+                    .run_dir
+                    .as_ref()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default()
+            );
+            Err(Interrupted.into())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("training did not complete")),
+    }
 }
 
 #[allow(clippy::print_stdout)] // printing the result is this command's job
-fn print_summary(report: &TrainReport, json: bool) -> Result<()> {
+fn print_summary(report: &TrainReport, db: Option<&Path>, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
@@ -234,6 +311,12 @@ fn print_summary(report: &TrainReport, json: bool) -> Result<()> {
     }
     if let Some(dir) = &report.run_dir {
         println!("kiln: run outputs in {}", dir.display());
+    }
+    if let (Some(db), Some(id)) = (db, report.run_id) {
+        println!(
+            "kiln: recorded as run {id} in {} (see `kiln runs`)",
+            db.display()
+        );
     }
     Ok(())
 }

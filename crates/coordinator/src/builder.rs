@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use kiln_core::{CoordinatorConfig, LrSchedule, ProgressMode};
+use kiln_core::{CheckpointPolicy, CoordinatorConfig, LrSchedule, ProgressMode};
 
 use crate::{Result, TrainingCoordinator};
 
@@ -19,6 +19,8 @@ use crate::{Result, TrainingCoordinator};
 /// | `devices("auto"\|"2"\|"-1"\|"0,2")` | `devices` | device list |
 /// | `num_nodes(n)` | `num_nodes` | (burn-collective nodes) |
 /// | `enable_checkpointing(b)` | `enable_checkpointing` | `with_file_checkpointer` |
+/// | `checkpoint_policy(p)` | `ModelCheckpoint(...)` callback | `with_checkpointing_strategy` |
+/// | `ckpt_path("last"\|"best"\|dir)` | `fit(ckpt_path=...)` | `.checkpoint(epoch)` |
 /// | `log_every_n_steps(n)` | `log_every_n_steps` | (none: every batch) |
 /// | `max_steps(n)` | `max_steps` | (none) |
 /// | `limit_train_batches(n)` | `limit_train_batches` (count) | (none) |
@@ -39,6 +41,7 @@ pub struct CoordinatorBuilder {
     strategy: Option<String>,
     precision: Option<String>,
     devices: Option<String>,
+    ckpt_path: Option<String>,
 }
 
 impl CoordinatorBuilder {
@@ -77,6 +80,25 @@ impl CoordinatorBuilder {
     /// Whether the run's weights are saved.
     pub fn enable_checkpointing(mut self, on: bool) -> Self {
         self.config.enable_checkpointing = on;
+        self
+    }
+
+    /// When checkpoints are written and which are kept.
+    pub fn checkpoint_policy(mut self, policy: CheckpointPolicy) -> Self {
+        self.config.checkpoint = policy;
+        self
+    }
+
+    /// Also write a checkpoint every `n` optimizer steps.
+    pub fn checkpoint_every_n_steps(mut self, n: u64) -> Self {
+        self.config.checkpoint.every_n_steps = Some(n);
+        self
+    }
+
+    /// Resume from `last`, `best` or a checkpoint directory (Lightning's
+    /// `fit(ckpt_path=...)`).
+    pub fn ckpt_path(mut self, which: impl Into<String>) -> Self {
+        self.ckpt_path = Some(which.into());
         self
     }
 
@@ -175,6 +197,9 @@ impl CoordinatorBuilder {
         }
         if let Some(s) = self.devices {
             config.devices = s.parse()?;
+        }
+        if let Some(s) = self.ckpt_path {
+            config.ckpt_path = Some(s.parse()?);
         }
         TrainingCoordinator::new(config)
     }

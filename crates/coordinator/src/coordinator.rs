@@ -12,12 +12,13 @@ use kiln_core::{
 };
 use kiln_experiment_db::{EndStatus, NewRun, RunTracker};
 
-use crate::native::{self, Failure, LoopInputs, LoopStats};
+use crate::checkpoint::{self, Signatures};
+use crate::native::{self, CheckpointCtx, Failure, LoopInputs, LoopStats};
 use crate::plan::resolve_plan;
 use crate::progress::Progress;
 use crate::run_dir::RunDir;
 use crate::tracking::Metrics;
-use crate::{CoordinatorBuilder, CoordinatorError, Result};
+use crate::{CoordinatorBuilder, CoordinatorError, Result, StopHandle};
 
 /// A trained model and the report of its run.
 #[derive(Debug)]
@@ -38,13 +39,25 @@ pub struct Trained<M> {
 #[derive(Debug, Clone)]
 pub struct TrainingCoordinator {
     config: CoordinatorConfig,
+    stop: StopHandle,
 }
 
 impl TrainingCoordinator {
     /// A coordinator for `config`, after checking it.
     pub fn new(config: CoordinatorConfig) -> Result<Self> {
         config.validate()?;
-        Ok(Self { config })
+        Ok(Self {
+            config,
+            stop: StopHandle::default(),
+        })
+    }
+
+    /// A handle that stops this coordinator's training runs from another thread or
+    /// a signal handler: the run ends at the next batch, recorded as KILLED, and
+    /// `train` returns [`CoordinatorError::Stopped`] with the report. kiln installs no
+    /// signal handler itself; the `kiln` binary connects SIGINT and SIGTERM to it.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
     }
 
     /// A builder taking Lightning's argument names and strings.
@@ -133,27 +146,62 @@ impl TrainingCoordinator {
         }
         let device = &devices[plan.devices[0]];
 
-        let run_dir = RunDir::create(
-            &config.default_root_dir,
-            &config.experiment,
-            config.run_name.as_deref(),
-            &task.name,
-        )?;
-        let record = serde_json::json!({ "task": task, "config": config, "plan": plan });
-        run_dir.write_json("config.json", &record)?;
-        let new_run = NewRun {
-            experiment: config.experiment.clone(),
-            name: run_dir.name.clone(),
-            config: record,
-            params: run_params(config, task),
-            kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-            git_commit: None,
-            host: host_name(),
+        let signatures = Signatures {
+            task: serde_json::to_string(&task.kind).unwrap_or_default(),
+            model: checkpoint::model_signature::<B, M>(&model),
+            world_size: plan.world_size,
         };
-        let mut metrics = Metrics::start(experiment_db, &new_run)?;
+        // A resume continues the run the checkpoint belongs to, in its directory;
+        // everything about the checkpoint is checked before anything is written.
+        let resume = match &config.ckpt_path {
+            Some(which) => {
+                let dir = checkpoint::locate(config, which)?;
+                Some(checkpoint::load(&dir, &signatures)?)
+            }
+            None => None,
+        };
+        let run_dir = match &resume {
+            Some(loaded) => RunDir::open_for(&loaded.dir)?,
+            None => RunDir::create(
+                &config.default_root_dir,
+                &config.experiment,
+                config.run_name.as_deref(),
+                &task.name,
+            )?,
+        };
+        checkpoint::clean_partial(&run_dir.path)?;
+        let record = serde_json::json!({ "task": task, "config": config, "plan": plan });
+        let (mut metrics, attempt) = match &resume {
+            None => {
+                run_dir.write_json("config.json", &record)?;
+                let new_run = NewRun {
+                    experiment: config.experiment.clone(),
+                    name: run_dir.name.clone(),
+                    config: record,
+                    params: run_params(config, task),
+                    kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+                    git_commit: None,
+                    host: host_name(),
+                };
+                (Metrics::start(experiment_db, &new_run)?, 1)
+            }
+            Some(loaded) => {
+                let s = &loaded.state;
+                let (metrics, attempt) =
+                    Metrics::resume(experiment_db, s.run_id, s.step, s.summaries.clone())?;
+                (metrics, attempt.unwrap_or(s.attempt + 1))
+            }
+        };
         tracing::info!(run = %run_dir.name, dir = %run_dir.path.display(), %plan, "training");
         if config.progress != ProgressMode::Off {
             eprintln!("kiln: run {} in {}", run_dir.name, run_dir.path.display());
+            if let Some(loaded) = &resume {
+                eprintln!(
+                    "kiln: resuming from {} (step {}, attempt {attempt})",
+                    loaded.dir.display(),
+                    loaded.state.step
+                );
+            }
             eprintln!("kiln: plan {plan}");
             for warning in &plan.warnings {
                 eprintln!("kiln: warning: {warning}");
@@ -165,15 +213,30 @@ impl TrainingCoordinator {
         let mut stats = LoopStats::default();
         let inputs = LoopInputs {
             config,
+            stop: &self.stop,
             task,
             data,
             device,
             n_epochs,
+            checkpoints: config.enable_checkpointing.then(|| CheckpointCtx {
+                run_dir: &run_dir.path,
+                policy: &config.checkpoint,
+                signatures: signatures.clone(),
+                run_id: metrics.run_id(),
+                attempt,
+            }),
         };
         // A panic inside a model, a data module or a backend kernel must not leave
         // the run RUNNING forever: it ends the run as FAILED with the panic's message.
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            native::fit::<B, M, D>(&inputs, model, &mut metrics, &mut progress, &mut stats)
+            native::fit::<B, M, D>(
+                &inputs,
+                model,
+                resume.as_ref(),
+                &mut metrics,
+                &mut progress,
+                &mut stats,
+            )
         }))
         .unwrap_or_else(|panic| Err(Failure::Panicked(panic_message(panic.as_ref()))));
         progress.finish();
@@ -186,6 +249,7 @@ impl TrainingCoordinator {
         });
         let (status, model) = match outcome {
             Ok(model) => (RunStatus::Finished, Some(model)),
+            Err(Failure::Stopped) => (RunStatus::Killed, None),
             Err(Failure::Diverged(reason) | Failure::Panicked(reason)) => {
                 (RunStatus::Failed { reason }, None)
             }
@@ -233,8 +297,11 @@ impl TrainingCoordinator {
         tracker_result?;
         match (model, reason) {
             (Some(model), _) => Ok(Trained { model, report }),
-            (None, reason) => Err(CoordinatorError::RunFailed {
-                reason: reason.unwrap_or_default(),
+            (None, None) => Err(CoordinatorError::Stopped {
+                report: Box::new(report),
+            }),
+            (None, Some(reason)) => Err(CoordinatorError::RunFailed {
+                reason,
                 report: Box::new(report),
             }),
         }

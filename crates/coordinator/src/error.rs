@@ -27,6 +27,15 @@ pub enum CoordinatorError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A checkpoint cannot be used: missing, truncated, corrupt, or written for
+    /// another model, task or world size.
+    #[error("cannot use checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint directory or file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Model weights could not be saved.
     #[error("cannot save the model to {path}: {reason}")]
     Record {
@@ -34,6 +43,14 @@ pub enum CoordinatorError {
         path: PathBuf,
         /// The cause.
         reason: String,
+    },
+    /// Training was stopped through the coordinator's [`StopHandle`](crate::StopHandle)
+    /// (e.g. on SIGINT/SIGTERM); the run is recorded as KILLED and the error carries
+    /// the report.
+    #[error("run stopped by request after {} optimizer steps", report.optimizer_steps)]
+    Stopped {
+        /// The report of the stopped run.
+        report: Box<TrainReport>,
     },
     /// Training started but failed; the run is recorded as FAILED and the report
     /// holds what was done until then.

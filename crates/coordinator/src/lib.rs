@@ -27,6 +27,7 @@
 //! [`CoordinatorBuilder`] and in `README.md`.
 
 mod builder;
+mod checkpoint;
 mod coordinator;
 mod error;
 mod grad;
@@ -35,12 +36,14 @@ mod objective;
 mod plan;
 mod progress;
 mod run_dir;
+mod stop;
 mod tracking;
 
 pub use builder::CoordinatorBuilder;
 pub use coordinator::{Trained, TrainingCoordinator};
 pub use error::CoordinatorError;
 pub use plan::resolve_plan;
+pub use stop::StopHandle;
 
 /// Result alias for the coordinator.
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;

@@ -56,6 +56,16 @@ impl RunDir {
         Ok(Self { path, name })
     }
 
+    /// The existing run directory that `checkpoint_dir` belongs to.
+    pub fn open_for(checkpoint_dir: &Path) -> Result<Self> {
+        let path = crate::checkpoint::run_dir_of(checkpoint_dir)?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Self { path, name })
+    }
+
     /// Writes `value` as pretty JSON to `file` inside the run directory, through a
     /// temporary file and a rename so a crash never leaves half a file.
     pub fn write_json(&self, file: &str, value: &impl Serialize) -> Result<PathBuf> {

@@ -32,6 +32,39 @@ impl<'t> Metrics<'t> {
         })
     }
 
+    /// Continues a run from a checkpoint taken at `step`: a new attempt in the store
+    /// (when the run was recorded and a store is given), summaries restored.
+    /// Returns the attempt number the store gave.
+    pub fn resume(
+        tracker: Option<&'t mut dyn RunTracker>,
+        run_id: Option<RunId>,
+        step: u64,
+        summaries: BTreeMap<String, MetricSummary>,
+    ) -> Result<(Self, Option<u32>)> {
+        let (tracker, attempt) = match (tracker, run_id) {
+            (Some(t), Some(id)) => {
+                let attempt = t.resume_run(id, step)?;
+                (Some((t, id)), Some(attempt))
+            }
+            (Some(_), None) => {
+                tracing::warn!(
+                    "the checkpoint's run was not recorded in an experiment store: \
+                     this attempt is not recorded either"
+                );
+                (None, None)
+            }
+            (None, _) => (None, None),
+        };
+        Ok((
+            Self {
+                tracker,
+                summaries,
+                pending: Vec::new(),
+            },
+            attempt,
+        ))
+    }
+
     pub fn run_id(&self) -> Option<RunId> {
         self.tracker.as_ref().map(|(_, id)| *id)
     }

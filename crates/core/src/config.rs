@@ -350,6 +350,103 @@ impl LrSchedule {
     }
 }
 
+/// Which way a monitored metric improves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MonitorMode {
+    /// Lower is better (losses).
+    #[default]
+    Min,
+    /// Higher is better (accuracies).
+    Max,
+}
+
+impl FromStr for MonitorMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "min" => Ok(MonitorMode::Min),
+            "max" => Ok(MonitorMode::Max),
+            _ => Err(Error::invalid("mode", s, "min, max")),
+        }
+    }
+}
+
+/// When checkpoints are written and which are kept (Lightning's `ModelCheckpoint`).
+///
+/// The defaults are the ones a user never regrets: a checkpoint at the end of every
+/// epoch, the last one kept, and the best one by validation loss kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CheckpointPolicy {
+    /// Also write a checkpoint every this many optimizer steps.
+    pub every_n_steps: Option<u64>,
+    /// Write a checkpoint at the end of every this many epochs.
+    pub every_n_epochs: Option<u64>,
+    /// Also write a checkpoint when this many seconds of training passed since the last one.
+    pub train_time_interval_s: Option<f64>,
+    /// Always keep the newest checkpoint.
+    pub save_last: bool,
+    /// Keep this many best checkpoints by `monitor` (0: none kept for being best).
+    pub save_top_k: usize,
+    /// Metric ranking checkpoints, as `split/name` (e.g. `valid/loss`).
+    pub monitor: String,
+    /// Whether `monitor` improves downwards or upwards.
+    pub mode: MonitorMode,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        Self {
+            every_n_steps: None,
+            every_n_epochs: Some(1),
+            train_time_interval_s: None,
+            save_last: true,
+            save_top_k: 1,
+            monitor: "valid/loss".into(),
+            mode: MonitorMode::Min,
+        }
+    }
+}
+
+/// Which checkpoint to resume from (Lightning's `ckpt_path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CkptPath {
+    /// The newest checkpoint of the run.
+    Last,
+    /// The best checkpoint of the run by the policy's monitor.
+    Best,
+    /// A checkpoint directory.
+    Path(PathBuf),
+}
+
+impl FromStr for CkptPath {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "" => Err(Error::invalid(
+                "ckpt_path",
+                s,
+                "last, best or a checkpoint directory",
+            )),
+            "last" => Ok(CkptPath::Last),
+            "best" => Ok(CkptPath::Best),
+            p => Ok(CkptPath::Path(PathBuf::from(p))),
+        }
+    }
+}
+
+impl fmt::Display for CkptPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CkptPath::Last => f.write_str("last"),
+            CkptPath::Best => f.write_str("best"),
+            CkptPath::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+string_serde!(CkptPath);
+
 /// AdamW settings. The defaults are the benchmark workload's (`lr` 3e-4, betas
 /// (0.9, 0.95), eps 1e-8, weight decay 0.1), not Burn's (whose eps is 1e-5).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -409,6 +506,10 @@ pub struct CoordinatorConfig {
     pub num_nodes: u32,
     /// Whether checkpoints are written.
     pub enable_checkpointing: bool,
+    /// When checkpoints are written and which are kept.
+    pub checkpoint: CheckpointPolicy,
+    /// Resume from this checkpoint (Lightning's `fit(ckpt_path=...)`).
+    pub ckpt_path: Option<CkptPath>,
     /// Metrics are logged every this many optimizer steps (`>= 1`).
     pub log_every_n_steps: u64,
     /// Stop after this many optimizer steps, whatever the epoch count.
@@ -445,6 +546,8 @@ impl Default for CoordinatorConfig {
             devices: Devices::Auto,
             num_nodes: 1,
             enable_checkpointing: true,
+            checkpoint: CheckpointPolicy::default(),
+            ckpt_path: None,
             log_every_n_steps: 10,
             max_steps: None,
             limit_train_batches: None,
@@ -526,6 +629,29 @@ impl CoordinatorConfig {
                 "min_lr_ratio",
                 min_lr_ratio,
                 "a number in [0, 1]",
+            ));
+        }
+        let c = &self.checkpoint;
+        if c.every_n_steps == Some(0) {
+            return Err(Error::invalid("every_n_steps", 0, "an integer >= 1"));
+        }
+        if c.every_n_epochs == Some(0) {
+            return Err(Error::invalid("every_n_epochs", 0, "an integer >= 1"));
+        }
+        if let Some(t) = c.train_time_interval_s
+            && !(t.is_finite() && t > 0.0)
+        {
+            return Err(Error::invalid(
+                "train_time_interval",
+                t,
+                "a finite number of seconds > 0",
+            ));
+        }
+        if !c.monitor.contains('/') {
+            return Err(Error::invalid(
+                "monitor",
+                &c.monitor,
+                "split/name such as valid/loss",
             ));
         }
         if self.experiment.trim().is_empty() {

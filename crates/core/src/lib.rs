@@ -22,8 +22,8 @@ pub mod rng;
 mod task;
 
 pub use config::{
-    CoordinatorConfig, DeviceSelection, Devices, LrSchedule, OptimizerConfig, Precision,
-    ProgressMode, Strategy,
+    CheckpointPolicy, CkptPath, CoordinatorConfig, DeviceSelection, Devices, LrSchedule,
+    MonitorMode, OptimizerConfig, Precision, ProgressMode, Strategy,
 };
 pub use data::{Batch, DataModule, Split};
 pub use error::Error;

@@ -1,47 +1,69 @@
 //! [`ExperimentDb`]: the SQLite store.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, Type, ValueRef};
-use rusqlite::{Connection, OptionalExtension, Row, ToSql, TransactionBehavior, params};
+use rusqlite::types::{Type, Value};
+use rusqlite::{Connection, OptionalExtension, Row, params, params_from_iter};
 
-use crate::migrations;
+use crate::compare::{Comparison, MetricRow, ParamRow};
+use crate::query::{RunQuery, SortOrder};
 use crate::records::{
-    ArtifactRecord, Goal, MetricSummaryRecord, NewArtifact, RunRecord, RunStatus,
+    ArtifactRecord, Goal, MetricRecord, MetricSummaryRecord, NewArtifact, ResumeRecord, RunRecord,
+    RunStatus,
 };
-use crate::{EndStatus, Error, MetricPoint, NewRun, Result, RunId, RunTracker};
+use crate::series::downsample;
+use crate::sqlite::{
+    BUSY_TIMEOUT, VISIBLE, check_points, ensure_run, ensure_running, now, open_connection,
+    recompute_summaries, retry_busy, write_tx,
+};
+use crate::writer::Writer;
+use crate::{EndStatus, Error, MetricPoint, NewRun, Result, RunId, RunTracker, migrations};
 
 /// kiln's experiment store: one SQLite database file.
 ///
 /// Opened in WAL mode with foreign keys enforced and a busy timeout of
 /// [`ExperimentDb::BUSY_TIMEOUT`], so that several processes can write to one file.
-/// Every write is one `BEGIN IMMEDIATE` transaction. Times are seconds since the Unix
-/// epoch (UTC) as `f64`.
+/// Every write is one `BEGIN IMMEDIATE` transaction, retried for a while when another
+/// process keeps the database busy, so that "database is locked" does not reach the
+/// caller under ordinary contention. Times are seconds since the Unix epoch (UTC) as
+/// `f64`.
+///
+/// # Background writer
+///
+/// [`RunTracker::log_metrics`] checks the points and hands them to a writer thread that
+/// owns its own connection (started on the first call), and returns without waiting
+/// for the disk. The thread writes each batch in one transaction, with the run's
+/// summaries and heartbeat. Its queue holds [`ExperimentDb::WRITER_QUEUE_BATCHES`]
+/// batches: when it is full, `log_metrics` blocks until the thread takes one (points
+/// are never dropped). Everything queued is written by [`ExperimentDb::flush`],
+/// [`RunTracker::finish_run`], [`ExperimentDb::resume_run`] and when the store is
+/// dropped. A batch that fails to be written is reported, as
+/// [`Error::WriteFailed`], by the next `log_metrics`, `flush`, `finish_run` or
+/// `resume_run` (or, when the store is dropped first, logged with `tracing::error!`).
+///
+/// The queries of this handle first wait until its queued points are written, so they
+/// see them.
+///
+/// # Run status
+///
+/// Queries report a RUNNING run whose heartbeat (its start, when it has none) is older
+/// than [`ExperimentDb::stale_after`] as [`RunStatus::Lost`]; the row is not rewritten,
+/// and the run reads RUNNING again as soon as it beats.
 #[derive(Debug)]
 pub struct ExperimentDb {
+    // Declared first so that it is dropped (its queue written) before `conn` closes.
+    writer: Option<Writer>,
     conn: Connection,
     path: PathBuf,
-}
-
-/// Seconds since the Unix epoch, now.
-pub(crate) fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-impl ToSql for RunStatus {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::from(self.as_str()))
-    }
-}
-
-impl FromSql for RunStatus {
-    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
-        RunStatus::parse(value.as_str()?).map_err(|e| FromSqlError::Other(Box::new(e)))
-    }
+    /// The file's absolute path, for the writer's connection (immune to a change of the
+    /// working directory).
+    file: PathBuf,
+    stale_after: Duration,
+    /// Runs this handle knows to be RUNNING (started, resumed, or already checked), so
+    /// that `log_metrics` need not read the database to check them.
+    running: HashSet<RunId>,
 }
 
 const SELECT_RUN: &str = "SELECT r.id, e.name, r.name, r.status, r.config_json, r.kiln_version,
@@ -49,6 +71,12 @@ const SELECT_RUN: &str = "SELECT r.id, e.name, r.name, r.status, r.config_json, 
         r.failure_reason
     FROM runs r JOIN experiments e ON e.id = r.experiment_id";
 
+/// The status as reported, for the run aliased `r`, with `?` bound to the staleness
+/// cutoff (see [`ExperimentDb::cutoff`]).
+const REPORTED_STATUS: &str = "CASE WHEN r.status = 'RUNNING'
+        AND COALESCE(r.heartbeat_at, r.started_at) < ? THEN 'LOST' ELSE r.status END";
+
+/// A run as stored (its status not yet checked for staleness).
 fn run_from_row(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
     let config: String = row.get(4)?;
     let config = serde_json::from_str(&config)
@@ -83,57 +111,6 @@ fn summary_from_row(row: &Row<'_>) -> rusqlite::Result<MetricSummaryRecord> {
         min: pair(row.get(4)?, row.get(5)?),
         max: pair(row.get(6)?, row.get(7)?),
     })
-}
-
-const INSERT_METRIC: &str = "INSERT INTO metrics
-    (run_id, key, split, step, epoch, value, wall_time, attempt)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
-
-// ?4: the value (NULL for NaN); ?5: its step; ?6: the value when finite, else NULL;
-// ?7: its step when finite, else NULL. In `DO UPDATE SET` every right-hand side reads
-// the row as it was before the update.
-const UPSERT_SUMMARY: &str = "INSERT INTO metric_summaries
-    (run_id, key, split, last, last_step, min, min_step, max, max_step)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6, ?7)
-    ON CONFLICT (run_id, key, split) DO UPDATE SET
-        last = CASE WHEN excluded.last_step >= metric_summaries.last_step
-            THEN excluded.last ELSE metric_summaries.last END,
-        last_step = MAX(metric_summaries.last_step, excluded.last_step),
-        min = CASE WHEN excluded.min IS NOT NULL
-                AND (metric_summaries.min IS NULL OR excluded.min < metric_summaries.min)
-            THEN excluded.min ELSE metric_summaries.min END,
-        min_step = CASE WHEN excluded.min IS NOT NULL
-                AND (metric_summaries.min IS NULL OR excluded.min < metric_summaries.min)
-            THEN excluded.min_step ELSE metric_summaries.min_step END,
-        max = CASE WHEN excluded.max IS NOT NULL
-                AND (metric_summaries.max IS NULL OR excluded.max > metric_summaries.max)
-            THEN excluded.max ELSE metric_summaries.max END,
-        max_step = CASE WHEN excluded.max IS NOT NULL
-                AND (metric_summaries.max IS NULL OR excluded.max > metric_summaries.max)
-            THEN excluded.max_step ELSE metric_summaries.max_step END";
-
-/// Fails with [`Error::NotFound`] unless the run exists.
-fn ensure_run(conn: &Connection, run: RunId) -> Result<()> {
-    run_state(conn, run).map(|_| ())
-}
-
-/// The run's stored status and attempt; [`Error::NotFound`] when it does not exist.
-fn run_state(conn: &Connection, run: RunId) -> Result<(RunStatus, u32)> {
-    conn.prepare_cached("SELECT status, attempt FROM runs WHERE id = ?1")?
-        .query_row([run], |row| Ok((row.get(0)?, row.get(1)?)))
-        .optional()?
-        .ok_or_else(|| Error::NotFound(format!("run {run}")))
-}
-
-/// Fails with [`Error::Invalid`] unless the run exists and is RUNNING.
-fn ensure_running(conn: &Connection, run: RunId, what: &str) -> Result<u32> {
-    let (status, attempt) = run_state(conn, run)?;
-    if status.is_ended() {
-        return Err(Error::Invalid(format!(
-            "run {run} has ended ({status}): cannot {what}"
-        )));
-    }
-    Ok(attempt)
 }
 
 fn experiment_id(conn: &Connection, name: &str) -> Result<i64> {
@@ -174,8 +151,16 @@ fn insert_params(conn: &Connection, run: RunId, params: &[(String, String)]) -> 
 }
 
 impl ExperimentDb {
-    /// How long a write waits for another writer to finish before it fails.
-    pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+    /// How long a write waits for another writer to finish before it is retried.
+    pub const BUSY_TIMEOUT: Duration = BUSY_TIMEOUT;
+
+    /// How old a RUNNING run's heartbeat may be before queries report it LOST, unless
+    /// [`ExperimentDb::set_stale_after`] says otherwise.
+    pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(5 * 60);
+
+    /// How many batches of metric points the background writer's queue holds before
+    /// [`RunTracker::log_metrics`] blocks.
+    pub const WRITER_QUEUE_BATCHES: usize = 64;
 
     /// Opens (creating when missing) the database at `path` and brings its schema up to
     /// date. The parent directory must exist.
@@ -186,25 +171,20 @@ impl ExperimentDb {
     /// newer kiln.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let mut conn = Connection::open(&path)?;
-        conn.busy_timeout(Self::BUSY_TIMEOUT)?;
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::Invalid(format!(
-                "{}: cannot use WAL (journal mode is {mode})",
-                path.display()
-            )));
-        }
-        // With WAL, NORMAL loses no committed transaction when a process dies, only
-        // (possibly) the last ones on a power loss.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", true)?;
-        let applied = migrations::apply(&mut conn, now())?;
+        let mut conn = open_connection(&path)?;
+        let applied = retry_busy(|| migrations::apply(&mut conn, now()))?;
         if !applied.is_empty() {
             tracing::info!(path = %path.display(), ?applied, "experiment store migrated");
         }
-        Ok(Self { conn, path })
+        let file = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        Ok(Self {
+            writer: None,
+            conn,
+            path,
+            file,
+            stale_after: Self::DEFAULT_STALE_AFTER,
+            running: HashSet::new(),
+        })
     }
 
     /// Path of the database file.
@@ -225,20 +205,165 @@ impl ExperimentDb {
         migrations::latest_version()
     }
 
+    /// How old a RUNNING run's heartbeat may be before queries report it LOST.
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after
+    }
+
+    /// Sets how old a RUNNING run's heartbeat may be before this handle's queries
+    /// report it LOST (default [`ExperimentDb::DEFAULT_STALE_AFTER`]). A training loop
+    /// that writes metrics less often than that should call
+    /// [`ExperimentDb::heartbeat`] in between.
+    pub fn set_stale_after(&mut self, stale_after: Duration) {
+        self.stale_after = stale_after;
+    }
+
+    /// Heartbeats older than this are stale.
+    fn cutoff(&self) -> f64 {
+        now() - self.stale_after.as_secs_f64()
+    }
+
+    /// The run as reported: LOST when it is RUNNING with a heartbeat before `cutoff`.
+    fn reported(mut run: RunRecord, cutoff: f64) -> RunRecord {
+        if run.status == RunStatus::Running && run.heartbeat_at.unwrap_or(run.started_at) < cutoff {
+            run.status = RunStatus::Lost;
+        }
+        run
+    }
+
+    /// The writer thread, started on first use with its own connection.
+    fn writer(&mut self) -> Result<&Writer> {
+        if self.writer.is_none() {
+            let conn = open_connection(&self.file)?;
+            self.writer = Some(Writer::spawn(conn, Self::WRITER_QUEUE_BATCHES)?);
+        }
+        self.writer.as_ref().ok_or_else(|| {
+            Error::Invalid("the experiment store's background writer is missing".into())
+        })
+    }
+
+    /// Waits until the points queued by this handle are written (failures stay pending
+    /// for the next call that reports them).
+    fn sync(&self) -> Result<()> {
+        match &self.writer {
+            Some(writer) => writer.sync(),
+            None => Ok(()),
+        }
+    }
+
+    /// A failure of the writer not reported yet, as an error.
+    fn take_failure(&self) -> Result<()> {
+        match self.writer.as_ref().and_then(Writer::take_failure) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every metric point handed to [`RunTracker::log_metrics`] is written.
+    ///
+    /// # Errors
+    /// [`Error::WriteFailed`] when batches failed to be written since the last report
+    /// (each failure is reported once); [`Error::Invalid`] when the writer thread has
+    /// stopped.
+    pub fn flush(&mut self) -> Result<()> {
+        self.sync()?;
+        self.take_failure()
+    }
+
     /// Records that the run is alive (updates `heartbeat_at`). Does nothing for a run
-    /// that has ended.
+    /// that has ended. The background writer also does this whenever it writes a batch
+    /// of the run.
     ///
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
     pub fn heartbeat(&mut self, run: RunId) -> Result<()> {
-        let changed = self.conn.execute(
-            "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1 AND status = 'RUNNING'",
-            params![run, now()],
+        write_tx(&mut self.conn, |tx| {
+            let changed = tx.execute(
+                "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1 AND status = 'RUNNING'",
+                params![run, now()],
+            )?;
+            if changed == 0 {
+                ensure_run(tx, run)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Continues a run as a new attempt that resumes from `from_step` (typically the
+    /// step of the checkpoint it restarts from), whatever the run's status: the run
+    /// becomes RUNNING again with `attempt + 1`, no end time and no failure reason, and
+    /// a fresh heartbeat. From then on the points that earlier attempts wrote at steps
+    /// after `from_step` are hidden from [`ExperimentDb::metric_history`], the
+    /// summaries and [`ExperimentDb::best_run`] (they stay on disk, see
+    /// [`ExperimentDb::metric_points`]); the run's summaries are recomputed from the
+    /// visible points. Returns the new attempt number.
+    ///
+    /// The caller must make sure that no process still writes to the run's previous
+    /// attempt. Points queued by this handle are written (as the previous attempt)
+    /// before the run is resumed.
+    ///
+    /// # Errors
+    /// A failure of the background writer not reported yet (then the run is not
+    /// resumed); [`Error::NotFound`] when the run does not exist; [`Error::Invalid`]
+    /// when `from_step` is beyond `i64::MAX`.
+    pub fn resume_run(&mut self, run: RunId, from_step: u64) -> Result<u32> {
+        self.flush()?;
+        let from = i64::try_from(from_step)
+            .map_err(|_| Error::Invalid(format!("resume step {from_step} is too large")))?;
+        let attempt = write_tx(&mut self.conn, |tx| {
+            let (status, attempt, reason): (RunStatus, u32, Option<String>) = tx
+                .query_row(
+                    "SELECT status, attempt, failure_reason FROM runs WHERE id = ?1",
+                    [run],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                )
+                .optional()?
+                .ok_or_else(|| Error::NotFound(format!("run {run}")))?;
+            let next = attempt.checked_add(1).ok_or_else(|| {
+                Error::Invalid(format!("run {run} has been resumed too many times"))
+            })?;
+            let now = now();
+            tx.execute(
+                "INSERT INTO run_resumes
+                    (run_id, attempt, from_step, resumed_at, previous_status, previous_reason)
+                    VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![run, next, from, now, status, reason],
+            )?;
+            tx.execute(
+                "UPDATE runs SET status = ?2, attempt = ?3, ended_at = NULL,
+                    failure_reason = NULL, heartbeat_at = ?4 WHERE id = ?1",
+                params![run, RunStatus::Running, next, now],
+            )?;
+            recompute_summaries(tx, run)?;
+            Ok(next)
+        })?;
+        self.running.insert(run);
+        tracing::debug!(run, attempt, from_step, "run resumed");
+        Ok(attempt)
+    }
+
+    /// The resumes of a run, oldest first (empty for a run never resumed).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when the run does not exist.
+    pub fn resumes(&self, run: RunId) -> Result<Vec<ResumeRecord>> {
+        ensure_run(&self.conn, run)?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT attempt, from_step, resumed_at, previous_status, previous_reason
+                FROM run_resumes WHERE run_id = ?1 ORDER BY attempt",
         )?;
-        if changed == 0 {
-            ensure_run(&self.conn, run)?;
-        }
-        Ok(())
+        let resumes = stmt
+            .query_map([run], |row| {
+                Ok(ResumeRecord {
+                    attempt: row.get(0)?,
+                    from_step: row.get(1)?,
+                    resumed_at: row.get(2)?,
+                    previous_status: row.get(3)?,
+                    previous_reason: row.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(resumes)
     }
 
     /// Adds params to a run. Setting a param again to the same value is accepted, to
@@ -248,13 +373,10 @@ impl ExperimentDb {
     /// [`Error::NotFound`] when the run does not exist; [`Error::Invalid`] when a key is
     /// given twice or already has another value (then none is stored).
     pub fn log_params(&mut self, run: RunId, params: &[(String, String)]) -> Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        ensure_run(&tx, run)?;
-        insert_params(&tx, run, params)?;
-        tx.commit()?;
-        Ok(())
+        write_tx(&mut self.conn, |tx| {
+            ensure_run(tx, run)?;
+            insert_params(tx, run, params)
+        })
     }
 
     /// Sets a tag of a run, replacing its previous value.
@@ -262,17 +384,15 @@ impl ExperimentDb {
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
     pub fn set_tag(&mut self, run: RunId, key: &str, value: &str) -> Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        ensure_run(&tx, run)?;
-        tx.execute(
-            "INSERT INTO tags (run_id, key, value) VALUES (?1, ?2, ?3)
-                ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value",
-            params![run, key, value],
-        )?;
-        tx.commit()?;
-        Ok(())
+        write_tx(&mut self.conn, |tx| {
+            ensure_run(tx, run)?;
+            tx.execute(
+                "INSERT INTO tags (run_id, key, value) VALUES (?1, ?2, ?3)
+                    ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value",
+                params![run, key, value],
+            )?;
+            Ok(())
+        })
     }
 
     /// Records an artifact of a run and returns its id.
@@ -287,25 +407,22 @@ impl ExperimentDb {
                 artifact.path
             )));
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        ensure_run(&tx, run)?;
-        tx.execute(
-            "INSERT INTO artifacts (run_id, kind, path, size_bytes, sha256, created_at)
-                VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                run,
-                artifact.kind,
-                artifact.path,
-                artifact.size_bytes,
-                artifact.sha256,
-                now()
-            ],
-        )?;
-        let id = tx.last_insert_rowid();
-        tx.commit()?;
-        Ok(id)
+        write_tx(&mut self.conn, |tx| {
+            ensure_run(tx, run)?;
+            tx.execute(
+                "INSERT INTO artifacts (run_id, kind, path, size_bytes, sha256, created_at)
+                    VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    run,
+                    artifact.kind,
+                    artifact.path,
+                    artifact.size_bytes,
+                    artifact.sha256,
+                    now()
+                ],
+            )?;
+            Ok(tx.last_insert_rowid())
+        })
     }
 
     /// Runs, of one experiment or of all, in the order they started (then by id).
@@ -313,23 +430,11 @@ impl ExperimentDb {
     /// # Errors
     /// [`Error::NotFound`] when the experiment is named and does not exist.
     pub fn list_runs(&self, experiment: Option<&str>) -> Result<Vec<RunRecord>> {
-        let runs = match experiment {
-            Some(name) => {
-                let id = experiment_id(&self.conn, name)?;
-                let sql =
-                    format!("{SELECT_RUN} WHERE r.experiment_id = ?1 ORDER BY r.started_at, r.id");
-                let mut stmt = self.conn.prepare_cached(&sql)?;
-                stmt.query_map([id], run_from_row)?
-                    .collect::<rusqlite::Result<_>>()?
-            }
-            None => {
-                let sql = format!("{SELECT_RUN} ORDER BY r.started_at, r.id");
-                let mut stmt = self.conn.prepare_cached(&sql)?;
-                stmt.query_map([], run_from_row)?
-                    .collect::<rusqlite::Result<_>>()?
-            }
+        let query = RunQuery {
+            experiment: experiment.map(str::to_string),
+            ..RunQuery::default()
         };
-        Ok(runs)
+        self.query_runs(&query)
     }
 
     /// One run.
@@ -337,12 +442,110 @@ impl ExperimentDb {
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
     pub fn run(&self, id: RunId) -> Result<RunRecord> {
+        self.sync()?;
         let sql = format!("{SELECT_RUN} WHERE r.id = ?1");
-        self.conn
+        let run = self
+            .conn
             .prepare_cached(&sql)?
             .query_row([id], run_from_row)
             .optional()?
-            .ok_or_else(|| Error::NotFound(format!("run {id}")))
+            .ok_or_else(|| Error::NotFound(format!("run {id}")))?;
+        Ok(Self::reported(run, self.cutoff()))
+    }
+
+    /// The runs that match a query, in its order (see [`RunQuery`]).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming a bad condition (an empty key, a NaN, a param compared
+    /// with `<` to something that is not a number, ...); [`Error::NotFound`] when the
+    /// experiment is named and does not exist.
+    pub fn query_runs(&self, query: &RunQuery) -> Result<Vec<RunRecord>> {
+        query.validate()?;
+        self.sync()?;
+        let cutoff = self.cutoff();
+        let mut sql = String::from(SELECT_RUN);
+        let mut args: Vec<Value> = Vec::new();
+        let mut conditions: Vec<String> = Vec::new();
+        if let Some(order) = &query.order_by {
+            sql.push_str(
+                " LEFT JOIN metric_summaries o ON o.run_id = r.id AND o.key = ? AND o.split = ?",
+            );
+            args.push(Value::Text(order.key.clone()));
+            args.push(Value::Text(order.split.clone()));
+        }
+        if let Some(name) = &query.experiment {
+            experiment_id(&self.conn, name)?;
+            conditions.push("e.name = ?".into());
+            args.push(Value::Text(name.clone()));
+        }
+        if !query.statuses.is_empty() {
+            let marks = vec!["?"; query.statuses.len()].join(", ");
+            conditions.push(format!("({REPORTED_STATUS}) IN ({marks})"));
+            args.push(Value::Real(cutoff));
+            args.extend(
+                query
+                    .statuses
+                    .iter()
+                    .map(|s| Value::Text(s.as_str().to_string())),
+            );
+        }
+        for (key, value) in &query.tags {
+            conditions.push(
+                "EXISTS (SELECT 1 FROM tags t WHERE t.run_id = r.id AND t.key = ? AND t.value = ?)"
+                    .into(),
+            );
+            args.push(Value::Text(key.clone()));
+            args.push(Value::Text(value.clone()));
+        }
+        for condition in &query.metrics {
+            conditions.push(format!(
+                "EXISTS (SELECT 1 FROM metric_summaries s WHERE s.run_id = r.id
+                    AND s.key = ? AND s.split = ? AND s.{} {} ?)",
+                condition.field.column(),
+                condition.op.as_str()
+            ));
+            args.push(Value::Text(condition.key.clone()));
+            args.push(Value::Text(condition.split.clone()));
+            args.push(Value::Real(condition.value));
+        }
+        if !conditions.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conditions.join(" AND "));
+        }
+        match &query.order_by {
+            Some(order) => {
+                let column = order.field.column();
+                let direction = match order.order {
+                    SortOrder::Ascending => "ASC",
+                    SortOrder::Descending => "DESC",
+                };
+                sql.push_str(&format!(
+                    " ORDER BY o.{column} IS NULL, o.{column} {direction}, r.id"
+                ));
+            }
+            None => sql.push_str(" ORDER BY r.started_at, r.id"),
+        }
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(params_from_iter(args.iter()))?;
+        let limit = query.limit.unwrap_or(usize::MAX);
+        let mut runs = Vec::new();
+        while runs.len() < limit
+            && let Some(row) = rows.next()?
+        {
+            let run = run_from_row(row)?;
+            if !query.params.is_empty() {
+                let params: HashMap<String, String> = self.params(run.id)?.into_iter().collect();
+                let matches = query
+                    .params
+                    .iter()
+                    .all(|c| c.matches(params.get(&c.key).map(String::as_str)));
+                if !matches {
+                    continue;
+                }
+            }
+            runs.push(Self::reported(run, cutoff));
+        }
+        Ok(runs)
     }
 
     /// The params of a run, by key.
@@ -401,17 +604,21 @@ impl ExperimentDb {
         Ok(artifacts)
     }
 
-    /// Every point of one metric series as `(step, value)`, by step (points at one step
-    /// in the order they were written). A NaN value reads back as NaN.
+    /// Every visible point of one metric series as `(step, value)`, by step (points at
+    /// one step in the order they were written). A NaN value reads back as NaN. Points
+    /// hidden by a resume are left out.
     ///
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
     pub fn metric_history(&self, run: RunId, key: &str, split: &str) -> Result<Vec<(u64, f64)>> {
+        self.sync()?;
         ensure_run(&self.conn, run)?;
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT step, value FROM metrics
-                WHERE run_id = ?1 AND key = ?2 AND split = ?3 ORDER BY step, id",
-        )?;
+        let sql = format!(
+            "SELECT m.step, m.value FROM metrics m
+                WHERE m.run_id = ?1 AND m.key = ?2 AND m.split = ?3 AND {VISIBLE}
+                ORDER BY m.step, m.id"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
         let points = stmt
             .query_map(params![run, key, split], |row| {
                 Ok((
@@ -423,7 +630,101 @@ impl ExperimentDb {
         Ok(points)
     }
 
-    /// The summary of one metric series; `None` when no point of it was written.
+    /// The visible points of one metric series reduced to at most `n_points`, for a
+    /// plot: the whole history when it is no longer; otherwise the step range is cut
+    /// into `n_points / 2` buckets of equal width, and each bucket keeps its smallest
+    /// and its largest point (in step order), so that spikes survive. A NaN counts as
+    /// larger than any number (a divergence shows).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when `n_points` is below 2; [`Error::NotFound`] when the run
+    /// does not exist.
+    pub fn metric_history_downsampled(
+        &self,
+        run: RunId,
+        key: &str,
+        split: &str,
+        n_points: usize,
+    ) -> Result<Vec<(u64, f64)>> {
+        if n_points < 2 {
+            return Err(Error::Invalid(format!(
+                "cannot downsample to {n_points} point(s): ask for at least 2"
+            )));
+        }
+        self.sync()?;
+        ensure_run(&self.conn, run)?;
+        let sql = format!(
+            "SELECT COUNT(*), MIN(m.step), MAX(m.step) FROM metrics m
+                WHERE m.run_id = ?1 AND m.key = ?2 AND m.split = ?3 AND {VISIBLE}"
+        );
+        let (count, lo, hi): (u64, Option<u64>, Option<u64>) = self
+            .conn
+            .prepare_cached(&sql)?
+            .query_row(params![run, key, split], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })?;
+        let (Some(lo), Some(hi)) = (lo, hi) else {
+            return Ok(Vec::new());
+        };
+        if usize::try_from(count).is_ok_and(|count| count <= n_points) {
+            return self.metric_history(run, key, split);
+        }
+        let sql = format!(
+            "SELECT m.step, m.value FROM metrics m
+                WHERE m.run_id = ?1 AND m.key = ?2 AND m.split = ?3 AND {VISIBLE}
+                ORDER BY m.step, m.id"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params![run, key, split], |row| {
+            Ok((
+                row.get::<_, u64>(0)?,
+                row.get::<_, Option<f64>>(1)?.unwrap_or(f64::NAN),
+            ))
+        })?;
+        // Stop at the first row that fails to read, and report it.
+        let mut failure = None;
+        let points = rows.map_while(|row| row.map_err(|e| failure = Some(e)).ok());
+        let sampled = downsample(points, lo, hi, n_points / 2);
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(sampled),
+        }
+    }
+
+    /// Every point of a run as stored, by key, split, step and write order; with
+    /// `include_hidden`, the points hidden by a resume too (flagged `hidden`).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when the run does not exist.
+    pub fn metric_points(&self, run: RunId, include_hidden: bool) -> Result<Vec<MetricRecord>> {
+        self.sync()?;
+        ensure_run(&self.conn, run)?;
+        let sql = format!(
+            "SELECT m.key, m.split, m.step, m.epoch, m.value, m.wall_time, m.attempt,
+                    NOT ({VISIBLE}) AS hidden
+                FROM metrics m WHERE m.run_id = ?1
+                ORDER BY m.key, m.split, m.step, m.id"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let points = stmt
+            .query_map([run], |row| {
+                Ok(MetricRecord {
+                    key: row.get(0)?,
+                    split: row.get(1)?,
+                    step: row.get(2)?,
+                    epoch: row.get(3)?,
+                    value: row.get::<_, Option<f64>>(4)?.unwrap_or(f64::NAN),
+                    wall_time: row.get(5)?,
+                    attempt: row.get(6)?,
+                    hidden: row.get(7)?,
+                })
+            })?
+            .filter(|p| include_hidden || !matches!(p, Ok(p) if p.hidden))
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(points)
+    }
+
+    /// The summary of one metric series; `None` when no visible point of it was written.
     ///
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
@@ -433,6 +734,7 @@ impl ExperimentDb {
         key: &str,
         split: &str,
     ) -> Result<Option<MetricSummaryRecord>> {
+        self.sync()?;
         ensure_run(&self.conn, run)?;
         let sql = format!("{SELECT_SUMMARY} WHERE run_id = ?1 AND key = ?2 AND split = ?3");
         let summary = self
@@ -448,6 +750,7 @@ impl ExperimentDb {
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
     pub fn metric_summaries(&self, run: RunId) -> Result<Vec<MetricSummaryRecord>> {
+        self.sync()?;
         ensure_run(&self.conn, run)?;
         let sql = format!("{SELECT_SUMMARY} WHERE run_id = ?1 ORDER BY key, split");
         let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -458,9 +761,9 @@ impl ExperimentDb {
     }
 
     /// The run of an experiment whose metric series reached the best finite value
-    /// (smallest for [`Goal::Min`], largest for [`Goal::Max`]), whatever its status;
-    /// of equal values the lowest run id wins. `None` when no run of the experiment has
-    /// a finite value of that series.
+    /// (smallest for [`Goal::Min`], largest for [`Goal::Max`]) among its visible
+    /// points, whatever its status; of equal values the lowest run id wins. `None` when
+    /// no run of the experiment has a finite value of that series.
     ///
     /// # Errors
     /// [`Error::NotFound`] when the experiment does not exist.
@@ -471,6 +774,7 @@ impl ExperimentDb {
         split: &str,
         goal: Goal,
     ) -> Result<Option<RunRecord>> {
+        self.sync()?;
         let experiment = experiment_id(&self.conn, experiment)?;
         let order = match goal {
             Goal::Min => "s.min IS NOT NULL ORDER BY s.min ASC, r.id ASC",
@@ -485,14 +789,51 @@ impl ExperimentDb {
             .prepare_cached(&sql)?
             .query_row(params![experiment, key, split], run_from_row)
             .optional()?;
-        Ok(run)
+        let cutoff = self.cutoff();
+        Ok(run.map(|run| Self::reported(run, cutoff)))
+    }
+
+    /// Runs side by side: their params (every key any of them has) and their metric
+    /// summaries (every series any of them has), one value per run in the order given.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] naming the first run that does not exist.
+    pub fn compare_runs(&self, runs: &[RunId]) -> Result<Comparison> {
+        let records = runs
+            .iter()
+            .map(|&id| self.run(id))
+            .collect::<Result<Vec<_>>>()?;
+        let mut params: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
+        let mut metrics: BTreeMap<(String, String), Vec<Option<MetricSummaryRecord>>> =
+            BTreeMap::new();
+        for (i, &id) in runs.iter().enumerate() {
+            for (key, value) in self.params(id)? {
+                params.entry(key).or_insert_with(|| vec![None; runs.len()])[i] = Some(value);
+            }
+            for summary in self.metric_summaries(id)? {
+                let series = (summary.key.clone(), summary.split.clone());
+                metrics
+                    .entry(series)
+                    .or_insert_with(|| vec![None; runs.len()])[i] = Some(summary);
+            }
+        }
+        Ok(Comparison {
+            runs: records,
+            params: params
+                .into_iter()
+                .map(|(key, values)| ParamRow { key, values })
+                .collect(),
+            metrics: metrics
+                .into_iter()
+                .map(|((key, split), values)| MetricRow { key, split, values })
+                .collect(),
+        })
     }
 }
 
-/// Writes synchronously, each call one transaction (a background writer is to come).
 impl RunTracker for ExperimentDb {
     /// Creates the experiment on first use, inserts the run as RUNNING (attempt 1) and
-    /// stores its params.
+    /// stores its params, synchronously.
     ///
     /// # Errors
     /// [`Error::Invalid`] when the experiment or run name is empty, the run name is
@@ -505,117 +846,113 @@ impl RunTracker for ExperimentDb {
             return Err(Error::Invalid("run name is empty".into()));
         }
         let config = serde_json::to_string(&run.config)?;
-        let now = now();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT INTO experiments (name, created_at) VALUES (?1, ?2)
-                ON CONFLICT (name) DO NOTHING",
-            params![run.experiment, now],
-        )?;
-        let experiment = experiment_id(&tx, &run.experiment)?;
-        let taken: Option<RunId> = tx
-            .query_row(
-                "SELECT id FROM runs WHERE experiment_id = ?1 AND name = ?2",
-                params![experiment, run.name],
-                |row| row.get(0),
-            )
-            .optional()?;
-        if let Some(other) = taken {
-            return Err(Error::Invalid(format!(
-                "run name {:?} is already taken in experiment {:?} (run {other})",
-                run.name, run.experiment
-            )));
-        }
-        tx.execute(
-            "INSERT INTO runs (experiment_id, name, status, config_json, kiln_version,
-                    git_commit, host, started_at, heartbeat_at, attempt)
-                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1)",
-            params![
-                experiment,
-                run.name,
-                RunStatus::Running,
-                config,
-                run.kiln_version,
-                run.git_commit,
-                run.host,
-                now
-            ],
-        )?;
-        let id = tx.last_insert_rowid();
-        insert_params(&tx, id, &run.params)?;
-        tx.commit()?;
+        let id = write_tx(&mut self.conn, |tx| {
+            let now = now();
+            tx.execute(
+                "INSERT INTO experiments (name, created_at) VALUES (?1, ?2)
+                    ON CONFLICT (name) DO NOTHING",
+                params![run.experiment, now],
+            )?;
+            let experiment = experiment_id(tx, &run.experiment)?;
+            let taken: Option<RunId> = tx
+                .query_row(
+                    "SELECT id FROM runs WHERE experiment_id = ?1 AND name = ?2",
+                    params![experiment, run.name],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if let Some(other) = taken {
+                return Err(Error::Invalid(format!(
+                    "run name {:?} is already taken in experiment {:?} (run {other})",
+                    run.name, run.experiment
+                )));
+            }
+            tx.execute(
+                "INSERT INTO runs (experiment_id, name, status, config_json, kiln_version,
+                        git_commit, host, started_at, heartbeat_at, attempt)
+                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1)",
+                params![
+                    experiment,
+                    run.name,
+                    RunStatus::Running,
+                    config,
+                    run.kiln_version,
+                    run.git_commit,
+                    run.host,
+                    now
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            insert_params(tx, id, &run.params)?;
+            Ok(id)
+        })?;
+        self.running.insert(id);
         tracing::debug!(run = id, experiment = %run.experiment, name = %run.name, "run started");
         Ok(id)
     }
 
-    /// Inserts the points and updates the run's metric summaries, in one transaction.
+    /// Checks the points and hands them to the background writer, which inserts them
+    /// and updates the run's summaries and heartbeat in one transaction; returns
+    /// without waiting for the disk, unless the writer's queue is full (then it blocks
+    /// until there is room: points are never dropped).
     ///
     /// # Errors
-    /// [`Error::NotFound`] when the run does not exist; [`Error::Invalid`] when it has
-    /// ended or a wall time is not finite (then no point is stored).
+    /// A failure to write earlier batches not reported yet, as [`Error::WriteFailed`]
+    /// (then these points are not taken); [`Error::NotFound`] when the run does not
+    /// exist; [`Error::Invalid`] when it has ended or a wall time is not finite (then
+    /// no point is stored). A failure to write these points is reported by a later call.
     fn log_metrics(&mut self, run: RunId, points: &[MetricPoint]) -> Result<()> {
-        if let Some(p) = points.iter().find(|p| !p.wall_time.is_finite()) {
-            return Err(Error::Invalid(format!(
-                "metric {:?}/{:?} at step {}: wall time {} is not finite",
-                p.key, p.split, p.step, p.wall_time
-            )));
+        self.take_failure()?;
+        check_points(points)?;
+        if !self.running.contains(&run) {
+            ensure_running(&self.conn, run, "log metrics")?;
+            self.running.insert(run);
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let attempt = ensure_running(&tx, run, "log metrics")?;
-        {
-            let mut insert = tx.prepare_cached(INSERT_METRIC)?;
-            let mut upsert = tx.prepare_cached(UPSERT_SUMMARY)?;
-            for p in points {
-                // SQLite has no NaN: bound as a double it would become NULL anyway.
-                let value = (!p.value.is_nan()).then_some(p.value);
-                let finite = p.value.is_finite().then_some(p.value);
-                let finite_step = finite.map(|_| p.step);
-                insert.execute(params![
-                    run,
-                    p.key,
-                    p.split,
-                    p.step,
-                    p.epoch,
-                    value,
-                    p.wall_time,
-                    attempt
-                ])?;
-                upsert.execute(params![
-                    run,
-                    p.key,
-                    p.split,
-                    value,
-                    p.step,
-                    finite,
-                    finite_step
-                ])?;
-            }
+        if points.is_empty() {
+            return Ok(());
         }
-        tx.commit()?;
-        Ok(())
+        self.writer()?.send(run, points.to_vec())
     }
 
-    /// Sets the status, `ended_at` and the reason.
+    /// Writes the points still queued, then sets the status, `ended_at` and the reason.
+    /// The run is ended even when queued points failed to be written.
     ///
     /// # Errors
-    /// [`Error::NotFound`] when the run does not exist; [`Error::Invalid`] when it has
-    /// already ended.
+    /// A failure to write points not reported yet, as [`Error::WriteFailed`] (the run
+    /// is ended nonetheless); [`Error::NotFound`] when the run does not exist;
+    /// [`Error::Invalid`] when it has already ended.
     fn finish_run(&mut self, run: RunId, status: EndStatus, reason: Option<&str>) -> Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        ensure_running(&tx, run, "finish it again")?;
-        tx.execute(
-            "UPDATE runs SET status = ?2, ended_at = ?3, failure_reason = ?4 WHERE id = ?1",
-            params![run, RunStatus::from(status), now(), reason],
-        )?;
-        tx.commit()?;
-        tracing::debug!(run, status = status.as_str(), reason, "run finished");
-        Ok(())
+        let written = self.flush();
+        self.running.remove(&run);
+        let ended = write_tx(&mut self.conn, |tx| {
+            ensure_running(tx, run, "finish it again")?;
+            tx.execute(
+                "UPDATE runs SET status = ?2, ended_at = ?3, failure_reason = ?4 WHERE id = ?1",
+                params![run, RunStatus::from(status), now(), reason],
+            )?;
+            Ok(())
+        });
+        match (written, ended) {
+            (Err(error), Err(also)) => {
+                tracing::error!(run, error = %also, "could not end the run");
+                Err(error)
+            }
+            (Err(error), Ok(())) | (Ok(()), Err(error)) => Err(error),
+            (Ok(()), Ok(())) => {
+                tracing::debug!(run, status = status.as_str(), reason, "run finished");
+                Ok(())
+            }
+        }
+    }
+
+    /// See [`ExperimentDb::flush`].
+    fn flush(&mut self) -> Result<()> {
+        ExperimentDb::flush(self)
+    }
+
+    /// See [`ExperimentDb::resume_run`].
+    fn resume_run(&mut self, run: RunId, from_step: u64) -> Result<u32> {
+        ExperimentDb::resume_run(self, run, from_step)
     }
 }
 
@@ -660,6 +997,12 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
+    }
+
+    #[test]
+    fn the_store_can_move_to_another_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<ExperimentDb>();
     }
 
     #[test]

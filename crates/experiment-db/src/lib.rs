@@ -4,20 +4,41 @@
 //!
 //! [`ExperimentDb`] is one SQLite file (WAL, foreign keys enforced, a busy timeout)
 //! whose schema is created and upgraded by numbered migrations when it opens. A
-//! training loop records runs through the [`RunTracker`] trait; the queries
-//! ([`ExperimentDb::list_runs`], [`ExperimentDb::metric_history`],
-//! [`ExperimentDb::best_run`], ...) read them back. Times are seconds since the Unix
-//! epoch (UTC) as `f64`.
+//! training loop records runs through the [`RunTracker`] trait; metric points are
+//! written by a background thread so that the loop never waits on the disk. The
+//! queries ([`ExperimentDb::list_runs`], [`ExperimentDb::query_runs`],
+//! [`ExperimentDb::metric_history`], [`ExperimentDb::best_run`],
+//! [`ExperimentDb::compare_runs`], ...) read them back.
+//!
+//! Lifecycle: a run is RUNNING until it ends FINISHED, FAILED (with its reason) or
+//! KILLED; a RUNNING run whose heartbeat is stale is reported LOST. A resumed run
+//! ([`ExperimentDb::resume_run`]) continues as a new attempt, and the points its
+//! earlier attempts wrote after the resume step are hidden from queries (kept on disk).
+//!
+//! Times are seconds since the Unix epoch (UTC) as `f64`.
 
+mod compare;
 mod db;
 mod error;
 mod migrations;
+mod query;
 mod records;
+mod series;
+mod sqlite;
 mod tracker;
+mod writer;
 
+pub use compare::{Comparison, MetricRow, ParamRow};
 pub use db::ExperimentDb;
 pub use error::Error;
-pub use records::{ArtifactRecord, Goal, MetricSummaryRecord, NewArtifact, RunRecord, RunStatus};
+pub use query::{
+    CompareOp, Filter, MetricCondition, MetricField, MetricOrder, ParamCondition, RunQuery,
+    SortOrder,
+};
+pub use records::{
+    ArtifactRecord, Goal, MetricRecord, MetricSummaryRecord, NewArtifact, ResumeRecord, RunRecord,
+    RunStatus,
+};
 pub use tracker::{EndStatus, MetricPoint, NewRun, RunId, RunTracker};
 
 /// Result alias for the experiment store.

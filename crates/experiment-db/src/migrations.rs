@@ -21,11 +21,18 @@ pub(crate) struct Migration {
 }
 
 /// Every migration, in the order they are applied.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial.sql",
-    sql: include_str!("../migrations/0001_initial.sql"),
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial.sql",
+        sql: include_str!("../migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_resumes.sql",
+        sql: include_str!("../migrations/0002_resumes.sql"),
+    },
+];
 
 /// The schema version this build creates.
 pub(crate) fn latest_version() -> i64 {

@@ -79,4 +79,21 @@ pub trait RunTracker {
     fn log_metrics(&mut self, run: RunId, points: &[MetricPoint]) -> Result<()>;
     /// Marks the run ended, with the reason when it failed; flushes pending points first.
     fn finish_run(&mut self, run: RunId, status: EndStatus, reason: Option<&str>) -> Result<()>;
+
+    /// Waits until every point handed to [`RunTracker::log_metrics`] is written, and
+    /// reports a failure to write any of them. The default does nothing (for trackers
+    /// that write synchronously).
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Continues a run as a new attempt, resuming from `from_step`: points of earlier
+    /// attempts after that step are hidden from then on. Returns the new attempt
+    /// number. The default refuses (for trackers that cannot resume).
+    fn resume_run(&mut self, run: RunId, from_step: u64) -> Result<u32> {
+        let _ = from_step;
+        Err(crate::Error::Invalid(format!(
+            "this run tracker cannot resume runs (run {run})"
+        )))
+    }
 }

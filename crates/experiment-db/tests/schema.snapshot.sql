@@ -50,6 +50,17 @@ CREATE TABLE params (
     PRIMARY KEY (run_id, key)
 ) WITHOUT ROWID;
 
+CREATE TABLE run_resumes (
+    run_id           INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    attempt          INTEGER NOT NULL CHECK (attempt >= 2),
+    from_step        INTEGER NOT NULL CHECK (from_step >= 0),
+    resumed_at       REAL NOT NULL,
+    previous_status  TEXT NOT NULL
+        CHECK (previous_status IN ('RUNNING', 'FINISHED', 'FAILED', 'KILLED')),
+    previous_reason  TEXT,
+    PRIMARY KEY (run_id, attempt)
+) WITHOUT ROWID;
+
 CREATE TABLE runs (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     experiment_id   INTEGER NOT NULL REFERENCES experiments (id) ON DELETE CASCADE,

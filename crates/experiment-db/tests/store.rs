@@ -770,3 +770,44 @@ fn now() -> f64 {
         .unwrap()
         .as_secs_f64()
 }
+
+/// A database left at schema version 1 by an older kiln is upgraded when it opens, its
+/// data intact and usable by the features of the new migrations.
+#[test]
+fn a_version_1_database_is_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.sqlite");
+    {
+        let conn = raw(&path);
+        conn.execute_batch(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL);
+             INSERT INTO schema_migrations VALUES (1, 0);",
+        )
+        .unwrap();
+        conn.execute_batch(include_str!("../migrations/0001_initial.sql"))
+            .unwrap();
+        conn.execute_batch(
+            "INSERT INTO experiments (id, name, created_at) VALUES (1, 'old', 0);
+             INSERT INTO runs (id, experiment_id, name, status, config_json, kiln_version,
+                 host, started_at, heartbeat_at)
+                 VALUES (7, 1, 'r', 'FAILED', '{}', '0.0.1', 'h', 0, 0);
+             INSERT INTO metrics (run_id, key, split, step, epoch, value, wall_time)
+                 VALUES (7, 'loss', 'train', 0, 0, 2.0, 0), (7, 'loss', 'train', 5, 0, 1.0, 0);
+             INSERT INTO metric_summaries VALUES (7, 'loss', 'train', 1.0, 5, 1.0, 5, 2.0, 0);",
+        )
+        .unwrap();
+    }
+    let mut db = ExperimentDb::open(&path).unwrap();
+    assert_eq!(
+        db.schema_version().unwrap(),
+        ExperimentDb::latest_schema_version()
+    );
+    assert_eq!(db.run(7).unwrap().status, RunStatus::Failed);
+    assert_eq!(db.resume_run(7, 2).unwrap(), 2);
+    assert_eq!(
+        db.metric_history(7, "loss", "train").unwrap(),
+        vec![(0, 2.0)]
+    );
+    let summary = db.metric_summary(7, "loss", "train").unwrap().unwrap();
+    assert_eq!((summary.last_step, summary.min), (0, Some((0, 2.0))));
+}
