@@ -38,3 +38,25 @@ pub fn quiet(dir: &std::path::Path) -> CoordinatorBuilder {
         .progress(ProgressMode::Off)
         .default_root_dir(dir)
 }
+
+/// Every float parameter of `model`, flattened in visiting order: two models hold
+/// the same weights exactly when these vectors are equal bit for bit.
+pub fn param_values<B: burn::prelude::Backend, M: burn::module::Module<B>>(model: &M) -> Vec<u32> {
+    use burn::module::{ModuleVisitor, Param};
+    use burn::prelude::Tensor;
+    struct Collect(Vec<u32>);
+    impl<B: burn::prelude::Backend> ModuleVisitor<B> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let data = param.val().into_data().convert::<f32>();
+            self.0.extend(
+                data.as_slice::<f32>()
+                    .unwrap_or(&[])
+                    .iter()
+                    .map(|x| x.to_bits()),
+            );
+        }
+    }
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
+    c.0
+}

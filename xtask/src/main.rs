@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("train") => train(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("runs") => runs(&args[1..]),
         _ => Err(
             "usage: cargo xtask train [ARGS...] | cargo xtask bench [--rounds N] \
                   [--config tiny|small|all] [--compare-pytorch] [--no-write]"
@@ -65,6 +66,21 @@ fn build_release() -> Result<PathBuf> {
     Ok(target
         .join("release")
         .join(format!("kiln{}", std::env::consts::EXE_SUFFIX)))
+}
+
+/// `cargo xtask runs ...` = `kiln runs ...` with the release binary.
+fn runs(args: &[String]) -> Result<()> {
+    let kiln = build_release()?;
+    let status = Command::new(&kiln)
+        .arg("runs")
+        .args(args)
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", kiln.display()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("kiln runs exited with {status}"))
+    }
 }
 
 fn train(args: &[String]) -> Result<()> {

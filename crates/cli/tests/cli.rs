@@ -156,3 +156,234 @@ fn sigterm_stops_training_and_the_run_is_recorded_killed() {
         .unwrap_or_default();
     assert!(row.contains("KILLED"), "{stdout}");
 }
+
+#[test]
+fn runs_commands_list_show_compare_best_export_and_plot_real_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().to_str().unwrap();
+    for (name, lr) in [("a", "1e-3"), ("b", "3e-3")] {
+        let out = kiln(&[
+            "train",
+            "--max-steps",
+            "4",
+            "--log-every-n-steps",
+            "1",
+            "--progress",
+            "off",
+            "--output-dir",
+            o,
+            "--run-name",
+            name,
+            "--lr",
+            lr,
+        ]);
+        assert!(out.status.success(), "{}", text(&out).1);
+    }
+    let ok = |args: &[&str]| {
+        let mut all = vec!["runs"];
+        all.extend_from_slice(args);
+        all.extend(["--output-dir", o]);
+        let out = kiln(&all);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        stdout
+    };
+    let listed = ok(&["list", "--filter", "param.lr>=0.002"]);
+    assert!(
+        listed.contains(" b ") && !listed.contains(" a "),
+        "{listed}"
+    );
+    let shown = ok(&["show", "1"]);
+    assert!(
+        shown.contains("status   FINISHED") && shown.contains("train/loss"),
+        "{shown}"
+    );
+    let compared = ok(&["compare", "1", "2"]);
+    assert!(
+        compared.lines().any(|l| l.starts_with("* lr")),
+        "{compared}"
+    );
+    let best = ok(&["best", "--metric", "train/loss", "--mode", "min"]);
+    assert!(best.starts_with("best run by train/loss (min): "), "{best}");
+    let csv = ok(&["export", "--format", "csv", "--run", "1"]);
+    assert!(csv.starts_with("run_id,run_name,key,split,step"), "{csv}");
+    assert!(
+        csv.lines().filter(|l| l.contains(",loss,train,")).count() == 4,
+        "{csv}"
+    );
+    let json = ok(&["export", "--format", "json"]);
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&json)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+            > 8
+    );
+
+    let stem = dir.path().join("curves");
+    let plotted = ok(&[
+        "plot",
+        "1",
+        "2",
+        "--metric",
+        "train/loss",
+        "--out",
+        stem.to_str().unwrap(),
+    ]);
+    assert!(plotted.starts_with("wrote "), "{plotted}");
+    let png = std::fs::read(stem.with_extension("png")).unwrap();
+    assert!(
+        png.len() > 1000 && png.starts_with(b"\x89PNG"),
+        "png of {} bytes",
+        png.len()
+    );
+    let svg = std::fs::read_to_string(stem.with_extension("svg")).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("train/loss") && svg.contains("polyline"),
+        "{svg}"
+    );
+}
+
+#[rstest]
+#[case(&["runs", "list", "--filter", "param.lr~1"], "param.lr~1")]
+#[case(&["runs", "plot", "1", "--metric", "loss"], "invalid metric \"loss\"")]
+#[case(&["runs", "export", "--format", "xml"], "invalid format \"xml\"")]
+#[case(&["runs", "show", "99"], "run 99 not found")]
+fn bad_runs_queries_are_errors_not_panics(#[case] args: &[&str], #[case] needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().to_str().unwrap();
+    let out = kiln(&[
+        "train",
+        "--max-steps",
+        "1",
+        "--progress",
+        "off",
+        "--output-dir",
+        o,
+    ]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let mut all = args.to_vec();
+    all.extend(["--output-dir", o]);
+    let out = kiln(&all);
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(needle), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn report_json(run_dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run_dir.join("report.json")).unwrap()).unwrap()
+}
+
+/// Kill -9 in the middle of training, resume with `--resume last`, and land on the
+/// same losses and validation metrics as a run that was never interrupted.
+#[test]
+fn a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().to_str().unwrap();
+    let corpus: String = kiln_models::builtin_corpus().chars().take(40_000).collect();
+    let text_file = dir.path().join("corpus.txt");
+    std::fs::write(&text_file, corpus).unwrap();
+    let args = |name: &'static str| {
+        vec![
+            "train",
+            "--text",
+            text_file.to_str().unwrap(),
+            "--epochs",
+            "3",
+            "--limit-train-batches",
+            "8",
+            "--checkpoint-every-n-steps",
+            "2",
+            "--log-every-n-steps",
+            "1",
+            "--warmup-steps",
+            "5",
+            "--progress",
+            "off",
+            "--output-dir",
+            o,
+            "--run-name",
+            name,
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>()
+    };
+    let straight = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args("u"))
+        .output()
+        .unwrap();
+    assert!(straight.status.success(), "{}", text(&straight).1);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args("k"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpts = dir.path().join("default/k/checkpoints");
+    let newest_step = || -> u64 {
+        std::fs::read_dir(&ckpts)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .strip_prefix("step-")?
+                            .parse()
+                            .ok()
+                    })
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while newest_step() < 10 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+    let killed_at = newest_step();
+    assert!(
+        (10..24).contains(&killed_at),
+        "killed after checkpoint {killed_at}"
+    );
+
+    let mut resume = args("k");
+    resume.extend(["--resume".into(), "last".into()]);
+    let resumed = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(&resume)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&resumed);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("FINISHED after 3 epoch(s), 24 optimizer steps"),
+        "{stdout}"
+    );
+
+    let (u, k) = (
+        report_json(&dir.path().join("default/u")),
+        report_json(&dir.path().join("default/k")),
+    );
+    assert_eq!(
+        u["step_losses"], k["step_losses"],
+        "per-step losses differ after the resume"
+    );
+    assert_eq!(
+        u["final_metrics"]["valid/loss"],
+        k["final_metrics"]["valid/loss"]
+    );
+
+    // The store knows it as one run in two attempts.
+    let shown = kiln(&["runs", "show", "2", "--output-dir", o]);
+    let (shown, _) = text(&shown);
+    assert!(shown.contains("status   FINISHED (attempt 2)"), "{shown}");
+    assert!(shown.contains("resume   attempt 2 from step"), "{shown}");
+}

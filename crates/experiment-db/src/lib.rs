@@ -21,6 +21,8 @@ mod compare;
 mod db;
 mod error;
 mod migrations;
+#[cfg(feature = "plot")]
+pub mod plot;
 mod query;
 mod records;
 mod series;

@@ -1,0 +1,282 @@
+//! Checkpoints and exact resume.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use kiln_backend_cpu::Flex;
+use kiln_coordinator::{CoordinatorBuilder, CoordinatorError, StopHandle, TrainingCoordinator};
+use kiln_core::{Batch, DataModule, LrSchedule, RunStatus, Split, TaskSpec, TrainReport};
+use kiln_models::{TextDataModule, TinyGpt};
+use kiln_tests::{corpus_data, param_values, quiet, small_gpt};
+use rstest::rstest;
+
+type B = Autodiff<Flex>;
+
+/// Wraps a data module and pulls the stop handle when training batch number `at`
+/// (counted over the run) is asked for: a deterministic "kill" in the middle of an
+/// epoch.
+struct StopAt<'a> {
+    inner: &'a TextDataModule,
+    stop: StopHandle,
+    at: usize,
+    seen: std::sync::atomic::AtomicUsize,
+}
+
+impl DataModule for StopAt<'_> {
+    fn len(&self, split: Split) -> usize {
+        self.inner.len(split)
+    }
+    fn batch<Bk: Backend>(
+        &self,
+        split: Split,
+        idx: &[usize],
+        device: &Bk::Device,
+    ) -> kiln_core::Result<Batch<Bk>> {
+        if split == Split::Train
+            && self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == self.at
+        {
+            self.stop.stop();
+        }
+        self.inner.batch(split, idx, device)
+    }
+    fn check_task(&self, task: &TaskSpec) -> kiln_core::Result<()> {
+        self.inner.check_task(task)
+    }
+    fn items_per_example(&self) -> usize {
+        self.inner.items_per_example()
+    }
+}
+
+fn builder(root: &Path) -> CoordinatorBuilder {
+    quiet(root)
+        .run_name("r")
+        .batch_size(16)
+        .limit_train_batches(5)
+        .max_steps(12)
+        .checkpoint_every_n_steps(3)
+        .learning_rate(1e-3)
+        .lr_schedule(LrSchedule::WarmupCosine {
+            warmup_steps: 4,
+            min_lr_ratio: 0.1,
+        })
+        .gradient_clip_val(1.0)
+}
+
+fn model(vocab: usize) -> TinyGpt<B> {
+    small_gpt(vocab, 32)
+        .init::<B>(11, &Default::default())
+        .unwrap()
+}
+
+#[test]
+fn a_run_stopped_mid_epoch_resumes_to_the_same_weights_bit_for_bit() {
+    let (data, task) = corpus_data(20_000, 32);
+    let v = data.vocab_size();
+
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = builder(straight_dir.path()).build().unwrap();
+    let expected = straight
+        .train::<B, _, _>(model(v), &data, &task, None, 3)
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = builder(dir.path()).build().unwrap();
+    // Training batch 8 (the 3rd of epoch 1) asks to stop: the run stops before step 9,
+    // and its last checkpoint is the one of step 6.
+    let stopping = StopAt {
+        inner: &data,
+        stop: first.stop_handle(),
+        at: 8,
+        seen: 0.into(),
+    };
+    let err = first
+        .train::<B, _, _>(model(v), &stopping, &task, None, 3)
+        .unwrap_err();
+    let CoordinatorError::Stopped { report } = err else {
+        panic!("expected a stop, got {err}")
+    };
+    assert_eq!(report.optimizer_steps, 8);
+
+    let resumed = builder(dir.path()).ckpt_path("last").build().unwrap();
+    let got = resumed
+        .train::<B, _, _>(model(v), &data, &task, None, 3)
+        .unwrap();
+
+    let bits = |r: &TrainReport| {
+        r.step_losses
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(got.report.optimizer_steps, 12);
+    assert_eq!(
+        bits(&got.report),
+        bits(&expected.report),
+        "per-step losses differ"
+    );
+    assert_eq!(
+        param_values(&got.model),
+        param_values(&expected.model),
+        "final weights differ"
+    );
+    assert_eq!(
+        got.report.final_metrics["valid/loss"].to_bits(),
+        expected.report.final_metrics["valid/loss"].to_bits()
+    );
+}
+
+#[test]
+fn retention_keeps_the_last_and_the_best_and_nothing_half_written() {
+    let (data, task) = corpus_data(20_000, 32);
+    let dir = tempfile::tempdir().unwrap();
+    let c = builder(dir.path())
+        .checkpoint_every_n_steps(1)
+        .build()
+        .unwrap();
+    c.train::<B, _, _>(model(data.vocab_size()), &data, &task, None, 3)
+        .unwrap();
+    let root = dir.path().join("default/r/checkpoints");
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(
+        names.len() <= 2 && names.contains(&"step-00000012".to_string()),
+        "{names:?}"
+    );
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+    for n in &names {
+        assert!(root.join(n).join("manifest.json").is_file());
+    }
+}
+
+fn checkpoint_dir(root: &Path) -> PathBuf {
+    let (data, task) = corpus_data(20_000, 32);
+    let c = builder(root).max_steps(3).build().unwrap();
+    c.train::<B, _, _>(model(data.vocab_size()), &data, &task, None, 1)
+        .unwrap();
+    root.join("default/r/checkpoints/step-00000003")
+}
+
+#[rstest]
+#[case::flipped_byte("model.mpk", "sha256 does not match")]
+#[case::truncated("optim.mpk", "truncated")]
+#[case::missing_state("state.json", "cannot read it")]
+#[case::missing_manifest("manifest.json", "not a complete checkpoint")]
+#[case::garbled_manifest("manifest.json!", "the manifest is corrupt")]
+fn damaged_checkpoints_are_refused_naming_the_file(#[case] file: &str, #[case] needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint_dir(dir.path());
+    let name = file.trim_end_matches('!');
+    let path = ckpt.join(name);
+    match file {
+        "model.mpk" => {
+            let mut b = std::fs::read(&path).unwrap();
+            let i = b.len() / 2;
+            b[i] ^= 0xff;
+            std::fs::write(&path, b).unwrap();
+        }
+        "optim.mpk" => {
+            let b = std::fs::read(&path).unwrap();
+            std::fs::write(&path, &b[..b.len() / 2]).unwrap();
+        }
+        "manifest.json!" => std::fs::write(&path, b"{ not json").unwrap(),
+        _ => std::fs::remove_file(&path).unwrap(),
+    }
+    let (data, task) = corpus_data(20_000, 32);
+    let c = builder(dir.path())
+        .ckpt_path(ckpt.to_str().unwrap())
+        .build()
+        .unwrap();
+    let msg = c
+        .train::<B, _, _>(model(data.vocab_size()), &data, &task, None, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains(needle), "{msg}");
+    assert!(msg.contains("step-00000003"), "{msg}");
+}
+
+#[test]
+fn a_checkpoint_of_another_model_or_task_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint_dir(dir.path());
+    let (data, task) = corpus_data(20_000, 32);
+    let v = data.vocab_size();
+    let c = builder(dir.path())
+        .ckpt_path(ckpt.to_str().unwrap())
+        .build()
+        .unwrap();
+    let wider = kiln_models::TinyGptConfig {
+        d_model: 64,
+        ..small_gpt(v, 32)
+    }
+    .init::<B>(1, &Default::default())
+    .unwrap();
+    let msg = c
+        .train::<B, _, _>(wider, &data, &task, None, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("written for another model"), "{msg}");
+
+    let mut other_task = task.clone();
+    other_task.kind = kiln_core::TaskKind::Lm {
+        vocab_size: v + 1,
+        seq_len: 32,
+    };
+    let bigger = small_gpt(v + 1, 32)
+        .init::<B>(1, &Default::default())
+        .unwrap();
+    let msg = c
+        .train::<B, _, _>(bigger, &data, &other_task, None, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("written for task"), "{msg}");
+}
+
+#[test]
+fn resume_last_without_any_checkpoint_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, task) = corpus_data(20_000, 32);
+    let c = TrainingCoordinator::builder()
+        .progress(kiln_core::ProgressMode::Off)
+        .default_root_dir(dir.path())
+        .ckpt_path("last")
+        .build()
+        .unwrap();
+    let msg = c
+        .train::<B, _, _>(model(data.vocab_size()), &data, &task, None, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("ckpt_path last: no run of experiment \"default\" has a checkpoint yet"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_interrupted_write_leaves_the_previous_checkpoint_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint_dir(dir.path());
+    let root = ckpt.parent().unwrap();
+    // A crash while writing step 6: a partial temporary directory without a manifest.
+    std::fs::create_dir(root.join(".tmp-step-00000006")).unwrap();
+    std::fs::write(root.join(".tmp-step-00000006/model.mpk"), b"partial").unwrap();
+    let (data, task) = corpus_data(20_000, 32);
+    let c = builder(dir.path())
+        .ckpt_path("last")
+        .max_steps(5)
+        .build()
+        .unwrap();
+    let r = c
+        .train::<B, _, _>(model(data.vocab_size()), &data, &task, None, 1)
+        .unwrap()
+        .report;
+    assert_eq!(r.status, RunStatus::Finished);
+    assert_eq!(r.optimizer_steps, 5);
+    assert!(
+        !root.join(".tmp-step-00000006").exists(),
+        "the partial write is cleaned up"
+    );
+}
