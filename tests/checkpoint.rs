@@ -152,6 +152,57 @@ fn retention_keeps_the_last_and_the_best_and_nothing_half_written() {
     }
 }
 
+#[test]
+fn save_top_k_two_keeps_exactly_the_two_best_and_the_last() {
+    let (data, task) = corpus_data(20_000, 32);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = kiln_core::CheckpointPolicy {
+        save_top_k: 2,
+        every_n_epochs: Some(1),
+        ..Default::default()
+    };
+    // Five epochs of 5 steps, a checkpoint at each epoch end (after its validation),
+    // and a high learning rate so that validation loss does not simply fall.
+    let c = quiet(dir.path())
+        .run_name("r")
+        .batch_size(16)
+        .limit_train_batches(5)
+        .learning_rate(3e-2)
+        .checkpoint_policy(policy)
+        .build()
+        .unwrap();
+    let mut db = kiln_experiment_db::ExperimentDb::open(dir.path().join("kiln.sqlite")).unwrap();
+    let r = c
+        .train::<B, _, _>(model(data.vocab_size()), &data, &task, Some(&mut db), 5)
+        .unwrap()
+        .report;
+    assert_eq!(r.optimizer_steps, 25);
+    let root = dir.path().join("default/r/checkpoints");
+    let mut kept: Vec<u64> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| {
+            e.unwrap().file_name().to_string_lossy()["step-".len()..]
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    kept.sort_unstable();
+    // The validation loss of every epoch end, as the store recorded it.
+    let history = db
+        .metric_history(r.run_id.unwrap(), "loss", "valid")
+        .unwrap();
+    assert_eq!(
+        history.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![5, 10, 15, 20, 25]
+    );
+    let mut ranked = history.clone();
+    ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let mut expected: Vec<u64> = ranked.iter().take(2).map(|p| p.0).chain([25]).collect();
+    expected.sort_unstable();
+    expected.dedup();
+    assert_eq!(kept, expected, "valid losses {history:?}");
+}
+
 fn checkpoint_dir(root: &Path) -> PathBuf {
     let (data, task) = corpus_data(20_000, 32);
     let c = builder(root).max_steps(3).build().unwrap();
@@ -180,7 +231,7 @@ fn damaged_checkpoints_are_refused_naming_the_file(#[case] file: &str, #[case] n
         }
         "optim.mpk" => {
             let b = std::fs::read(&path).unwrap();
-            std::fs::write(&path, &b[..b.len() / 2]).unwrap();
+            std::fs::write(&path, &b[..b.len() - 1]).unwrap(); // one byte short
         }
         "manifest.json!" => std::fs::write(&path, b"{ not json").unwrap(),
         _ => std::fs::remove_file(&path).unwrap(),

@@ -101,6 +101,7 @@ struct BenchOptions {
     rounds: usize,
     config: String,
     compare_pytorch: bool,
+    store: bool,
     write: bool,
 }
 
@@ -109,6 +110,7 @@ fn parse_bench(args: &[String]) -> Result<BenchOptions> {
         rounds: 3,
         config: "all".into(),
         compare_pytorch: false,
+        store: false,
         write: true,
     };
     let mut it = args.iter();
@@ -132,6 +134,7 @@ fn parse_bench(args: &[String]) -> Result<BenchOptions> {
                 o.config = v.clone();
             }
             "--compare-pytorch" => o.compare_pytorch = true,
+            "--store" => o.store = true,
             "--no-write" => o.write = false,
             other => return Err(format!("unknown bench flag {other:?}")),
         }
@@ -164,8 +167,12 @@ fn bench(args: &[String]) -> Result<()> {
     let mut torch_lines: Vec<Value> = Vec::new();
     for round in 1..=opts.rounds {
         eprintln!("xtask: round {round}/{}", opts.rounds);
+        let mut bench_args = vec!["bench", "--rounds", "1", "--config", opts.config.as_str()];
+        if opts.store {
+            bench_args.push("--store");
+        }
         let out = Command::new(&kiln)
-            .args(["bench", "--rounds", "1", "--config", &opts.config])
+            .args(&bench_args)
             .stderr(Stdio::inherit())
             .output()
             .map_err(|e| format!("cannot run kiln bench: {e}"))?;
@@ -213,7 +220,10 @@ fn bench(args: &[String]) -> Result<()> {
             }
         }
     }
-    let summary = summarise(&kiln_lines, &torch_lines);
+    let (store_lines, kiln_lines): (Vec<Value>, Vec<Value>) =
+        kiln_lines.into_iter().partition(|v| v["kind"] == "store");
+    let mut summary = summarise(&kiln_lines, &torch_lines);
+    summary.extend(summarise_store(&store_lines));
     for s in &summary {
         println!("{s}");
     }
@@ -286,6 +296,24 @@ fn summarise(kiln: &[Value], torch: &[Value]) -> Vec<Value> {
     out
 }
 
+/// Medians of the store measurements, by measure.
+fn summarise_store(lines: &[Value]) -> Vec<Value> {
+    let mut measures: Vec<String> = lines
+        .iter()
+        .filter_map(|v| v["measure"].as_str().map(String::from))
+        .collect();
+    measures.sort();
+    measures.dedup();
+    measures
+        .into_iter()
+        .map(|m| {
+            let values: Vec<f64> =
+                lines.iter().filter(|v| v["measure"] == m.as_str()).filter_map(|v| field(v, "value")).collect();
+            serde_json::json!({ "summary": true, "kind": "store", "measure": m, "rounds": values.len(), "median": median(values) })
+        })
+        .collect()
+}
+
 const START: &str = "<!-- xtask-bench:start -->";
 const END: &str = "<!-- xtask-bench:end -->";
 
@@ -312,7 +340,7 @@ fn write_benchmarks_md(command: &str, summary: &[Value]) -> Result<()> {
          | config | backend | rounds | hand loop tokens/s | coordinator tokens/s | coordinator overhead | PyTorch tokens/s | hand / PyTorch |\n\
          | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
-    for v in summary {
+    for v in summary.iter().filter(|v| v["kind"] != "store") {
         table.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             v["config"].as_str().unwrap_or(""),
@@ -324,6 +352,20 @@ fn write_benchmarks_md(command: &str, summary: &[Value]) -> Result<()> {
             fmt(v, "pytorch_tokens_per_s"),
             fmt(v, "ratio_hand_to_pytorch"),
         ));
+    }
+    let store: Vec<&Value> = summary.iter().filter(|v| v["kind"] == "store").collect();
+    if !store.is_empty() {
+        table.push_str("\n| experiment store | rounds | median |\n| --- | ---: | ---: |\n");
+        for v in store {
+            let m = v["measure"].as_str().unwrap_or("");
+            let value = field(v, "median").unwrap_or(f64::NAN);
+            let shown = if m.contains("overhead") {
+                format!("{:+.1} %", value * 100.0)
+            } else {
+                format!("{value:.0}")
+            };
+            table.push_str(&format!("| {m} | {} | {shown} |\n", v["rounds"]));
+        }
     }
     let new = format!("{}{}{}", &old[..s], table, &old[e..]);
     std::fs::write(&path, new).map_err(|e| format!("cannot write {}: {e}", path.display()))?;

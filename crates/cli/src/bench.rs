@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Sequences per batch.
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Also measure the experiment store: insert throughput and the training overhead
+    /// of logging every step.
+    #[arg(long)]
+    store: bool,
 }
 
 const VOCAB: usize = 65;
@@ -80,8 +84,102 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 emit(&line);
             }
         }
+        if args.store {
+            emit(&store_insert_throughput(round)?);
+            emit(&logging_overhead(args, round)?);
+        }
     }
     Ok(())
+}
+
+/// Points per second written through `RunTracker::log_metrics` in batches of 100,
+/// flushed to disk.
+fn store_insert_throughput(round: usize) -> Result<serde_json::Value> {
+    use kiln_experiment_db::{ExperimentDb, MetricPoint, NewRun, RunTracker};
+    let dir = tempfile_dir()?.join(format!("store-{round}"));
+    std::fs::create_dir_all(&dir)?;
+    let mut db = ExperimentDb::open(dir.join("bench.sqlite"))?;
+    let run = db.start_run(&NewRun {
+        experiment: "bench".into(),
+        name: format!("insert-{round}"),
+        config: serde_json::json!({}),
+        params: vec![],
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        git_commit: None,
+        host: "bench".into(),
+    })?;
+    let (batches, per_batch) = (1_000u64, 100u64);
+    let start = Instant::now();
+    for b in 0..batches {
+        let points: Vec<MetricPoint> = (0..per_batch)
+            .map(|i| MetricPoint {
+                key: format!("m{}", i % 4),
+                split: "train".into(),
+                step: b * per_batch + i,
+                epoch: 0,
+                value: (b * per_batch + i) as f64 * 1e-3,
+                wall_time: 1.0,
+            })
+            .collect();
+        db.log_metrics(run, &points)?;
+    }
+    db.flush()?;
+    let seconds = start.elapsed().as_secs_f64();
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(serde_json::json!({
+        "kind": "store", "measure": "insert_points_per_s", "round": round,
+        "value": (batches * per_batch) as f64 / seconds, "batch": per_batch,
+    }))
+}
+
+/// Tokens/s of the tiny GPT through the coordinator with the store at
+/// `log_every_n_steps = 1` against no store, measured back to back.
+fn logging_overhead(args: &BenchArgs, round: usize) -> Result<serde_json::Value> {
+    use kiln_experiment_db::ExperimentDb;
+    type B = Autodiff<Flex>;
+    let cfg = TinyGptConfig::tiny(VOCAB);
+    let data = TextDataModule::random(VOCAB, 1_000_000, cfg.seq_len, 1337)?;
+    let task = TaskSpec::new(
+        "bench",
+        TaskKind::Lm {
+            vocab_size: VOCAB,
+            seq_len: cfg.seq_len,
+        },
+    );
+    let dir = tempfile_dir()?.join(format!("overhead-{round}"));
+    std::fs::create_dir_all(&dir)?;
+    let steps = (args.warmup + args.steps) as u64;
+    let measure = |with_store: bool| -> Result<f64> {
+        let coordinator = TrainingCoordinator::builder()
+            .batch_size(args.batch)
+            .max_steps(steps)
+            .limit_val_batches(1)
+            .log_every_n_steps(1)
+            .enable_checkpointing(false)
+            .progress(ProgressMode::Off)
+            .default_root_dir(&dir)
+            .build()?;
+        let model = cfg.init::<B>(1337, &Default::default())?;
+        let report = if with_store {
+            let mut db = ExperimentDb::open(dir.join("bench.sqlite"))?;
+            coordinator
+                .train::<B, _, _>(model, &data, &task, Some(&mut db), 1)?
+                .report
+        } else {
+            coordinator
+                .train::<B, _, _>(model, &data, &task, None, 1)?
+                .report
+        };
+        Ok(report.throughput.items_per_s)
+    };
+    let without = measure(false)?;
+    let with = measure(true)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(serde_json::json!({
+        "kind": "store", "measure": "logging_overhead_every_step", "round": round,
+        "value": without / with - 1.0, "tokens_per_s_without_store": without, "tokens_per_s_with_store": with,
+    }))
 }
 
 #[allow(clippy::print_stdout)] // JSON lines on stdout are this command's output

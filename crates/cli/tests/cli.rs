@@ -272,6 +272,33 @@ fn bad_runs_queries_are_errors_not_panics(#[case] args: &[&str], #[case] needle:
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// The float parameters of a saved tiny GPT, as bits, in visiting order.
+fn weights(file: &std::path::Path, vocab: usize) -> Vec<u32> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::prelude::{Backend, Tensor};
+    use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+    type B = kiln_backend_cpu::Flex;
+    struct Bits(Vec<u32>);
+    impl<B: Backend> ModuleVisitor<B> for Bits {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let data = param.val().into_data().convert::<f32>();
+            self.0
+                .extend(data.as_slice::<f32>().unwrap().iter().map(|x| x.to_bits()));
+        }
+    }
+    let device = Default::default();
+    let record = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+        .load(file.to_path_buf(), &device)
+        .unwrap();
+    let model = kiln_models::TinyGptConfig::tiny(vocab)
+        .init::<B>(0, &device)
+        .unwrap()
+        .load_record(record);
+    let mut bits = Bits(Vec::new());
+    model.visit(&mut bits);
+    bits.0
+}
+
 fn report_json(run_dir: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run_dir.join("report.json")).unwrap()).unwrap()
 }

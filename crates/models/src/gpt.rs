@@ -243,3 +243,67 @@ fn causal_mask<B: Backend>(t: usize, device: &B::Device) -> Tensor<B, 4> {
     }
     Tensor::from_data(TensorData::new(m, [1, 1, t, t]), device)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_backend_cpu::NdArray;
+    use rstest::rstest;
+
+    #[rstest]
+    #[case::benchmark(TinyGptConfig::tiny(65), 421_697)]
+    #[case::small(TinyGptConfig::small(65), 3_225_665)]
+    fn parameter_count_matches_the_benchmark_formula(
+        #[case] cfg: TinyGptConfig,
+        #[case] want: usize,
+    ) {
+        let (v, t, d, l) = (cfg.vocab_size, cfg.seq_len, cfg.d_model, cfg.n_layers);
+        // shared/bench/README.md: P = V·d + T·d + L·(12d² + 13d) + 2d + d·V + V (with d_ff = 4d)
+        assert_eq!(
+            v * d + t * d + l * (12 * d * d + 13 * d) + 2 * d + d * v + v,
+            want
+        );
+        assert_eq!(cfg.num_params(), want);
+        let model = cfg.init::<NdArray>(1, &Default::default()).unwrap();
+        assert_eq!(model.num_params(), want);
+    }
+
+    #[test]
+    fn logits_have_the_task_shape_and_too_long_inputs_are_refused() {
+        let dev = Default::default();
+        let model = TinyGptConfig {
+            seq_len: 8,
+            ..TinyGptConfig::tiny(11)
+        }
+        .init::<NdArray>(1, &dev)
+        .unwrap();
+        let tokens = Tensor::<NdArray, 2, Int>::zeros([3, 8], &dev);
+        assert_eq!(model.logits(tokens).unwrap().dims(), [3, 8, 11]);
+        let long = Tensor::<NdArray, 2, Int>::zeros([1, 9], &dev);
+        let err = model.logits(long).unwrap_err().to_string();
+        assert!(
+            err.contains("sequence length 9 does not fit the model's context of 8"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_same_seed_builds_the_same_weights() {
+        let dev = Default::default();
+        let a = TinyGptConfig::tiny(5)
+            .init::<NdArray>(3, &dev)
+            .unwrap()
+            .into_record();
+        let b = TinyGptConfig::tiny(5)
+            .init::<NdArray>(3, &dev)
+            .unwrap()
+            .into_record();
+        let c = TinyGptConfig::tiny(5)
+            .init::<NdArray>(4, &dev)
+            .unwrap()
+            .into_record();
+        let head = |r: &TinyGptRecord<NdArray>| r.head.weight.val().into_data();
+        assert_eq!(head(&a), head(&b));
+        assert_ne!(head(&a), head(&c));
+    }
+}
