@@ -331,3 +331,28 @@ fn an_interrupted_write_leaves_the_previous_checkpoint_usable() {
         "the partial write is cleaned up"
     );
 }
+
+#[test]
+fn a_replacement_cut_short_puts_the_old_checkpoint_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint_dir(dir.path());
+    let root = ckpt.parent().unwrap();
+    // A crash between moving step 3 aside and moving its replacement in.
+    std::fs::rename(&ckpt, root.join(".old-step-00000003")).unwrap();
+    let (data, task) = corpus_data(20_000, 32);
+    let c = builder(dir.path())
+        .ckpt_path("last")
+        .max_steps(4)
+        .build()
+        .unwrap();
+    let r = c
+        .train::<B, _, _>(model(data.vocab_size()), &data, &task, None, 1)
+        .unwrap()
+        .report;
+    assert_eq!((r.status, r.optimizer_steps), (RunStatus::Finished, 4));
+    assert_eq!(
+        r.step_losses.len(),
+        4,
+        "steps 1-3 come from the restored checkpoint"
+    );
+}

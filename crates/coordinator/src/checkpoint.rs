@@ -457,11 +457,15 @@ pub(crate) fn clean_partial(run_dir: &Path) -> Result<(), CoordinatorError> {
 ///
 /// `last`/`best` look in the run named by `run_name`, or, without one, in the run of
 /// the experiment with the newest checkpoint.
+///
+/// Leftovers of interrupted writes in that run are tidied first (see
+/// [`clean_partial`]), so a checkpoint whose replacement was cut short is found again.
 pub(crate) fn locate(
     config: &CoordinatorConfig,
     which: &CkptPath,
 ) -> Result<PathBuf, CoordinatorError> {
     if let CkptPath::Path(p) = which {
+        clean_partial(&run_dir_of(p)?)?;
         return Ok(p.clone());
     }
     let experiment_dir = config.default_root_dir.join(&config.experiment);
@@ -489,6 +493,7 @@ pub(crate) fn locate(
             )
         })?,
     };
+    clean_partial(&run_dir)?;
     let found = list(&run_dir);
     let pick = match which {
         CkptPath::Best => best(&found, config.checkpoint.mode),

@@ -169,7 +169,6 @@ impl TrainingCoordinator {
                 &task.name,
             )?,
         };
-        checkpoint::clean_partial(&run_dir.path)?;
         let record = serde_json::json!({ "task": task, "config": config, "plan": plan });
         let (mut metrics, attempt) = match &resume {
             None => {
