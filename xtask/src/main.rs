@@ -20,9 +20,8 @@ type Result<T> = std::result::Result<T, String>;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("train") => train(&args[1..]),
+        Some(command @ ("train" | "runs")) => run_kiln(command, &args[1..]),
         Some("bench") => bench(&args[1..]),
-        Some("runs") => runs(&args[1..]),
         _ => Err(
             "usage: cargo xtask train [ARGS...] | cargo xtask bench [--rounds N] \
                   [--config tiny|small|all] [--compare-pytorch] [--no-write]"
@@ -68,32 +67,18 @@ fn build_release() -> Result<PathBuf> {
         .join(format!("kiln{}", std::env::consts::EXE_SUFFIX)))
 }
 
-/// `cargo xtask runs ...` = `kiln runs ...` with the release binary.
-fn runs(args: &[String]) -> Result<()> {
+/// `cargo xtask train|runs ARGS...` = `kiln train|runs ARGS...` with the release binary.
+fn run_kiln(command: &str, args: &[String]) -> Result<()> {
     let kiln = build_release()?;
     let status = Command::new(&kiln)
-        .arg("runs")
+        .arg(command)
         .args(args)
         .status()
         .map_err(|e| format!("cannot run {}: {e}", kiln.display()))?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!("kiln runs exited with {status}"))
-    }
-}
-
-fn train(args: &[String]) -> Result<()> {
-    let kiln = build_release()?;
-    let status = Command::new(&kiln)
-        .arg("train")
-        .args(args)
-        .status()
-        .map_err(|e| format!("cannot run {}: {e}", kiln.display()))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("kiln train exited with {status}"))
+        Err(format!("kiln {command} exited with {status}"))
     }
 }
 

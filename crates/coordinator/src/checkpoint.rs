@@ -376,23 +376,31 @@ pub(crate) fn list(run_dir: &Path) -> Vec<Found> {
     found
 }
 
-/// The best of `found` by `mode`, ties to the newest.
-pub(crate) fn best(found: &[Found], mode: MonitorMode) -> Option<&Found> {
-    found
+/// The checkpoints of `found` that carry a finite monitored value, best first by
+/// `mode`, ties to the newest.
+fn ranked(found: &[Found], mode: MonitorMode) -> Vec<&Found> {
+    let mut ranked: Vec<&Found> = found
         .iter()
         .filter(|f| f.monitor.is_some_and(f64::is_finite))
-        .max_by(|a, b| {
-            let (x, y) = (a.monitor.unwrap_or(f64::NAN), b.monitor.unwrap_or(f64::NAN));
-            let ord = match mode {
-                MonitorMode::Min => y.total_cmp(&x),
-                MonitorMode::Max => x.total_cmp(&y),
-            };
-            ord.then(a.step.cmp(&b.step))
-        })
+        .collect();
+    ranked.sort_by(|a, b| {
+        let (x, y) = (a.monitor.unwrap_or(f64::NAN), b.monitor.unwrap_or(f64::NAN));
+        match mode {
+            MonitorMode::Min => x.total_cmp(&y),
+            MonitorMode::Max => y.total_cmp(&x),
+        }
+        .then(b.step.cmp(&a.step))
+    });
+    ranked
+}
+
+/// The best of `found` by `mode`, ties to the newest.
+pub(crate) fn best(found: &[Found], mode: MonitorMode) -> Option<&Found> {
+    ranked(found, mode).first().copied()
 }
 
 /// Deletes the checkpoints the policy no longer keeps (never the newest one while
-/// `save_last` is on), and leftovers of interrupted writes.
+/// `save_last` is on).
 pub(crate) fn retain(run_dir: &Path, policy: &CheckpointPolicy) -> Result<(), CoordinatorError> {
     let found = list(run_dir);
     let mut keep: Vec<&Path> = Vec::new();
@@ -401,20 +409,8 @@ pub(crate) fn retain(run_dir: &Path, policy: &CheckpointPolicy) -> Result<(), Co
     {
         keep.push(&last.dir);
     }
-    let mut ranked: Vec<&Found> = found
-        .iter()
-        .filter(|f| f.monitor.is_some_and(f64::is_finite))
-        .collect();
-    ranked.sort_by(|a, b| {
-        let (x, y) = (a.monitor.unwrap_or(f64::NAN), b.monitor.unwrap_or(f64::NAN));
-        match policy.mode {
-            MonitorMode::Min => x.total_cmp(&y),
-            MonitorMode::Max => y.total_cmp(&x),
-        }
-        .then(b.step.cmp(&a.step))
-    });
     keep.extend(
-        ranked
+        ranked(&found, policy.mode)
             .iter()
             .take(policy.save_top_k)
             .map(|f| f.dir.as_path()),
