@@ -201,6 +201,18 @@ fn save_top_k_two_keeps_exactly_the_two_best_and_the_last() {
     expected.sort_unstable();
     expected.dedup();
     assert_eq!(kept, expected, "valid losses {history:?}");
+
+    // Every checkpoint written, the final weights and the report are in the store.
+    let artifacts = db.artifacts(r.run_id.unwrap()).unwrap();
+    let of = |kind: &str| artifacts.iter().filter(|a| a.kind == kind).count();
+    assert_eq!(
+        (of("checkpoint"), of("model"), of("report")),
+        (5, 1, 1),
+        "{artifacts:?}"
+    );
+    let report = artifacts.iter().find(|a| a.kind == "report").unwrap();
+    assert_eq!(report.path, "report.json");
+    assert_eq!(report.sha256.as_ref().map(String::len), Some(64));
 }
 
 fn checkpoint_dir(root: &Path) -> PathBuf {

@@ -268,8 +268,6 @@ impl TrainingCoordinator {
             RunStatus::Failed { reason } => Some(reason.clone()),
             _ => None,
         };
-        let tracker_result = metrics.finish(end_status, reason.as_deref());
-
         let items = stats.samples as f64 * data.items_per_example() as f64;
         let seconds = stats.train_seconds.max(1e-9);
         let report = TrainReport {
@@ -293,7 +291,17 @@ impl TrainingCoordinator {
             run_id: metrics.run_id(),
         };
         run_dir.write_json("report.json", &report)?;
-        tracker_result?;
+        // The files go into the store before the run is closed; whatever fails here,
+        // the run is still closed with its status.
+        let saved_model = model.is_some() && config.enable_checkpointing;
+        let artifacts = metrics
+            .artifact(&run_dir.path, "report", "report.json")
+            .and_then(|()| match saved_model {
+                true => metrics.artifact(&run_dir.path, "model", "model.mpk"),
+                false => Ok(()),
+            });
+        metrics.finish(end_status, reason.as_deref())?;
+        artifacts?;
         match (model, reason) {
             (Some(model), _) => Ok(Trained { model, report }),
             (None, None) => Err(CoordinatorError::Stopped {

@@ -248,7 +248,7 @@ where
                 if (by_steps || by_time) && !epoch_end_follows {
                     let state =
                         trainer_state(ctx, stats, metrics, config.seed, epoch, b, per_epoch);
-                    save_checkpoint::<B, M, _>(ctx, &model, &optim, &state)?;
+                    save_checkpoint::<B, M, _>(ctx, &model, &optim, &state, metrics)?;
                     last_save = (step, Instant::now());
                 }
             }
@@ -271,7 +271,7 @@ where
             let last = stats.steps >= total;
             if (finished_epoch && epoch_save_due(epoch)) || (last && last_save.0 != stats.steps) {
                 let state = trainer_state(ctx, stats, metrics, config.seed, epoch, b, per_epoch);
-                save_checkpoint::<B, M, _>(ctx, &model, &optim, &state)?;
+                save_checkpoint::<B, M, _>(ctx, &model, &optim, &state, metrics)?;
                 last_save = (stats.steps, Instant::now());
             }
         }
@@ -314,6 +314,7 @@ fn save_checkpoint<B, M, O>(
     model: &M,
     optim: &O,
     state: &TrainerState,
+    metrics: &mut Metrics<'_>,
 ) -> Result<(), CoordinatorError>
 where
     B: AutodiffBackend,
@@ -328,6 +329,12 @@ where
         &ctx.signatures,
     )?;
     tracing::info!(dir = %dir.display(), step = state.step, "checkpoint written");
+    let rel = dir
+        .strip_prefix(ctx.run_dir)
+        .unwrap_or(&dir)
+        .to_string_lossy()
+        .into_owned();
+    metrics.artifact(ctx.run_dir, "checkpoint", &rel)?;
     checkpoint::retain(ctx.run_dir, ctx.policy)
 }
 

@@ -3,10 +3,13 @@
 use std::collections::BTreeMap;
 
 use kiln_core::MetricSummary;
-use kiln_experiment_db::{EndStatus, MetricPoint, NewRun, RunId, RunTracker};
+use std::path::Path;
 
-use crate::Result;
+use kiln_experiment_db::{EndStatus, MetricPoint, NewArtifact, NewRun, RunId, RunTracker};
+use sha2::{Digest, Sha256};
+
 use crate::run_dir::unix_now;
+use crate::{CoordinatorError, Result};
 
 /// Keeps each metric's last and best value for the report and forwards points to
 /// the run tracker, when there is one.
@@ -117,6 +120,42 @@ impl<'t> Metrics<'t> {
         if let Some((tracker, id)) = self.tracker.as_mut() {
             tracker.finish_run(*id, status, reason)?;
         }
+        Ok(())
+    }
+
+    /// Records `rel` (a file under `run_dir`, or a checkpoint directory, hashed by its
+    /// manifest) as an artifact of `kind` in the store, when there is one.
+    pub fn artifact(&mut self, run_dir: &Path, kind: &str, rel: &str) -> Result<()> {
+        let Some((tracker, id)) = self.tracker.as_mut() else {
+            return Ok(());
+        };
+        let path = run_dir.join(rel);
+        let hashed = if path.is_dir() {
+            path.join("manifest.json")
+        } else {
+            path.clone()
+        };
+        let bytes = std::fs::read(&hashed).map_err(|e| CoordinatorError::io(&hashed, e))?;
+        let size_bytes = if path.is_dir() {
+            std::fs::read_dir(&path)
+                .map_err(|e| CoordinatorError::io(&path, e))?
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        } else {
+            bytes.len() as u64
+        };
+        let sha256 = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let artifact = NewArtifact {
+            kind: kind.into(),
+            path: rel.into(),
+            size_bytes,
+            sha256: Some(sha256),
+        };
+        tracker.log_artifact(*id, &artifact)?;
         Ok(())
     }
 

@@ -832,6 +832,11 @@ impl ExperimentDb {
 }
 
 impl RunTracker for ExperimentDb {
+    /// See [`ExperimentDb::log_artifact`].
+    fn log_artifact(&mut self, run: RunId, artifact: &NewArtifact) -> Result<()> {
+        ExperimentDb::log_artifact(self, run, artifact).map(|_| ())
+    }
+
     /// Creates the experiment on first use, inserts the run as RUNNING (attempt 1) and
     /// stores its params, synchronously.
     ///

@@ -87,6 +87,13 @@ pub trait RunTracker {
         Ok(())
     }
 
+    /// Records a file the run wrote (the final weights, the report, a checkpoint).
+    /// A tracker without an artifact list ignores it.
+    fn log_artifact(&mut self, run: RunId, artifact: &crate::NewArtifact) -> Result<()> {
+        let _ = (run, artifact);
+        Ok(())
+    }
+
     /// Continues a run as a new attempt, resuming from `from_step`: points of earlier
     /// attempts after that step are hidden from then on. Returns the new attempt
     /// number. The default refuses (for trackers that cannot resume).
