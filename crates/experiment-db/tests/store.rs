@@ -1,20 +1,15 @@
 //! The experiment store on real database files.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::{point, raw, scan, temp_db};
 use kiln_experiment_db::{
     EndStatus, Error, ExperimentDb, Goal, MetricPoint, MetricSummaryRecord, NewArtifact, NewRun,
     RunId, RunStatus, RunTracker,
 };
 use rstest::rstest;
-use tempfile::TempDir;
-
-fn temp_db() -> (TempDir, PathBuf, ExperimentDb) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kiln.sqlite");
-    let db = ExperimentDb::open(&path).unwrap();
-    (dir, path, db)
-}
 
 fn new_run(experiment: &str, name: &str) -> NewRun {
     NewRun {
@@ -34,21 +29,6 @@ fn new_run(experiment: &str, name: &str) -> NewRun {
         git_commit: Some("0123abcd".into()),
         host: "node-1".into(),
     }
-}
-
-fn point(key: &str, split: &str, step: u64, value: f64) -> MetricPoint {
-    MetricPoint {
-        key: key.into(),
-        split: split.into(),
-        step,
-        epoch: step / 10,
-        value,
-        wall_time: 1_700_000_000.0 + step as f64,
-    }
-}
-
-fn raw(path: &Path) -> rusqlite::Connection {
-    rusqlite::Connection::open(path).unwrap()
 }
 
 // ---------------------------------------------------------------- schema
@@ -424,34 +404,6 @@ fn a_non_finite_wall_time_stores_nothing() {
         .unwrap_err();
     assert!(matches!(err, Error::Invalid(_)), "{err}");
     assert!(db.metric_history(id, "loss", "train").unwrap().is_empty());
-}
-
-/// What a summary must be, computed by scanning every point in write order.
-fn scan(points: &[(u64, f64)]) -> Option<MetricSummaryRecord> {
-    let (mut last_step, mut last) = *points.first()?;
-    let mut min: Option<(u64, f64)> = None;
-    let mut max: Option<(u64, f64)> = None;
-    for &(step, value) in points {
-        if step >= last_step {
-            (last_step, last) = (step, value);
-        }
-        if value.is_finite() {
-            if min.is_none_or(|(_, m)| value < m) {
-                min = Some((step, value));
-            }
-            if max.is_none_or(|(_, m)| value > m) {
-                max = Some((step, value));
-            }
-        }
-    }
-    Some(MetricSummaryRecord {
-        key: "loss".into(),
-        split: "train".into(),
-        last,
-        last_step,
-        min,
-        max,
-    })
 }
 
 fn same_summary(a: &MetricSummaryRecord, b: &MetricSummaryRecord) -> bool {
