@@ -224,6 +224,7 @@ where
 
             let step = stats.steps;
             let rate = stats.samples as f64 * items_per_example / stats.train_seconds.max(1e-9);
+            metrics.heartbeat()?;
             if logging {
                 metrics.record("train", "loss", step, epoch, step_loss);
                 if let TaskKind::Lm { .. } = task.kind {
@@ -260,7 +261,7 @@ where
         // Epochs whose validation ran (a last epoch cut by max_steps counts).
         stats.epochs = epoch + 1;
         let validation_started = Instant::now();
-        let results = validate::<B, M, D>(inputs, &model)?;
+        let results = validate::<B, M, D>(inputs, &model, metrics)?;
         validation_seconds += validation_started.elapsed().as_secs_f64();
         for (key, value) in &results {
             metrics.record("valid", key, stats.steps, epoch, *value);
@@ -342,6 +343,7 @@ where
 pub(crate) fn validate<B, M, D>(
     inputs: &LoopInputs<'_, B, D>,
     model: &M,
+    metrics: &mut Metrics<'_>,
 ) -> Result<Vec<(&'static str, f64)>, CoordinatorError>
 where
     B: AutodiffBackend,
@@ -369,6 +371,7 @@ where
             prediction,
             batch.targets,
         )?);
+        metrics.heartbeat()?;
     }
     Ok(sums.metrics(&inputs.task.kind))
 }

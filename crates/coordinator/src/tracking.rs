@@ -4,8 +4,11 @@ use std::collections::BTreeMap;
 
 use kiln_core::MetricSummary;
 use std::path::Path;
+use std::time::Instant;
 
-use kiln_experiment_db::{EndStatus, MetricPoint, NewArtifact, NewRun, RunId, RunTracker};
+use kiln_experiment_db::{
+    EndStatus, HEARTBEAT_INTERVAL, MetricPoint, NewArtifact, NewRun, RunId, RunTracker,
+};
 use sha2::{Digest, Sha256};
 
 use crate::run_dir::unix_now;
@@ -15,6 +18,7 @@ use crate::{CoordinatorError, Result};
 /// the run tracker, when there is one.
 pub(crate) struct Metrics<'t> {
     tracker: Option<(&'t mut dyn RunTracker, RunId)>,
+    last_beat: Instant,
     summaries: BTreeMap<String, MetricSummary>,
     pending: Vec<MetricPoint>,
 }
@@ -30,6 +34,7 @@ impl<'t> Metrics<'t> {
         };
         Ok(Self {
             tracker,
+            last_beat: Instant::now(),
             summaries: BTreeMap::new(),
             pending: Vec::new(),
         })
@@ -61,6 +66,7 @@ impl<'t> Metrics<'t> {
         Ok((
             Self {
                 tracker,
+                last_beat: Instant::now(),
                 summaries,
                 pending: Vec::new(),
             },
@@ -103,6 +109,19 @@ impl<'t> Metrics<'t> {
                 wall_time: unix_now(),
             });
         }
+    }
+
+    /// Sends a heartbeat when [`HEARTBEAT_INTERVAL`] has passed since the last one, so
+    /// a run that logs rarely (or validates for long) never reads LOST while alive.
+    pub fn heartbeat(&mut self) -> Result<()> {
+        if self.last_beat.elapsed() < HEARTBEAT_INTERVAL {
+            return Ok(());
+        }
+        self.last_beat = Instant::now();
+        if let Some((tracker, id)) = self.tracker.as_mut() {
+            tracker.heartbeat(*id)?;
+        }
+        Ok(())
     }
 
     pub fn flush(&mut self) -> Result<()> {

@@ -832,6 +832,11 @@ impl ExperimentDb {
 }
 
 impl RunTracker for ExperimentDb {
+    /// See [`ExperimentDb::heartbeat`].
+    fn heartbeat(&mut self, run: RunId) -> Result<()> {
+        ExperimentDb::heartbeat(self, run)
+    }
+
     /// See [`ExperimentDb::log_artifact`].
     fn log_artifact(&mut self, run: RunId, artifact: &NewArtifact) -> Result<()> {
         ExperimentDb::log_artifact(self, run, artifact).map(|_| ())

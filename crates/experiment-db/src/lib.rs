@@ -41,7 +41,7 @@ pub use records::{
     ArtifactRecord, Goal, MetricRecord, MetricSummaryRecord, NewArtifact, ResumeRecord, RunRecord,
     RunStatus,
 };
-pub use tracker::{EndStatus, MetricPoint, NewRun, RunId, RunTracker};
+pub use tracker::{EndStatus, HEARTBEAT_INTERVAL, MetricPoint, NewRun, RunId, RunTracker};
 
 /// Result alias for the experiment store.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

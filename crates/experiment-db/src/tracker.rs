@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::Result;
 
+/// How often a training loop should call [`RunTracker::heartbeat`]: well inside the
+/// store's default staleness threshold of five minutes.
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A run's id in the store.
 pub type RunId = i64;
 
@@ -84,6 +88,14 @@ pub trait RunTracker {
     /// reports a failure to write any of them. The default does nothing (for trackers
     /// that write synchronously).
     fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Tells the store the run's process is alive (a run whose heartbeat is stale
+    /// reads LOST). The coordinator calls it every [`HEARTBEAT_INTERVAL`] while it
+    /// trains or validates, whatever the logging interval.
+    fn heartbeat(&mut self, run: RunId) -> Result<()> {
+        let _ = run;
         Ok(())
     }
 
