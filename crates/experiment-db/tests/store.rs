@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{point, raw, scan, temp_db};
+use common::{point, raw, same_summary, scan, temp_db};
 use kiln_experiment_db::{
     EndStatus, Error, ExperimentDb, Goal, MetricPoint, MetricSummaryRecord, NewArtifact, NewRun,
     RunId, RunStatus, RunTracker,
@@ -404,16 +404,6 @@ fn a_non_finite_wall_time_stores_nothing() {
         .unwrap_err();
     assert!(matches!(err, Error::Invalid(_)), "{err}");
     assert!(db.metric_history(id, "loss", "train").unwrap().is_empty());
-}
-
-fn same_summary(a: &MetricSummaryRecord, b: &MetricSummaryRecord) -> bool {
-    let same = |x: f64, y: f64| x == y || (x.is_nan() && y.is_nan());
-    a.key == b.key
-        && a.split == b.split
-        && same(a.last, b.last)
-        && a.last_step == b.last_step
-        && a.min == b.min
-        && a.max == b.max
 }
 
 type Batches = Vec<Vec<(u64, f64)>>;
