@@ -318,6 +318,19 @@ fn resume_last_without_any_checkpoint_says_so() {
     );
 }
 
+/// Resumes the run of [`checkpoint_dir`] from `last` and trains to `max_steps`.
+fn resume_last(root: &Path, max_steps: u64) -> TrainReport {
+    let (data, task) = corpus_data(20_000, 32);
+    let c = builder(root)
+        .ckpt_path("last")
+        .max_steps(max_steps)
+        .build()
+        .unwrap();
+    c.train::<B, _, _>(model(data.vocab_size()), &data, &task, None, 1)
+        .unwrap()
+        .report
+}
+
 #[test]
 fn an_interrupted_write_leaves_the_previous_checkpoint_usable() {
     let dir = tempfile::tempdir().unwrap();
@@ -326,16 +339,7 @@ fn an_interrupted_write_leaves_the_previous_checkpoint_usable() {
     // A crash while writing step 6: a partial temporary directory without a manifest.
     std::fs::create_dir(root.join(".tmp-step-00000006")).unwrap();
     std::fs::write(root.join(".tmp-step-00000006/model.mpk"), b"partial").unwrap();
-    let (data, task) = corpus_data(20_000, 32);
-    let c = builder(dir.path())
-        .ckpt_path("last")
-        .max_steps(5)
-        .build()
-        .unwrap();
-    let r = c
-        .train::<B, _, _>(model(data.vocab_size()), &data, &task, None, 1)
-        .unwrap()
-        .report;
+    let r = resume_last(dir.path(), 5);
     assert_eq!(r.status, RunStatus::Finished);
     assert_eq!(r.optimizer_steps, 5);
     assert!(
@@ -351,16 +355,7 @@ fn a_replacement_cut_short_puts_the_old_checkpoint_back() {
     let root = ckpt.parent().unwrap();
     // A crash between moving step 3 aside and moving its replacement in.
     std::fs::rename(&ckpt, root.join(".old-step-00000003")).unwrap();
-    let (data, task) = corpus_data(20_000, 32);
-    let c = builder(dir.path())
-        .ckpt_path("last")
-        .max_steps(4)
-        .build()
-        .unwrap();
-    let r = c
-        .train::<B, _, _>(model(data.vocab_size()), &data, &task, None, 1)
-        .unwrap()
-        .report;
+    let r = resume_last(dir.path(), 4);
     assert_eq!((r.status, r.optimizer_steps), (RunStatus::Finished, 4));
     assert_eq!(
         r.step_losses.len(),

@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::backend::Autodiff;
-use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
@@ -302,7 +301,6 @@ fn hand_loop<B: AutodiffBackend>(
     }
     let timed = timed_start.elapsed().as_secs_f64();
     let all = start.elapsed().as_secs_f64();
-    let _ = model.valid();
     Ok(HandResult {
         timed_tokens_per_s: tokens_per_step * args.steps as f64 / timed,
         all_tokens_per_s: tokens_per_step * total as f64 / all,

@@ -15,9 +15,7 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer}
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use kiln_core::rng::{SplitMix64, permutation};
-use kiln_core::{
-    CheckpointPolicy, CoordinatorConfig, DataModule, Split, TaskKind, TaskModel, TaskSpec,
-};
+use kiln_core::{CheckpointPolicy, CoordinatorConfig, DataModule, Split, TaskModel, TaskSpec};
 
 use crate::CoordinatorError;
 use crate::checkpoint::{self, Loaded, Signatures, TrainerState};
@@ -227,7 +225,7 @@ where
             metrics.heartbeat()?;
             if logging {
                 metrics.record("train", "loss", step, epoch, step_loss);
-                if let TaskKind::Lm { .. } = task.kind {
+                if task.kind.metric_names().contains(&"perplexity") {
                     metrics.record("train", "perplexity", step, epoch, perplexity(step_loss));
                 }
                 metrics.record("train", "lr", step, epoch, lr);

@@ -76,17 +76,22 @@ impl EvalSums {
         };
     }
 
-    /// `(name, value)` of each metric of `kind`.
+    /// `(name, value)` of each metric of `kind`, as [`TaskKind::metric_names`] lists them.
     pub fn metrics(&self, kind: &TaskKind) -> Vec<(&'static str, f64)> {
-        let loss = self.loss_sum / self.count.max(1.0);
-        let mut out = vec![("loss", loss)];
-        if let TaskKind::Lm { .. } = kind {
-            out.push(("perplexity", perplexity(loss)));
-        }
-        if let Some(c) = self.correct {
-            out.push(("accuracy", c / self.count.max(1.0)));
-        }
-        out
+        let count = self.count.max(1.0);
+        let loss = self.loss_sum / count;
+        kind.metric_names()
+            .iter()
+            .filter_map(|&name| {
+                let value = match name {
+                    "loss" => loss,
+                    "perplexity" => perplexity(loss),
+                    "accuracy" => self.correct? / count,
+                    _ => return None,
+                };
+                Some((name, value))
+            })
+            .collect()
     }
 }
 
