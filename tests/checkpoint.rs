@@ -69,10 +69,14 @@ fn model(vocab: usize) -> TinyGpt<B> {
         .unwrap()
 }
 
-#[test]
-fn a_run_stopped_mid_epoch_resumes_to_the_same_weights_bit_for_bit() {
+/// Both engines: the Learner engine (`auto`) and the native loop (`vanilla`).
+#[rstest]
+#[case::learner("auto")]
+#[case::native("vanilla")]
+fn a_run_stopped_mid_epoch_resumes_to_the_same_weights_bit_for_bit(#[case] strategy: &str) {
     let (data, task) = corpus_data(20_000, 32);
     let v = data.vocab_size();
+    let builder = |root: &Path| builder(root).strategy(strategy);
 
     let straight_dir = tempfile::tempdir().unwrap();
     let straight = builder(straight_dir.path()).build().unwrap();
@@ -82,8 +86,8 @@ fn a_run_stopped_mid_epoch_resumes_to_the_same_weights_bit_for_bit() {
 
     let dir = tempfile::tempdir().unwrap();
     let first = builder(dir.path()).build().unwrap();
-    // Training batch 8 (the 3rd of epoch 1) asks to stop: the run stops before step 9,
-    // and its last checkpoint is the one of step 6.
+    // Training batch 8 (the 3rd of epoch 1) asks to stop while it is built: the run
+    // stops before training on it, after step 7; its last checkpoint is step 6's.
     let stopping = StopAt {
         inner: &data,
         stop: first.stop_handle(),
@@ -96,7 +100,15 @@ fn a_run_stopped_mid_epoch_resumes_to_the_same_weights_bit_for_bit() {
     let CoordinatorError::Stopped { report } = err else {
         panic!("expected a stop, got {err}")
     };
-    assert_eq!(report.optimizer_steps, 8);
+    assert_eq!(report.optimizer_steps, 7);
+    assert_eq!(
+        report.plan.engine.to_string(),
+        if strategy == "vanilla" {
+            "native"
+        } else {
+            "learner"
+        }
+    );
 
     let resumed = builder(dir.path()).ckpt_path("last").build().unwrap();
     let got = resumed

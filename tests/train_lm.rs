@@ -26,7 +26,11 @@ fn tiny_gpt_trains_one_epoch_with_default_arguments_and_the_loss_goes_down() {
     let r = &trained.report;
 
     assert_eq!(r.status, RunStatus::Finished);
-    assert_eq!(r.plan.engine, Engine::Native);
+    assert_eq!(
+        r.plan.engine,
+        Engine::Learner,
+        "auto runs through burn-train"
+    );
     assert_eq!(r.plan.strategy, Strategy::Single);
     assert_eq!(r.epochs, 1);
     let n_train = kiln_core::DataModule::len(&data, kiln_core::Split::Train);

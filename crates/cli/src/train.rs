@@ -87,9 +87,13 @@ pub struct TrainArgs {
     /// Run name (generated when absent).
     #[arg(long)]
     run_name: Option<String>,
-    /// Progress display: auto, bar, lines or off.
+    /// Progress display: auto, bar, lines, off, or tui (burn-train's dashboard).
     #[arg(long, default_value = "auto")]
     progress: String,
+    /// burn-train's terminal dashboard (same as --progress tui; needs a `kiln`
+    /// built with `--features tui` and the Learner engine).
+    #[arg(long, conflicts_with = "progress")]
+    tui: bool,
     /// Do not write checkpoints or the trained weights.
     #[arg(long)]
     no_checkpointing: bool,
@@ -134,7 +138,10 @@ impl TrainArgs {
             gradient_clip_val: self.gradient_clip_val,
             batch_size: self.batch_size,
             seed: self.seed,
-            progress: self.progress.parse::<ProgressMode>()?,
+            progress: match self.tui {
+                true => ProgressMode::Tui,
+                false => self.progress.parse::<ProgressMode>()?,
+            },
             default_root_dir: self.output_dir.clone(),
             experiment: self.experiment.clone(),
             run_name: self.run_name.clone(),
@@ -261,7 +268,7 @@ fn fit<B, M, D>(
 ) -> Result<TrainReport>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TaskModel<B>,
+    M: AutodiffModule<B> + TaskModel<B> + 'static,
     M::InnerModule: TaskModel<B::InnerBackend>,
     D: DataModule,
 {

@@ -198,12 +198,38 @@ fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-/// Writes a checkpoint of `model`, the optimizer record and `state` under
-/// `<run_dir>/checkpoints/step-N/`, atomically. Returns its directory.
-pub(crate) fn save<B: Backend, M: Module<B>, R: Record<B>>(
+/// A model and its optimizer state, encoded: what a checkpoint writes, taken on the
+/// training thread (cheap) and written by whichever thread keeps the run's books.
+pub(crate) struct Snapshot {
+    model: Vec<u8>,
+    optim: Vec<u8>,
+}
+
+impl Snapshot {
+    /// Encodes `model` and the optimizer record `optim` (full precision).
+    pub fn take<BM: Backend, M: Module<BM>, BR: Backend, R: Record<BR>>(
+        model: &M,
+        optim: R,
+    ) -> Result<Self, CoordinatorError> {
+        let encode_error =
+            |what: &str, e: burn::record::RecorderError| CoordinatorError::Checkpoint {
+                path: PathBuf::from(what),
+                reason: format!("cannot encode it: {e}"),
+            };
+        Ok(Self {
+            model: Recorder::<BM>::record(&Bytes::default(), model.clone().into_record(), ())
+                .map_err(|e| encode_error(MODEL, e))?,
+            optim: Recorder::<BR>::record(&Bytes::default(), optim, ())
+                .map_err(|e| encode_error(OPTIM, e))?,
+        })
+    }
+}
+
+/// Writes `snapshot` with `state` as `<run_dir>/checkpoints/step-N` (see the module
+/// documentation for the layout and the guarantees).
+pub(crate) fn save(
     run_dir: &Path,
-    model: &M,
-    optim: R,
+    snapshot: &Snapshot,
     state: &TrainerState,
     signatures: &Signatures,
 ) -> Result<PathBuf, CoordinatorError> {
@@ -216,17 +242,12 @@ pub(crate) fn save<B: Backend, M: Module<B>, R: Record<B>>(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-    let model_bytes = Bytes::default()
-        .record(model.clone().into_record(), ())
-        .map_err(|e| bad(&tmp.join(MODEL), e.to_string()))?;
-    let optim_bytes = Bytes::default()
-        .record(optim, ())
-        .map_err(|e| bad(&tmp.join(OPTIM), e.to_string()))?;
+    let (model_bytes, optim_bytes) = (&snapshot.model, &snapshot.optim);
     let state_bytes =
         serde_json::to_vec_pretty(state).map_err(|e| bad(&tmp.join(STATE), e.to_string()))?;
     let files = vec![
-        write_synced(&tmp.join(MODEL), &model_bytes)?,
-        write_synced(&tmp.join(OPTIM), &optim_bytes)?,
+        write_synced(&tmp.join(MODEL), model_bytes)?,
+        write_synced(&tmp.join(OPTIM), optim_bytes)?,
         write_synced(&tmp.join(STATE), &state_bytes)?,
     ];
     let manifest = Manifest {

@@ -13,9 +13,10 @@ use kiln_core::{
 use kiln_experiment_db::{EndStatus, NewRun, RunTracker};
 
 use crate::checkpoint::{self, Signatures};
-use crate::native::{self, CheckpointCtx, Failure, LoopInputs, LoopStats};
+use crate::native;
 use crate::plan::resolve_plan;
 use crate::progress::Progress;
+use crate::run::{self, CheckpointCtx, Failure, LoopInputs, LoopStats};
 use crate::run_dir::RunDir;
 use crate::tracking::Metrics;
 use crate::{CoordinatorBuilder, CoordinatorError, Result, StopHandle};
@@ -95,7 +96,7 @@ impl TrainingCoordinator {
     ) -> Result<Trained<M>>
     where
         B: AutodiffBackend,
-        M: AutodiffModule<B> + TaskModel<B>,
+        M: AutodiffModule<B> + TaskModel<B> + 'static,
         M::InnerModule: TaskModel<B::InnerBackend>,
         D: DataModule,
     {
@@ -122,7 +123,7 @@ impl TrainingCoordinator {
     ) -> Result<Trained<M>>
     where
         B: AutodiffBackend,
-        M: AutodiffModule<B> + TaskModel<B>,
+        M: AutodiffModule<B> + TaskModel<B> + 'static,
         M::InnerModule: TaskModel<B::InnerBackend>,
         D: DataModule,
     {
@@ -207,11 +208,12 @@ impl TrainingCoordinator {
             }
         }
 
-        let total = native::total_steps(config, data.len(Split::Train), n_epochs);
+        let total = run::total_steps(config, data.len(Split::Train), n_epochs);
         let mut progress = Progress::new(config.progress, total);
         let mut stats = LoopStats::default();
         let inputs = LoopInputs {
             config,
+            run_dir: &run_dir.path,
             stop: &self.stop,
             task,
             data,
@@ -227,15 +229,24 @@ impl TrainingCoordinator {
         };
         // A panic inside a model, a data module or a backend kernel must not leave
         // the run RUNNING forever: it ends the run as FAILED with the panic's message.
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            native::fit::<B, M, D>(
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match plan.engine {
+            #[cfg(feature = "learner")]
+            kiln_core::Engine::Learner => crate::learner::fit::<B, M, D>(
                 &inputs,
                 model,
                 resume.as_ref(),
                 &mut metrics,
                 &mut progress,
                 &mut stats,
-            )
+            ),
+            _ => native::fit::<B, M, D>(
+                &inputs,
+                model,
+                resume.as_ref(),
+                &mut metrics,
+                &mut progress,
+                &mut stats,
+            ),
         }))
         .unwrap_or_else(|panic| Err(Failure::Panicked(panic_message(panic.as_ref()))));
         progress.finish();
@@ -316,7 +327,7 @@ impl TrainingCoordinator {
 }
 
 /// The text of a panic payload.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     let text = payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

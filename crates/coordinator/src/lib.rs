@@ -31,10 +31,13 @@ mod checkpoint;
 mod coordinator;
 mod error;
 mod grad;
+#[cfg(feature = "learner")]
+mod learner;
 mod native;
 mod objective;
 mod plan;
 mod progress;
+mod run;
 mod run_dir;
 mod stop;
 mod tracking;

@@ -7,7 +7,6 @@
 //! a permutation of the training set drawn from `(seed, epoch)`, so a run is
 //! reproducible bit for bit on CPU.
 
-use std::path::Path;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
@@ -15,75 +14,49 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer}
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use kiln_core::rng::{SplitMix64, permutation};
-use kiln_core::{CheckpointPolicy, CoordinatorConfig, DataModule, Split, TaskModel, TaskSpec};
+use kiln_core::{CoordinatorConfig, DataModule, Split, TaskModel};
 
 use crate::CoordinatorError;
-use crate::checkpoint::{self, Loaded, Signatures, TrainerState};
+use crate::checkpoint::{Loaded, Snapshot};
 use crate::grad::{clip_global_norm, global_norm};
-use crate::objective::{self, EvalSums, perplexity};
+use crate::objective::{self, EvalSums};
 use crate::progress::Progress;
+use crate::run::{
+    Failure, LoopInputs, LoopStats, SaveAt, SaveClock, StepRecord, batches_per_epoch, book_step,
+    book_validation, total_steps, trainer_state, write_checkpoint,
+};
 use crate::tracking::Metrics;
 
-/// What the loop did, kept up to date so a failure can still be reported.
-#[derive(Debug, Default)]
-pub(crate) struct LoopStats {
-    pub epochs: usize,
-    pub steps: u64,
-    pub step_losses: Vec<f32>,
-    pub train_seconds: f64,
-    pub samples: u64,
+/// kiln's AdamW, configured from the run's optimizer settings (both engines use it).
+pub(crate) fn adamw(config: &CoordinatorConfig) -> AdamWConfig {
+    let o = &config.optimizer;
+    AdamWConfig::new()
+        .with_beta_1(o.beta1)
+        .with_beta_2(o.beta2)
+        .with_epsilon(o.eps)
+        .with_weight_decay(o.weight_decay)
 }
 
-/// Why the loop stopped early.
-pub(crate) enum Failure {
-    /// The run diverged (non-finite loss or gradient norm).
-    Diverged(String),
-    /// Something else failed (data, task mismatch, the store).
-    Error(CoordinatorError),
-    /// A model, data module or kernel panicked; the message.
-    Panicked(String),
-    /// The [`StopHandle`](crate::StopHandle) was triggered (e.g. SIGINT/SIGTERM).
-    Stopped,
-}
-
-impl<E: Into<CoordinatorError>> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Failure::Error(e.into())
+/// Where a resumed run continues: `(epoch, micro-batch)`. A checkpoint taken at the
+/// end of an epoch (after its validation) continues at the next epoch.
+pub(crate) fn resume_position(loaded: Option<&Loaded>, per_epoch: usize) -> (usize, usize) {
+    match loaded.map(|l| &l.state) {
+        Some(s) if s.batch_in_epoch >= per_epoch && s.epochs_completed > s.epoch => {
+            (s.epoch + 1, 0)
+        }
+        Some(s) => (s.epoch, s.batch_in_epoch),
+        None => (0, 0),
     }
 }
 
-/// Everything the loop reads but does not change.
-pub(crate) struct LoopInputs<'a, B: Backend, D> {
-    pub config: &'a CoordinatorConfig,
-    pub stop: &'a crate::StopHandle,
-    pub task: &'a TaskSpec,
-    pub data: &'a D,
-    pub device: &'a B::Device,
-    pub n_epochs: usize,
-    pub checkpoints: Option<CheckpointCtx<'a>>,
-}
-
-/// Optimizer steps the run will take.
-pub(crate) fn total_steps(config: &CoordinatorConfig, n_train: usize, n_epochs: usize) -> u64 {
-    let per_epoch =
-        batches_per_epoch(config, n_train).div_ceil(config.accumulate_grad_batches as usize);
-    let total = per_epoch as u64 * n_epochs as u64;
-    config.max_steps.map_or(total, |m| total.min(m))
-}
-
-fn batches_per_epoch(config: &CoordinatorConfig, n_train: usize) -> usize {
-    let n = n_train.div_ceil(config.batch_size);
-    config.limit_train_batches.map_or(n, |l| n.min(l))
-}
-
-/// Where checkpoints go and what they must carry; `None` in [`LoopInputs`] when
-/// checkpointing is off.
-pub(crate) struct CheckpointCtx<'a> {
-    pub run_dir: &'a Path,
-    pub policy: &'a CheckpointPolicy,
-    pub signatures: Signatures,
-    pub run_id: Option<i64>,
-    pub attempt: u32,
+/// Restores the counters a checkpoint carries.
+pub(crate) fn restore_stats(loaded: &Loaded, stats: &mut LoopStats) {
+    let s = &loaded.state;
+    stats.steps = s.step;
+    stats.epochs = s.epochs_completed;
+    stats.step_losses = s.step_losses.clone();
+    stats.samples = s.samples;
+    stats.train_seconds = s.train_seconds;
 }
 
 pub(crate) fn fit<B, M, D>(
@@ -108,6 +81,7 @@ where
         device,
         n_epochs,
         checkpoints,
+        ..
     } = inputs;
     let (config, task, data, device, n_epochs) = (*config, *task, *data, *device, *n_epochs);
     let n_train = data.len(Split::Train);
@@ -119,40 +93,21 @@ where
     let o = &config.optimizer;
 
     B::seed(device, config.seed);
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(o.beta1)
-        .with_beta_2(o.beta2)
-        .with_epsilon(o.eps)
-        .with_weight_decay(o.weight_decay)
-        .init::<B, M>();
+    let mut optim = adamw(config).init::<B, M>();
     let mut model = model;
-    let (mut start_epoch, mut start_batch) = (0, 0);
-    let mut previous_seconds = 0.0;
+    let (start_epoch, start_batch) = resume_position(resume, per_epoch);
     if let Some(loaded) = resume {
         model = loaded.model::<B, M>(model, device)?;
         optim = optim.load_record(loaded.optim::<B, _>(device)?);
-        let s = &loaded.state;
-        (start_epoch, start_batch) = (s.epoch, s.batch_in_epoch);
-        stats.steps = s.step;
-        stats.epochs = s.epochs_completed;
-        stats.step_losses = s.step_losses.clone();
-        stats.samples = s.samples;
-        stats.train_seconds = s.train_seconds;
-        previous_seconds = s.train_seconds;
+        restore_stats(loaded, stats);
     }
+    let previous_seconds = stats.train_seconds;
     // Materialise lazily initialised parameters on the device before anything is
     // cloned (Burn 0.21, #5040: clones of lazy params initialise independently).
     let mut model = model.fork(device);
     let started = Instant::now();
     let mut validation_seconds = 0.0;
-    let mut last_save = (stats.steps, Instant::now());
-    let epoch_save_due = |epoch: usize| {
-        checkpoints.as_ref().is_some_and(|c| {
-            c.policy
-                .every_n_epochs
-                .is_some_and(|n| (epoch as u64 + 1).is_multiple_of(n))
-        })
-    };
+    let mut clock = SaveClock::new(stats.steps);
 
     for epoch in start_epoch..n_epochs {
         if stats.steps >= total {
@@ -161,17 +116,20 @@ where
         progress.epoch(epoch, n_epochs);
         let order = permutation(n_train, &mut SplitMix64::derived(config.seed, epoch as u64));
         let mut b = if epoch == start_epoch { start_batch } else { 0 };
+        let mut save_after_validation = None;
         while b < per_epoch {
             let group = accumulate.min(per_epoch - b);
             let mut accumulator = GradientsAccumulator::<M>::new();
             let mut single = None;
             let mut loss_sum = 0.0;
             for _ in 0..group {
+                let indices = &order[b * batch_size..((b + 1) * batch_size).min(n_train)];
+                let batch = data.batch::<B>(Split::Train, indices, device)?;
+                // Checked once the batch is built: a stop asked meanwhile (a signal, or
+                // the data module itself) ends the run before the batch is trained on.
                 if stop.is_stopped() {
                     return Err(Failure::Stopped);
                 }
-                let indices = &order[b * batch_size..((b + 1) * batch_size).min(n_train)];
-                let batch = data.batch::<B>(Split::Train, indices, device)?;
                 let prediction = model.forward(batch.inputs)?;
                 let loss = objective::loss(&task.kind, prediction, batch.targets)?;
                 let value = loss.clone().into_scalar().elem::<f64>();
@@ -197,82 +155,58 @@ where
                 b += 1;
             }
             let mut grads = single.unwrap_or_else(|| accumulator.grads());
-            let logging = (stats.steps + 1).is_multiple_of(config.log_every_n_steps)
-                || stats.steps + 1 == total;
-            // The global norm costs one reduction over every gradient: only on the
-            // steps that clip or log it.
-            let grad_norm = match config.gradient_clip_val {
-                Some(max_norm) => Some(clip_global_norm::<B, M>(&model, &mut grads, max_norm)),
-                None if logging => Some(global_norm::<B, M>(&model, &grads)),
-                None => None,
-            };
-            if let Some(norm) = grad_norm.filter(|n| !n.is_finite()) {
-                return Err(Failure::Diverged(format!(
-                    "gradient norm is {norm} at step {} (epoch {epoch})",
-                    stats.steps + 1
-                )));
-            }
-            let lr = o.schedule.lr_at(o.lr, stats.steps, total);
+            let step = stats.steps + 1;
+            let logging = StepRecord::is_logged(config, step, total);
+            let (norm, lr) = (
+                post_process::<B, M>(
+                    config.gradient_clip_val,
+                    &model,
+                    &mut grads,
+                    logging,
+                    step,
+                    epoch,
+                )?,
+                o.schedule.lr_at(o.lr, stats.steps, total),
+            );
             model = optim.step(lr, model, grads);
-            stats.steps += 1;
-            let step_loss = loss_sum / group as f64;
-            stats.step_losses.push(step_loss as f32);
-            stats.train_seconds =
-                previous_seconds + started.elapsed().as_secs_f64() - validation_seconds;
-
-            let step = stats.steps;
-            let rate = stats.samples as f64 * items_per_example / stats.train_seconds.max(1e-9);
-            metrics.heartbeat()?;
-            if logging {
-                metrics.record("train", "loss", step, epoch, step_loss);
-                if task.kind.metric_names().contains(&"perplexity") {
-                    metrics.record("train", "perplexity", step, epoch, perplexity(step_loss));
-                }
-                metrics.record("train", "lr", step, epoch, lr);
-                if let Some(norm) = grad_norm {
-                    metrics.record("train", "grad_norm", step, epoch, norm);
-                }
-                metrics.record("train", "items_per_s", step, epoch, rate);
-                metrics.flush()?;
-            }
-            progress.step(step, epoch, step_loss, lr, rate);
+            let record = StepRecord {
+                step,
+                epoch,
+                loss: loss_sum / group as f64,
+                lr,
+                grad_norm: norm,
+                logging,
+                samples: stats.samples,
+                train_seconds: previous_seconds + started.elapsed().as_secs_f64()
+                    - validation_seconds,
+            };
+            book_step(&record, task, items_per_example, stats, metrics, progress)?;
             if let Some(ctx) = checkpoints {
-                let p = ctx.policy;
-                let by_steps = p.every_n_steps.is_some_and(|n| step.is_multiple_of(n));
-                let by_time = p
-                    .train_time_interval_s
-                    .is_some_and(|t| last_save.1.elapsed().as_secs_f64() >= t);
-                // An epoch-end checkpoint follows at once: do not write this step twice.
-                let epoch_end_follows = (b == per_epoch || step >= total) && epoch_save_due(epoch);
-                if (by_steps || by_time) && !epoch_end_follows {
-                    let state =
-                        trainer_state(ctx, stats, metrics, config.seed, epoch, b, per_epoch);
-                    save_checkpoint::<B, M, _>(ctx, &model, &optim, &state, metrics)?;
-                    last_save = (step, Instant::now());
+                let epoch_done = b == per_epoch;
+                match clock.due(ctx.policy, step, epoch, epoch_done, step >= total) {
+                    Some(SaveAt::Now) => {
+                        let snapshot = Snapshot::take::<B, M, B, _>(&model, optim.to_record())?;
+                        let state = trainer_state(ctx, stats, metrics, config.seed, epoch, b);
+                        write_checkpoint(ctx, &snapshot, &state, metrics)?;
+                        clock.saved(step);
+                    }
+                    Some(SaveAt::AfterValidation) => save_after_validation = Some(b),
+                    None => {}
                 }
             }
             if step >= total {
                 break;
             }
         }
-        let finished_epoch = b >= per_epoch;
-        // Epochs whose validation ran (a last epoch cut by max_steps counts).
-        stats.epochs = epoch + 1;
         let validation_started = Instant::now();
         let results = validate::<B, M, D>(inputs, &model, metrics)?;
         validation_seconds += validation_started.elapsed().as_secs_f64();
-        for (key, value) in &results {
-            metrics.record("valid", key, stats.steps, epoch, *value);
-        }
-        metrics.flush()?;
-        progress.validation(epoch, &results);
-        if let Some(ctx) = checkpoints {
-            let last = stats.steps >= total;
-            if (finished_epoch && epoch_save_due(epoch)) || (last && last_save.0 != stats.steps) {
-                let state = trainer_state(ctx, stats, metrics, config.seed, epoch, b, per_epoch);
-                save_checkpoint::<B, M, _>(ctx, &model, &optim, &state, metrics)?;
-                last_save = (stats.steps, Instant::now());
-            }
+        book_validation(&results, epoch, stats, metrics, progress)?;
+        if let (Some(ctx), Some(b)) = (checkpoints, save_after_validation) {
+            let snapshot = Snapshot::take::<B, M, B, _>(&model, optim.to_record())?;
+            let state = trainer_state(ctx, stats, metrics, config.seed, epoch, b);
+            write_checkpoint(ctx, &snapshot, &state, metrics)?;
+            clock.saved(stats.steps);
         }
         if stats.steps >= total {
             break;
@@ -281,60 +215,33 @@ where
     Ok(model)
 }
 
-/// The trainer state after the optimizer step that consumed micro-batch `b - 1` of
-/// `epoch`.
-fn trainer_state(
-    ctx: &CheckpointCtx<'_>,
-    stats: &LoopStats,
-    metrics: &Metrics<'_>,
-    seed: u64,
-    epoch: usize,
-    b: usize,
-    per_epoch: usize,
-) -> TrainerState {
-    TrainerState {
-        step: stats.steps,
-        epoch,
-        batch_in_epoch: b.min(per_epoch),
-        epochs_completed: stats.epochs,
-        seed,
-        samples: stats.samples,
-        train_seconds: stats.train_seconds,
-        step_losses: stats.step_losses.clone(),
-        summaries: metrics.summaries().clone(),
-        run_id: ctx.run_id,
-        attempt: ctx.attempt,
-        monitor: metrics.summaries().get(&ctx.policy.monitor).map(|s| s.last),
-    }
-}
-
-fn save_checkpoint<B, M, O>(
-    ctx: &CheckpointCtx<'_>,
+/// Clips the gradients (when `gradient_clip_val` is set) and measures their global
+/// norm (when clipping or logging); a non-finite norm ends the run.
+pub(crate) fn post_process<B, M>(
+    gradient_clip_val: Option<f64>,
     model: &M,
-    optim: &O,
-    state: &TrainerState,
-    metrics: &mut Metrics<'_>,
-) -> Result<(), CoordinatorError>
+    grads: &mut GradientsParams,
+    logging: bool,
+    step: u64,
+    epoch: usize,
+) -> Result<Option<f64>, Failure>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
-    O: Optimizer<M, B>,
 {
-    let dir = checkpoint::save::<B, M, _>(
-        ctx.run_dir,
-        model,
-        optim.to_record(),
-        state,
-        &ctx.signatures,
-    )?;
-    tracing::info!(dir = %dir.display(), step = state.step, "checkpoint written");
-    let rel = dir
-        .strip_prefix(ctx.run_dir)
-        .unwrap_or(&dir)
-        .to_string_lossy()
-        .into_owned();
-    metrics.artifact(ctx.run_dir, "checkpoint", &rel)?;
-    checkpoint::retain(ctx.run_dir, ctx.policy)
+    // The global norm costs one reduction over every gradient: only on the steps
+    // that clip or log it.
+    let norm = match gradient_clip_val {
+        Some(max_norm) => Some(clip_global_norm::<B, M>(model, grads, max_norm)),
+        None if logging => Some(global_norm::<B, M>(model, grads)),
+        None => None,
+    };
+    match norm.filter(|n| !n.is_finite()) {
+        Some(bad) => Err(Failure::Diverged(format!(
+            "gradient norm is {bad} at step {step} (epoch {epoch})"
+        ))),
+        None => Ok(norm),
+    }
 }
 
 /// Mean validation loss and the task's metrics over the validation split.

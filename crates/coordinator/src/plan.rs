@@ -1,6 +1,6 @@
 //! Strategy resolution: what will actually run. See `docs/strategies.md`.
 
-use kiln_core::{CoordinatorConfig, Engine, Precision, ResolvedPlan, Strategy};
+use kiln_core::{CoordinatorConfig, Engine, Precision, ProgressMode, ResolvedPlan, Strategy};
 
 use crate::{CoordinatorError, Result};
 
@@ -8,15 +8,16 @@ use crate::{CoordinatorError, Result};
 ///
 /// | asked | devices resolved | runs |
 /// | --- | --- | --- |
-/// | `auto`, `single`, `vanilla` | 1 | native loop, one device |
-/// | `ddp`, `ddp_spawn`, `fsdp` | 1 | native loop, one device, with a warning |
+/// | `auto`, `single` | 1 | `single`: the Learner engine (burn-train), or the native loop with a warning when the `learner` feature is not compiled in |
+/// | `vanilla` | 1 | `single` on kiln's native loop, in any build |
+/// | `ddp`, `ddp_spawn`, `fsdp` | 1 | as `auto`, with a warning (nothing to distribute) |
 /// | `auto`, `ddp`, `ddp_spawn`, `fsdp` | > 1 | not available yet (data-parallel issue) |
 /// | `single`, `vanilla` | > 1 | error: these run on one device |
 /// | any, `num_nodes > 1` | | not available yet (multi-node issue) |
 /// | precision other than `32-true` | | not available yet (precision issue) |
 ///
-/// The engine is always kiln's native loop in this version; the burn-train
-/// `Learner` engine is its own feature.
+/// `progress = tui` (burn-train's dashboard) needs the Learner engine and the
+/// `tui` feature; otherwise it is an error naming what is missing.
 pub fn resolve_plan(
     config: &CoordinatorConfig,
     backend: &str,
@@ -76,8 +77,39 @@ pub fn resolve_plan(
                 .into(),
         });
     }
+    let engine = match config.strategy {
+        Strategy::Vanilla => Engine::Native,
+        _ if cfg!(feature = "learner") => Engine::Learner,
+        _ => {
+            warnings.push(
+                "the Learner engine is not compiled in (cargo feature `learner` of \
+                 kiln-coordinator): kiln's native loop runs instead"
+                    .to_string(),
+            );
+            Engine::Native
+        }
+    };
+    if config.progress == ProgressMode::Tui {
+        if engine != Engine::Learner {
+            return Err(kiln_core::Error::invalid(
+                "progress",
+                "tui",
+                "auto, bar, lines or off with the native loop (the dashboard is \
+                 burn-train's: it needs the Learner engine, strategy auto or single)",
+            )
+            .into());
+        }
+        if !cfg!(feature = "tui") {
+            return Err(CoordinatorError::NotAvailable {
+                what: "progress tui".into(),
+                reason: "this build of kiln-coordinator lacks its `tui` feature (the \
+                         `kiln` binary: build with `--features tui`)"
+                    .into(),
+            });
+        }
+    }
     Ok(ResolvedPlan {
-        engine: Engine::Native,
+        engine,
         strategy,
         devices: selection.indices,
         num_nodes: config.num_nodes,
@@ -118,9 +150,18 @@ mod tests {
     ) {
         let plan = resolve_plan(&cfg(strategy, devices), "ndarray", available).unwrap();
         assert_eq!(plan.strategy, want);
-        assert_eq!(plan.engine, Engine::Native);
+        let native = strategy == "vanilla" || !cfg!(feature = "learner");
+        assert_eq!(plan.engine == Engine::Native, native, "{plan}");
         assert_eq!(plan.world_size, 1);
-        assert_eq!(plan.warnings.len(), n_warnings, "{:?}", plan.warnings);
+        // Without the Learner engine, every strategy but vanilla also warns that the
+        // native loop runs instead.
+        let fallback = usize::from(strategy != "vanilla" && !cfg!(feature = "learner"));
+        assert_eq!(
+            plan.warnings.len(),
+            n_warnings + fallback,
+            "{:?}",
+            plan.warnings
+        );
     }
 
     #[rstest]

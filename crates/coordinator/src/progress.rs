@@ -27,6 +27,8 @@ impl Progress {
                     ProgressMode::Lines
                 }
             }
+            // burn-train's dashboard draws the progress itself.
+            ProgressMode::Tui => ProgressMode::Off,
             m => m,
         };
         let bar = (mode == ProgressMode::Bar).then(|| {

@@ -289,6 +289,9 @@ pub enum ProgressMode {
     Lines,
     /// Nothing.
     Off,
+    /// burn-train's terminal dashboard (Learner engine built with the `tui`
+    /// feature; `kiln train --tui`).
+    Tui,
 }
 
 impl FromStr for ProgressMode {
@@ -299,7 +302,8 @@ impl FromStr for ProgressMode {
             "bar" => ProgressMode::Bar,
             "lines" => ProgressMode::Lines,
             "off" | "none" => ProgressMode::Off,
-            _ => return Err(Error::invalid("progress", s, "auto, bar, lines, off")),
+            "tui" => ProgressMode::Tui,
+            _ => return Err(Error::invalid("progress", s, "auto, bar, lines, off, tui")),
         })
     }
 }

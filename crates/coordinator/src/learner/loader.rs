@@ -1,0 +1,300 @@
+//! kiln's data order as burn-train data loaders.
+//!
+//! burn-train wants `'static` loaders; a kiln [`DataModule`] is borrowed for the
+//! call to `train`. So the loaders hold no data: they ask a producer thread, which
+//! borrows the data module, for each batch by index, one batch ahead of training.
+//! The order is kiln's (a permutation per `(seed, epoch)`), so both engines see the
+//! same batches, and a resumed run starts at the micro-batch its checkpoint names.
+
+use std::ops::Range;
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc::{Receiver, Sender, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
+use burn::prelude::Backend;
+use burn::tensor::backend::AutodiffBackend;
+use kiln_core::rng::{SplitMix64, permutation};
+use kiln_core::{Batch, DataModule, Split};
+
+use super::shared::{Event, Shared};
+use crate::run::{Failure, epoch_stop};
+
+/// A request for one batch.
+pub(crate) struct Job<BB: Backend> {
+    indices: Vec<usize>,
+    split: Split,
+    device: BB::Device,
+    reply: SyncSender<Result<Batch<BB>, Failure>>,
+}
+
+/// A request to the producer: a training batch (autodiff backend) or a validation
+/// batch (its inner backend).
+pub(crate) enum Request<B: AutodiffBackend> {
+    Train(Job<B>),
+    Valid(Job<B::InnerBackend>),
+}
+
+/// Builds the batches asked for until every loader is gone.
+pub(crate) fn produce<B: AutodiffBackend, D: DataModule>(data: &D, requests: Receiver<Request<B>>) {
+    fn answer<BB: Backend, D: DataModule>(data: &D, job: Job<BB>) {
+        // A panicking data module ends the run FAILED with its message, as it does
+        // in the native loop.
+        let built = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            data.batch::<BB>(job.split, &job.indices, &job.device)
+        }));
+        let batch = match built {
+            Ok(batch) => batch.map_err(Failure::from),
+            Err(panic) => Err(Failure::Panicked(crate::coordinator::panic_message(
+                panic.as_ref(),
+            ))),
+        };
+        // The loader may be gone (its epoch was cut short); nothing to do then.
+        let _ = job.reply.send(batch);
+    }
+    for request in requests {
+        match request {
+            Request::Train(job) => answer(data, job),
+            Request::Valid(job) => answer(data, job),
+        }
+    }
+}
+
+/// The training loader: one epoch of kiln's order per `iter()`.
+pub(crate) struct TrainLoader<B: AutodiffBackend> {
+    pub requests: Sender<Request<B>>,
+    pub device: B::Device,
+    pub shared: Arc<Shared>,
+    pub seed: u64,
+    pub n_items: usize,
+    pub batch_size: usize,
+    /// Kiln epoch of the next `iter()` and the micro-batch it starts at.
+    pub next: Arc<Mutex<(usize, usize)>>,
+}
+
+impl<B: AutodiffBackend> DataLoader<B, Batch<B>> for TrainLoader<B> {
+    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<Batch<B>> + 'a> {
+        let (epoch, from) = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let current = *next;
+            *next = (current.0 + 1, 0);
+            current
+        };
+        let settings = &self.shared.settings;
+        let stop = {
+            let mut p = self.shared.position();
+            let (stop, _) = epoch_stop(
+                settings.per_epoch,
+                settings.accumulate,
+                from,
+                p.steps,
+                settings.total,
+            );
+            (p.epoch, p.batch, p.epoch_stop) = (epoch, from, stop);
+            stop
+        };
+        self.shared.send(Event::Epoch(epoch));
+        let order = permutation(
+            self.n_items,
+            &mut SplitMix64::derived(self.seed, epoch as u64),
+        );
+        let (n, size) = (self.n_items, self.batch_size);
+        let batches = (from..stop)
+            .map(|b| order[b * size..((b + 1) * size).min(n)].to_vec())
+            .collect();
+        Box::new(Batches::<B, B> {
+            requests: self.requests.clone(),
+            wrap: Request::Train,
+            split: Split::Train,
+            device: self.device.clone(),
+            shared: self.shared.clone(),
+            batches,
+            next: 0,
+            ahead: None,
+            on_end: None,
+        })
+    }
+
+    fn num_items(&self) -> usize {
+        self.n_items
+    }
+
+    fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, Batch<B>>> {
+        Arc::new(Self {
+            requests: self.requests.clone(),
+            device: device.clone(),
+            shared: self.shared.clone(),
+            seed: self.seed,
+            n_items: self.n_items,
+            batch_size: self.batch_size,
+            next: self.next.clone(),
+        })
+    }
+
+    fn slice(&self, _start: usize, _end: usize) -> Arc<dyn DataLoader<B, Batch<B>>> {
+        // Only burn-train's multi-device strategies slice a loader; kiln runs the
+        // Learner engine on one device, and its order is global by design.
+        tracing::warn!("kiln's training loader is not sliced: it keeps the global order");
+        self.to_device(&self.device)
+    }
+}
+
+/// The validation loader: the validation split in order, every epoch.
+pub(crate) struct ValidLoader<B: AutodiffBackend> {
+    pub requests: Sender<Request<B>>,
+    pub device: burn::tensor::Device<B::InnerBackend>,
+    pub shared: Arc<Shared>,
+    pub items: Range<usize>,
+    pub batch_size: usize,
+    pub limit_batches: Option<usize>,
+}
+
+impl<B: AutodiffBackend> DataLoader<B::InnerBackend, Batch<B::InnerBackend>> for ValidLoader<B> {
+    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<Batch<B::InnerBackend>> + 'a> {
+        let all: Vec<usize> = self.items.clone().collect();
+        let batches: Vec<Vec<usize>> = all
+            .chunks(self.batch_size.max(1))
+            .take(self.limit_batches.unwrap_or(usize::MAX))
+            .map(<[usize]>::to_vec)
+            .collect();
+        Box::new(Batches::<B, B::InnerBackend> {
+            requests: self.requests.clone(),
+            wrap: Request::Valid,
+            split: Split::Valid,
+            device: self.device.clone(),
+            shared: self.shared.clone(),
+            batches,
+            next: 0,
+            ahead: None,
+            on_end: Some(Instant::now()),
+        })
+    }
+
+    fn num_items(&self) -> usize {
+        self.items.len()
+    }
+
+    fn to_device(
+        &self,
+        device: &burn::tensor::Device<B::InnerBackend>,
+    ) -> Arc<dyn DataLoader<B::InnerBackend, Batch<B::InnerBackend>>> {
+        Arc::new(Self {
+            requests: self.requests.clone(),
+            device: device.clone(),
+            shared: self.shared.clone(),
+            items: self.items.clone(),
+            batch_size: self.batch_size,
+            limit_batches: self.limit_batches,
+        })
+    }
+
+    fn slice(
+        &self,
+        start: usize,
+        end: usize,
+    ) -> Arc<dyn DataLoader<B::InnerBackend, Batch<B::InnerBackend>>> {
+        let len = self.items.len();
+        let (start, end) = (start.min(len), end.min(len));
+        Arc::new(Self {
+            requests: self.requests.clone(),
+            device: self.device.clone(),
+            shared: self.shared.clone(),
+            items: self.items.start + start..self.items.start + end.max(start),
+            batch_size: self.batch_size,
+            limit_batches: self.limit_batches,
+        })
+    }
+}
+
+/// The batches of one pass, asked of the producer one ahead.
+struct Batches<B: AutodiffBackend, BB: Backend> {
+    requests: Sender<Request<B>>,
+    wrap: fn(Job<BB>) -> Request<B>,
+    split: Split,
+    device: BB::Device,
+    shared: Arc<Shared>,
+    batches: Vec<Vec<usize>>,
+    next: usize,
+    ahead: Option<Receiver<Result<Batch<BB>, Failure>>>,
+    /// For a validation pass: when it started; its end is reported once.
+    on_end: Option<Instant>,
+}
+
+impl<B: AutodiffBackend, BB: Backend> Batches<B, BB> {
+    fn ask(&self, i: usize) -> Option<Receiver<Result<Batch<BB>, Failure>>> {
+        let indices = self.batches.get(i)?.clone();
+        let (reply, answer) = sync_channel(1);
+        let job = Job {
+            indices,
+            split: self.split,
+            device: self.device.clone(),
+            reply,
+        };
+        self.requests.send((self.wrap)(job)).ok()?;
+        Some(answer)
+    }
+
+    fn end(&mut self) -> Option<Batch<BB>> {
+        if let Some(started) = self.on_end.take() {
+            let epoch = {
+                let mut p = self.shared.position();
+                p.validation_seconds += started.elapsed().as_secs_f64();
+                p.epoch
+            };
+            if !self.shared.failed() {
+                self.shared.send(Event::ValidEnd(epoch));
+            }
+        }
+        None
+    }
+}
+
+impl<B: AutodiffBackend, BB: Backend> Iterator for Batches<B, BB> {
+    type Item = Batch<BB>;
+
+    fn next(&mut self) -> Option<Batch<BB>> {
+        if self.shared.failed() || self.next >= self.batches.len() {
+            return self.end();
+        }
+        let answer = match self.ahead.take() {
+            Some(answer) => answer,
+            None => self.ask(self.next)?,
+        };
+        let received = answer.recv();
+        let size = self.batches[self.next].len() as u64;
+        self.next += 1;
+        // Checked once the batch is here (and before the next one is asked for), like
+        // the native loop: a stop asked while it was built ends the run before it is
+        // trained on.
+        if self.shared.stop.is_stopped() {
+            self.shared.fail(Failure::Stopped);
+            return None;
+        }
+        self.ahead = self.ask(self.next);
+        match received {
+            Ok(Ok(batch)) => {
+                if self.split == Split::Train {
+                    self.shared.position().samples += size;
+                }
+                Some(batch)
+            }
+            Ok(Err(failure)) => {
+                self.shared.fail(failure);
+                None
+            }
+            Err(_) => {
+                self.shared.fail(Failure::Panicked(
+                    "the data producer thread ended (a data module panicked)".into(),
+                ));
+                None
+            }
+        }
+    }
+}
+
+impl<B: AutodiffBackend, BB: Backend> DataLoaderIterator<Batch<BB>> for Batches<B, BB> {
+    fn progress(&self) -> Progress {
+        Progress::new(self.next, self.batches.len())
+    }
+}

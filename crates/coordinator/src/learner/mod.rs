@@ -1,0 +1,424 @@
+//! The Learner engine: a run through burn-train's `SupervisedTraining` (the seed's
+//! "Lightning Trainer"), on one device.
+//!
+//! Three threads take part:
+//! - the **training thread** runs `SupervisedTraining::launch`: burn-train's epoch
+//!   loop, validation and event processing, calling kiln's [`Stepper`] for each
+//!   micro-batch;
+//! - the **producer thread** builds batches from the borrowed data module when the
+//!   loaders ask (burn-train needs `'static` loaders);
+//! - the **calling thread** keeps the books: it receives [`Event`]s in order and
+//!   logs metrics, shows progress and writes checkpoints, exactly as the native loop
+//!   does (the experiment store and progress bar stay on the thread that owns them).
+//!
+//! What burn-train would do differently is kept out (see [`stepper`]): the run takes
+//! the same optimizer steps as the native loop, and writes the same checkpoints.
+
+mod loader;
+mod shared;
+mod stepper;
+
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::Optimizer;
+use burn::optim::lr_scheduler::LrScheduler;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::logger::MetricLogger;
+use burn::train::metric::store::{EpochSummary, MetricsUpdate, Split as BurnSplit};
+use burn::train::metric::{MetricDefinition, NumericEntry};
+use burn::train::renderer::{
+    EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
+    MetricsRendererTraining, ProgressType, TrainingProgress,
+};
+use burn::train::{ExecutionStrategy, Interrupter, Learner, SupervisedTraining};
+use kiln_core::{DataModule, Split, TaskModel};
+
+use crate::checkpoint::Loaded;
+use crate::native::{adamw, restore_stats, resume_position};
+use crate::objective::EvalSums;
+use crate::progress::Progress;
+use crate::run::{
+    Failure, LoopInputs, LoopStats, SaveClock, batches_per_epoch, book_step, book_validation,
+    epoch_stop, total_steps, trainer_state, write_checkpoint,
+};
+use crate::tracking::Metrics;
+use loader::{TrainLoader, ValidLoader, produce};
+use shared::{Event, Position, Settings, Shared, SharedRef};
+use stepper::Stepper;
+
+/// Trains `model` through burn-train; the counterpart of [`crate::native::fit`],
+/// with the same inputs, books and result.
+pub(crate) fn fit<B, M, D>(
+    inputs: &LoopInputs<'_, B, D>,
+    model: M,
+    resume: Option<&Loaded>,
+    metrics: &mut Metrics<'_>,
+    progress: &mut Progress,
+    stats: &mut LoopStats,
+) -> Result<M, Failure>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TaskModel<B> + 'static,
+    M::InnerModule: TaskModel<B::InnerBackend>,
+    D: DataModule,
+{
+    let LoopInputs {
+        config,
+        task,
+        data,
+        device,
+        n_epochs,
+        ..
+    } = *inputs;
+    let n_train = data.len(Split::Train);
+    let per_epoch = batches_per_epoch(config, n_train);
+    let accumulate = config.accumulate_grad_batches as usize;
+    let total = total_steps(config, n_train, n_epochs);
+    let items_per_example = data.items_per_example() as f64;
+
+    B::seed(device, config.seed);
+    let mut optim = adamw(config).init::<B, Stepper<B, M>>();
+    let mut model = model;
+    let (start_epoch, start_batch) = resume_position(resume, per_epoch);
+    if let Some(loaded) = resume {
+        model = loaded.model::<B, M>(model, device)?;
+        optim = optim.load_record(loaded.optim::<B, _>(device)?);
+        restore_stats(loaded, stats);
+    }
+    let epochs = epochs_left(
+        (start_epoch, start_batch),
+        n_epochs,
+        (per_epoch, accumulate),
+        stats.steps,
+        total,
+    );
+    // Materialise lazily initialised parameters before anything is cloned (#5040).
+    let model = model.fork(device);
+    if epochs == 0 {
+        return Ok(model);
+    }
+
+    let (events, received) = mpsc::channel();
+    let (requests, asked) = mpsc::channel();
+    let interrupter = Interrupter::new();
+    let shared = Shared::new(
+        Settings {
+            kind: task.kind.clone(),
+            per_epoch,
+            accumulate,
+            total,
+            log_every_n_steps: config.log_every_n_steps,
+            gradient_clip_val: config.gradient_clip_val,
+            base_lr: config.optimizer.lr,
+            schedule: config.optimizer.schedule,
+            checkpoints: inputs.checkpoints.as_ref().map(|c| c.policy.clone()),
+        },
+        inputs.stop.clone(),
+        interrupter.clone(),
+        events,
+        Position {
+            epoch: start_epoch,
+            batch: start_batch,
+            epoch_stop: per_epoch,
+            steps: stats.steps,
+            samples: stats.samples,
+            group_losses: Vec::new(),
+            pending: None,
+            ready: None,
+            previous_seconds: stats.train_seconds,
+            started: Instant::now(),
+            validation_seconds: 0.0,
+            clock: SaveClock::new(stats.steps),
+            failure: None,
+        },
+    );
+    let train_loader = Arc::new(TrainLoader::<B> {
+        requests: requests.clone(),
+        device: device.clone(),
+        shared: shared.clone(),
+        seed: config.seed,
+        n_items: n_train,
+        batch_size: config.batch_size,
+        next: Arc::new(Mutex::new((start_epoch, start_batch))),
+    });
+    let device = device.clone();
+    let valid_loader = Arc::new(ValidLoader::<B> {
+        requests,
+        device: device.clone(),
+        shared: shared.clone(),
+        items: 0..data.len(Split::Valid),
+        batch_size: config.batch_size,
+        limit_batches: config.limit_val_batches,
+    });
+    let learner = Learner::new(
+        Stepper::new(model, SharedRef(shared.clone())),
+        optim,
+        KilnLr(shared.clone()),
+    );
+    let run_dir = inputs.run_dir.to_path_buf();
+    let tui_asked = config.progress == kiln_core::ProgressMode::Tui;
+    // `SupervisedTraining` is not `Send`: it is put together on the thread it runs on.
+    let launch = move || {
+        let training = SupervisedTraining::new(run_dir, train_loader, valid_loader)
+            .with_metric_logger(Discard)
+            .with_application_logger(None)
+            .with_interrupter(interrupter.clone())
+            .num_epochs(epochs)
+            .with_training_strategy(ExecutionStrategy::SingleDevice(device).into());
+        let training = match tui_asked {
+            true => tui::<B, M>(training, interrupter),
+            false => training.renderer(Quiet),
+        };
+        training.launch(learner).model
+    };
+
+    let mut books = Books {
+        inputs,
+        metrics,
+        progress,
+        stats,
+        items_per_example,
+        sums: EvalSums::default(),
+        after_validation: None,
+    };
+    let trained = std::thread::scope(|scope| {
+        let producer = scope.spawn(|| produce::<B, D>(data, asked));
+        let closer = shared.clone();
+        let trainer = scope.spawn(move || {
+            let result = std::panic::catch_unwind(AssertUnwindSafe(launch));
+            closer.close();
+            result
+        });
+        for event in received {
+            if let Err(e) = books.take(event) {
+                shared.fail(Failure::Error(e));
+            }
+        }
+        let trained = trainer.join();
+        let _ = producer.join();
+        trained
+    });
+    let trained = match trained {
+        Ok(Ok(inner)) => inner,
+        Ok(Err(panic)) | Err(panic) => {
+            return Err(Failure::Panicked(crate::coordinator::panic_message(
+                panic.as_ref(),
+            )));
+        }
+    };
+    if let Some(failure) = shared.position().failure.take() {
+        return Err(failure);
+    }
+    Ok(M::from_inner(trained.model))
+}
+
+/// burn-train epochs left to run: epochs from `start` until `n_epochs` or until
+/// the run reaches `total` optimizer steps.
+fn epochs_left(
+    start: (usize, usize),
+    n_epochs: usize,
+    (per_epoch, accumulate): (usize, usize),
+    mut steps: u64,
+    total: u64,
+) -> usize {
+    let (mut epoch, mut from) = start;
+    let mut count = 0;
+    while epoch < n_epochs && steps < total {
+        let (_, after) = epoch_stop(per_epoch, accumulate, from, steps, total);
+        steps = after;
+        count += 1;
+        epoch += 1;
+        from = 0;
+    }
+    count
+}
+
+/// The calling thread's side: the run's books, fed by [`Event`]s.
+struct Books<'a, 'i, 't, B: Backend, D> {
+    inputs: &'a LoopInputs<'i, B, D>,
+    metrics: &'a mut Metrics<'t>,
+    progress: &'a mut Progress,
+    stats: &'a mut LoopStats,
+    items_per_example: f64,
+    sums: EvalSums,
+    /// A checkpoint waiting for the end of its epoch's validation.
+    after_validation: Option<(crate::checkpoint::Snapshot, usize, usize)>,
+}
+
+impl<B: Backend, D> Books<'_, '_, '_, B, D> {
+    fn take(&mut self, event: Event) -> Result<(), crate::CoordinatorError> {
+        let (config, task) = (self.inputs.config, self.inputs.task);
+        match event {
+            Event::Epoch(epoch) => self.progress.epoch(epoch, self.inputs.n_epochs),
+            Event::Step(record) => book_step(
+                &record,
+                task,
+                self.items_per_example,
+                self.stats,
+                self.metrics,
+                self.progress,
+            )?,
+            Event::Save {
+                snapshot,
+                epoch,
+                batch,
+                after_validation,
+            } => match (&self.inputs.checkpoints, after_validation) {
+                (Some(_), true) => self.after_validation = Some((snapshot, epoch, batch)),
+                (Some(ctx), false) => {
+                    let state =
+                        trainer_state(ctx, self.stats, self.metrics, config.seed, epoch, batch);
+                    write_checkpoint(ctx, &snapshot, &state, self.metrics)?;
+                }
+                (None, _) => {}
+            },
+            Event::ValidBatch(sums) => {
+                self.sums.add(sums);
+                self.metrics.heartbeat()?;
+            }
+            Event::ValidEnd(epoch) => {
+                let sums = std::mem::take(&mut self.sums);
+                let results = match sums.count > 0.0 {
+                    true => sums.metrics(&task.kind),
+                    false => Vec::new(),
+                };
+                book_validation(&results, epoch, self.stats, self.metrics, self.progress)?;
+                if let (Some(ctx), Some((snapshot, epoch, batch))) =
+                    (&self.inputs.checkpoints, self.after_validation.take())
+                {
+                    let state =
+                        trainer_state(ctx, self.stats, self.metrics, config.seed, epoch, batch);
+                    write_checkpoint(ctx, &snapshot, &state, self.metrics)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// kiln's schedule as burn-train's scheduler: the rate of the next optimizer step.
+#[derive(Clone)]
+struct KilnLr(Arc<Shared>);
+
+impl LrScheduler for KilnLr {
+    type Record<B: Backend> = u64;
+
+    fn step(&mut self) -> f64 {
+        let s = &self.0.settings;
+        let steps = self.0.position().steps;
+        s.schedule.lr_at(s.base_lr, steps, s.total)
+    }
+
+    fn to_record<B: Backend>(&self) -> u64 {
+        self.0.position().steps
+    }
+
+    fn load_record<B: Backend>(self, steps: u64) -> Self {
+        self.0.position().steps = steps;
+        self
+    }
+}
+
+/// kiln books every number itself: burn-train's metric loggers get nothing to write.
+struct Discard;
+
+impl MetricLogger for Discard {
+    fn log(&mut self, _: MetricsUpdate, _: usize, _: &BurnSplit) {}
+
+    fn read_numeric(
+        &mut self,
+        _: &str,
+        _: usize,
+        _: &BurnSplit,
+    ) -> Result<Vec<NumericEntry>, String> {
+        Err("kiln keeps metrics in its experiment store".into())
+    }
+
+    fn log_metric_definition(&mut self, _: MetricDefinition) {}
+
+    fn log_epoch_summary(&mut self, _: EpochSummary) {}
+}
+
+/// burn-train's renderer when kiln shows progress itself (or nothing is shown).
+struct Quiet;
+
+impl MetricsRendererTraining for Quiet {
+    fn update_train(&mut self, _: MetricState) {}
+    fn update_valid(&mut self, _: MetricState) {}
+    fn render_train(&mut self, _: TrainingProgress, _: Vec<ProgressType>) {}
+    fn render_valid(&mut self, _: TrainingProgress, _: Vec<ProgressType>) {}
+}
+
+impl MetricsRendererEvaluation for Quiet {
+    fn update_test(&mut self, _: EvaluationName, _: MetricState) {}
+    fn render_test(&mut self, _: EvaluationProgress, _: Vec<ProgressType>) {}
+}
+
+impl MetricsRenderer for Quiet {
+    fn manual_close(&mut self) {}
+    fn register_metric(&mut self, _: MetricDefinition) {}
+}
+
+type Training<B, M> = SupervisedTraining<
+    burn::train::LearningComponentsMarker<
+        B,
+        KilnLr,
+        Stepper<B, M>,
+        burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, Stepper<B, M>, B>,
+    >,
+>;
+
+/// burn-train's terminal dashboard, showing the loss.
+#[cfg(feature = "tui")]
+fn tui<B, M>(training: Training<B, M>, interrupter: Interrupter) -> Training<B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TaskModel<B> + 'static,
+    M::InnerModule: TaskModel<B::InnerBackend>,
+{
+    use burn::train::metric::LossMetric;
+    use burn::train::renderer::tui::TuiMetricsRendererWrapper;
+    training
+        .metrics((LossMetric::<B::InnerBackend>::new(),))
+        .renderer(TuiMetricsRendererWrapper::new(interrupter, None))
+}
+
+/// Without the `tui` feature the plan refuses `ProgressMode::Tui` before training;
+/// should it get here, nothing is rendered.
+#[cfg(not(feature = "tui"))]
+fn tui<B, M>(training: Training<B, M>, _: Interrupter) -> Training<B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TaskModel<B> + 'static,
+    M::InnerModule: TaskModel<B::InnerBackend>,
+{
+    training.renderer(Quiet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    #[rstest]
+    #[case::fresh((0, 0), 3, (10, 1), 0, 30, 3)]
+    #[case::cut_by_max_steps((0, 0), 3, (10, 1), 0, 15, 2)]
+    #[case::resumed_mid_epoch((1, 4), 3, (10, 1), 14, 30, 2)]
+    #[case::finished((3, 0), 3, (10, 1), 30, 30, 0)]
+    #[case::accumulated((0, 0), 2, (10, 4), 0, 6, 2)]
+    fn epochs_left_counts_what_remains(
+        #[case] start: (usize, usize),
+        #[case] n_epochs: usize,
+        #[case] shape: (usize, usize),
+        #[case] steps: u64,
+        #[case] total: u64,
+        #[case] want: usize,
+    ) {
+        assert_eq!(epochs_left(start, n_epochs, shape, steps, total), want);
+    }
+}

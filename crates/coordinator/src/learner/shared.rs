@@ -1,0 +1,165 @@
+//! What the training thread (inside burn-train) and the bookkeeping thread share:
+//! the run's fixed settings, the step counters, and the events sent from one to the
+//! other.
+
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use burn::optim::GradientsParams;
+use burn::train::Interrupter;
+use kiln_core::{CheckpointPolicy, LrSchedule, TaskKind};
+
+use crate::StopHandle;
+use crate::checkpoint::Snapshot;
+use crate::objective::EvalSums;
+use crate::run::{Failure, SaveClock, StepRecord};
+
+/// What the training thread tells the bookkeeping thread, in order.
+pub(crate) enum Event {
+    /// Training of `epoch` begins.
+    Epoch(usize),
+    /// An optimizer step was taken.
+    Step(StepRecord),
+    /// A checkpoint to write: now, or after the validation that follows.
+    Save {
+        snapshot: Snapshot,
+        epoch: usize,
+        batch: usize,
+        after_validation: bool,
+    },
+    /// Sums of one validation batch.
+    ValidBatch(EvalSums),
+    /// `epoch`'s validation is complete.
+    ValidEnd(usize),
+}
+
+/// Settings fixed for the whole run.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub kind: TaskKind,
+    pub per_epoch: usize,
+    pub accumulate: usize,
+    pub total: u64,
+    pub log_every_n_steps: u64,
+    pub gradient_clip_val: Option<f64>,
+    pub base_lr: f64,
+    pub schedule: LrSchedule,
+    pub checkpoints: Option<CheckpointPolicy>,
+}
+
+/// Where the training thread stands.
+pub(crate) struct Position {
+    /// Kiln epoch being trained.
+    pub epoch: usize,
+    /// Next micro-batch of the epoch.
+    pub batch: usize,
+    /// Micro-batch at which the current epoch's training stops.
+    pub epoch_stop: usize,
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// Examples trained on.
+    pub samples: u64,
+    /// Micro-batch losses of the current accumulation group.
+    pub group_losses: Vec<f64>,
+    /// Gradients summed over the current group so far.
+    pub pending: Option<GradientsParams>,
+    /// The group's gradients, complete and waiting for the optimizer step.
+    pub ready: Option<GradientsParams>,
+    /// Training seconds before this attempt (resume).
+    pub previous_seconds: f64,
+    pub started: Instant,
+    pub validation_seconds: f64,
+    pub clock: SaveClock,
+    /// Why the run must end, once known.
+    pub failure: Option<Failure>,
+}
+
+impl Position {
+    /// Training seconds so far (validation excluded).
+    pub fn train_seconds(&self) -> f64 {
+        self.previous_seconds + self.started.elapsed().as_secs_f64() - self.validation_seconds
+    }
+
+    /// Micro-batches in the accumulation group that starts at `self.batch`.
+    pub fn group_len(&self, settings: &Settings) -> usize {
+        let start = self.batch - self.batch % settings.accumulate;
+        settings.accumulate.min(settings.per_epoch - start)
+    }
+}
+
+/// Shared by every clone of the model wrapper, the data loaders and the scheduler.
+pub(crate) struct Shared {
+    pub settings: Settings,
+    pub stop: StopHandle,
+    pub interrupter: Interrupter,
+    events: Mutex<Option<Sender<Event>>>,
+    position: Mutex<Position>,
+}
+
+impl Shared {
+    pub fn new(
+        settings: Settings,
+        stop: StopHandle,
+        interrupter: Interrupter,
+        events: Sender<Event>,
+        position: Position,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            stop,
+            interrupter,
+            events: Mutex::new(Some(events)),
+            position: Mutex::new(position),
+        })
+    }
+
+    /// The position, even if a panicking thread poisoned the lock (the panic is
+    /// reported on its own).
+    pub fn position(&self) -> MutexGuard<'_, Position> {
+        self.position.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `event` to the bookkeeping thread (dropped once it has hung up).
+    pub fn send(&self, event: Event) {
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = events.as_ref() {
+            let _ = tx.send(event);
+        }
+    }
+
+    /// Hangs up: the bookkeeping thread sees the end of the events.
+    pub fn close(&self) {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Ends the run with `failure` (the first one wins) and asks burn-train to stop.
+    pub fn fail(&self, failure: Failure) {
+        let reason = match &failure {
+            Failure::Stopped => "stopped".to_string(),
+            other => format!("{other:?}"),
+        };
+        {
+            let mut position = self.position();
+            if position.failure.is_none() {
+                position.failure = Some(failure);
+            }
+        }
+        self.interrupter.stop(Some(&reason));
+    }
+
+    /// Whether the run is ending.
+    pub fn failed(&self) -> bool {
+        self.position().failure.is_some()
+    }
+}
+
+/// The shared state as a non-module field of the model wrapper: cloning shares it.
+#[derive(Clone)]
+pub(crate) struct SharedRef(pub Arc<Shared>);
+
+impl std::fmt::Debug for SharedRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("kiln step state")
+    }
+}

@@ -1,0 +1,346 @@
+//! What both engines share about one run: its inputs, its counters, when steps end
+//! epochs and when checkpoints are due, and how a step and a checkpoint are booked.
+//!
+//! The native loop and the Learner engine train differently but must book the same
+//! things the same way; keeping that here is what makes their runs, checkpoints and
+//! store records interchangeable.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::prelude::Backend;
+use kiln_core::{CheckpointPolicy, CoordinatorConfig, TaskSpec};
+
+use crate::CoordinatorError;
+use crate::checkpoint::{self, Signatures, Snapshot, TrainerState};
+use crate::objective::perplexity;
+use crate::progress::Progress;
+use crate::tracking::Metrics;
+
+/// What the loop did, kept up to date so a failure can still be reported.
+#[derive(Debug, Default)]
+pub(crate) struct LoopStats {
+    pub epochs: usize,
+    pub steps: u64,
+    pub step_losses: Vec<f32>,
+    pub train_seconds: f64,
+    pub samples: u64,
+}
+
+/// Why a loop stopped early.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The run diverged (non-finite loss or gradient norm).
+    Diverged(String),
+    /// Something else failed (data, task mismatch, the store).
+    Error(CoordinatorError),
+    /// A model, data module or kernel panicked; the message.
+    Panicked(String),
+    /// The [`StopHandle`](crate::StopHandle) was triggered (e.g. SIGINT/SIGTERM).
+    Stopped,
+}
+
+impl<E: Into<CoordinatorError>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Error(e.into())
+    }
+}
+
+/// Everything a loop reads but does not change.
+pub(crate) struct LoopInputs<'a, B: Backend, D> {
+    pub config: &'a CoordinatorConfig,
+    /// The run's directory (checkpoints, report, model).
+    #[cfg_attr(not(feature = "learner"), allow(dead_code))]
+    pub run_dir: &'a Path,
+    pub stop: &'a crate::StopHandle,
+    pub task: &'a TaskSpec,
+    pub data: &'a D,
+    pub device: &'a B::Device,
+    pub n_epochs: usize,
+    pub checkpoints: Option<CheckpointCtx<'a>>,
+}
+
+/// Where checkpoints go and what they must carry; `None` in [`LoopInputs`] when
+/// checkpointing is off.
+pub(crate) struct CheckpointCtx<'a> {
+    pub run_dir: &'a Path,
+    pub policy: &'a CheckpointPolicy,
+    pub signatures: Signatures,
+    pub run_id: Option<i64>,
+    pub attempt: u32,
+}
+
+/// Optimizer steps the run will take.
+pub(crate) fn total_steps(config: &CoordinatorConfig, n_train: usize, n_epochs: usize) -> u64 {
+    let per_epoch =
+        batches_per_epoch(config, n_train).div_ceil(config.accumulate_grad_batches as usize);
+    let total = per_epoch as u64 * n_epochs as u64;
+    config.max_steps.map_or(total, |m| total.min(m))
+}
+
+/// Micro-batches in one epoch (`limit_train_batches` applied).
+pub(crate) fn batches_per_epoch(config: &CoordinatorConfig, n_train: usize) -> usize {
+    let n = n_train.div_ceil(config.batch_size);
+    config.limit_train_batches.map_or(n, |l| n.min(l))
+}
+
+/// Where an epoch that starts at micro-batch `from` with `steps` optimizer steps
+/// already taken stops: `(micro-batch it stops before, steps taken by then)`, at the
+/// epoch's end or where the run reaches `total` steps. Accumulation groups are
+/// `accumulate` micro-batches, the last one of an epoch possibly shorter.
+#[cfg_attr(not(feature = "learner"), allow(dead_code))]
+pub(crate) fn epoch_stop(
+    per_epoch: usize,
+    accumulate: usize,
+    from: usize,
+    mut steps: u64,
+    total: u64,
+) -> (usize, u64) {
+    let mut b = from;
+    while b < per_epoch && steps < total {
+        b += accumulate.min(per_epoch - b);
+        steps += 1;
+    }
+    (b, steps)
+}
+
+/// When the checkpoint an optimizer step makes due is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SaveAt {
+    /// Now, between two steps of an epoch.
+    Now,
+    /// After this epoch's validation, so that it carries the monitored metric.
+    AfterValidation,
+}
+
+/// Tells after each optimizer step whether the checkpoint policy wants a save.
+pub(crate) struct SaveClock {
+    last_step: u64,
+    last_time: Instant,
+}
+
+impl SaveClock {
+    /// A clock whose last save was at `step`, now.
+    pub fn new(step: u64) -> Self {
+        Self {
+            last_step: step,
+            last_time: Instant::now(),
+        }
+    }
+
+    /// Whether optimizer step `step` of `epoch` asks for a checkpoint. `epoch_done`:
+    /// the step consumed the epoch's last micro-batch; `last`: it is the run's last.
+    pub fn due(
+        &self,
+        policy: &CheckpointPolicy,
+        step: u64,
+        epoch: usize,
+        epoch_done: bool,
+        last: bool,
+    ) -> Option<SaveAt> {
+        let by_epoch = policy
+            .every_n_epochs
+            .is_some_and(|n| (epoch as u64 + 1).is_multiple_of(n));
+        if (epoch_done && by_epoch) || (last && self.last_step != step) {
+            return Some(SaveAt::AfterValidation);
+        }
+        let by_steps = policy.every_n_steps.is_some_and(|n| step.is_multiple_of(n));
+        let by_time = policy
+            .train_time_interval_s
+            .is_some_and(|t| self.last_time.elapsed().as_secs_f64() >= t);
+        (by_steps || by_time).then_some(SaveAt::Now)
+    }
+
+    /// Notes a save at `step`.
+    pub fn saved(&mut self, step: u64) {
+        self.last_step = step;
+        self.last_time = Instant::now();
+    }
+}
+
+/// The trainer state after the optimizer step that consumed micro-batch `b - 1` of
+/// `epoch`.
+pub(crate) fn trainer_state(
+    ctx: &CheckpointCtx<'_>,
+    stats: &LoopStats,
+    metrics: &Metrics<'_>,
+    seed: u64,
+    epoch: usize,
+    b: usize,
+) -> TrainerState {
+    TrainerState {
+        step: stats.steps,
+        epoch,
+        batch_in_epoch: b,
+        epochs_completed: stats.epochs,
+        seed,
+        samples: stats.samples,
+        train_seconds: stats.train_seconds,
+        step_losses: stats.step_losses.clone(),
+        summaries: metrics.summaries().clone(),
+        run_id: ctx.run_id,
+        attempt: ctx.attempt,
+        monitor: metrics.summaries().get(&ctx.policy.monitor).map(|s| s.last),
+    }
+}
+
+/// Writes a checkpoint, records it as an artifact and applies retention.
+pub(crate) fn write_checkpoint(
+    ctx: &CheckpointCtx<'_>,
+    snapshot: &Snapshot,
+    state: &TrainerState,
+    metrics: &mut Metrics<'_>,
+) -> Result<(), CoordinatorError> {
+    let dir = checkpoint::save(ctx.run_dir, snapshot, state, &ctx.signatures)?;
+    tracing::info!(dir = %dir.display(), step = state.step, "checkpoint written");
+    let rel = dir
+        .strip_prefix(ctx.run_dir)
+        .unwrap_or(&dir)
+        .to_string_lossy()
+        .into_owned();
+    metrics.artifact(ctx.run_dir, "checkpoint", &rel)?;
+    checkpoint::retain(ctx.run_dir, ctx.policy)
+}
+
+/// One optimizer step as both engines report it.
+#[derive(Debug, Clone)]
+pub(crate) struct StepRecord {
+    pub step: u64,
+    pub epoch: usize,
+    /// Mean loss over the step's micro-batches.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping, on the steps that clip or log.
+    pub grad_norm: Option<f64>,
+    /// Whether this step is logged (`log_every_n_steps`, and the last step).
+    pub logging: bool,
+    /// Examples trained on so far.
+    pub samples: u64,
+    /// Training seconds so far (validation excluded).
+    pub train_seconds: f64,
+}
+
+impl StepRecord {
+    /// Whether step `step` (1-based) of `total` is logged.
+    pub fn is_logged(config: &CoordinatorConfig, step: u64, total: u64) -> bool {
+        step.is_multiple_of(config.log_every_n_steps) || step == total
+    }
+}
+
+/// Books one optimizer step: counters, metrics (on logged steps), heartbeat,
+/// progress.
+pub(crate) fn book_step(
+    record: &StepRecord,
+    task: &TaskSpec,
+    items_per_example: f64,
+    stats: &mut LoopStats,
+    metrics: &mut Metrics<'_>,
+    progress: &mut Progress,
+) -> Result<(), CoordinatorError> {
+    let StepRecord {
+        step,
+        epoch,
+        loss,
+        lr,
+        ..
+    } = *record;
+    stats.steps = step;
+    stats.step_losses.push(loss as f32);
+    stats.samples = record.samples;
+    stats.train_seconds = record.train_seconds;
+    let rate = stats.samples as f64 * items_per_example / stats.train_seconds.max(1e-9);
+    metrics.heartbeat()?;
+    if record.logging {
+        metrics.record("train", "loss", step, epoch, loss);
+        if task.kind.metric_names().contains(&"perplexity") {
+            metrics.record("train", "perplexity", step, epoch, perplexity(loss));
+        }
+        metrics.record("train", "lr", step, epoch, lr);
+        if let Some(norm) = record.grad_norm {
+            metrics.record("train", "grad_norm", step, epoch, norm);
+        }
+        metrics.record("train", "items_per_s", step, epoch, rate);
+        metrics.flush()?;
+    }
+    progress.step(step, epoch, loss, lr, rate);
+    Ok(())
+}
+
+/// Books the end of `epoch`'s validation.
+pub(crate) fn book_validation(
+    results: &[(&'static str, f64)],
+    epoch: usize,
+    stats: &mut LoopStats,
+    metrics: &mut Metrics<'_>,
+    progress: &mut Progress,
+) -> Result<(), CoordinatorError> {
+    stats.epochs = epoch + 1;
+    for (key, value) in results {
+        metrics.record("valid", key, stats.steps, epoch, *value);
+    }
+    metrics.flush()?;
+    progress.validation(epoch, results);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    #[rstest]
+    #[case::whole_epoch(10, 1, 0, 0, 100, 10)]
+    #[case::groups(10, 4, 0, 0, 100, 10)]
+    #[case::cut_by_total(10, 1, 0, 95, 100, 5)]
+    #[case::cut_by_total_in_groups(10, 4, 0, 98, 100, 8)]
+    #[case::resumed_mid_epoch(10, 2, 4, 0, 100, 10)]
+    #[case::nothing_left(10, 1, 3, 100, 100, 3)]
+    fn epoch_stop_follows_groups_and_total(
+        #[case] per_epoch: usize,
+        #[case] accumulate: usize,
+        #[case] from: usize,
+        #[case] steps: u64,
+        #[case] total: u64,
+        #[case] want: usize,
+    ) {
+        assert_eq!(
+            epoch_stop(per_epoch, accumulate, from, steps, total).0,
+            want
+        );
+    }
+
+    #[rstest]
+    #[case::epoch_end(Some(1), None, 5, 0, true, false, Some(SaveAt::AfterValidation))]
+    #[case::not_every_epoch(Some(2), None, 5, 0, true, false, None)]
+    #[case::by_steps(None, Some(5), 5, 0, false, false, Some(SaveAt::Now))]
+    #[case::by_steps_off(None, Some(5), 6, 0, false, false, None)]
+    #[case::last_step(None, None, 7, 0, false, true, Some(SaveAt::AfterValidation))]
+    fn save_clock(
+        #[case] every_n_epochs: Option<u64>,
+        #[case] every_n_steps: Option<u64>,
+        #[case] step: u64,
+        #[case] epoch: usize,
+        #[case] epoch_done: bool,
+        #[case] last: bool,
+        #[case] want: Option<SaveAt>,
+    ) {
+        let policy = CheckpointPolicy {
+            every_n_epochs,
+            every_n_steps,
+            ..Default::default()
+        };
+        let clock = SaveClock::new(0);
+        assert_eq!(clock.due(&policy, step, epoch, epoch_done, last), want);
+    }
+
+    #[test]
+    fn last_step_already_saved_is_not_saved_twice() {
+        let policy = CheckpointPolicy {
+            every_n_epochs: None,
+            ..Default::default()
+        };
+        let mut clock = SaveClock::new(0);
+        clock.saved(7);
+        assert_eq!(clock.due(&policy, 7, 0, false, true), None);
+    }
+}
