@@ -91,3 +91,56 @@ fn same_books(learner: &TrainReport, native: &TrainReport) {
     assert!((a - b).abs() <= 1e-5 * b.abs(), "valid loss {a} vs {b}");
     assert!(learner.throughput.samples_per_s > 0.0);
 }
+
+/// A checkpoint written by one engine resumes in the other: the native loop trains 8
+/// steps (its last checkpoint mid-epoch), the Learner engine continues to 16, and
+/// the result is the straight 16-step run's, bit for bit on Flex.
+#[rstest]
+#[case::native_then_learner("vanilla", "auto")]
+#[case::learner_then_native("auto", "vanilla")]
+fn a_checkpoint_of_one_engine_resumes_in_the_other(#[case] first: &str, #[case] then: &str) {
+    let (data, task) = corpus_data(20_000, 32);
+    let model = || {
+        small_gpt(data.vocab_size(), 32)
+            .init::<B>(3, &Default::default())
+            .unwrap()
+    };
+    let builder = |root: &std::path::Path, strategy: &str, max_steps: u64| {
+        quiet(root)
+            .run_name("r")
+            .strategy(strategy)
+            .seed(3)
+            .batch_size(16)
+            .learning_rate(1e-3)
+            .limit_train_batches(6)
+            .max_steps(max_steps)
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = builder(straight_dir.path(), then, 16)
+        .build()
+        .unwrap()
+        .train::<B, _, _>(model(), &data, &task, None, 5)
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let part = builder(dir.path(), first, 8)
+        .build()
+        .unwrap()
+        .train::<B, _, _>(model(), &data, &task, None, 5)
+        .unwrap();
+    assert_eq!(part.report.optimizer_steps, 8);
+    let resumed = builder(dir.path(), then, 16)
+        .ckpt_path("last")
+        .build()
+        .unwrap()
+        .train::<B, _, _>(model(), &data, &task, None, 5)
+        .unwrap();
+    let bits = |r: &TrainReport| {
+        r.step_losses
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&resumed.report), bits(&straight.report));
+    assert_eq!(param_values(&resumed.model), param_values(&straight.model));
+}

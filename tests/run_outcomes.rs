@@ -194,7 +194,7 @@ fn ddp_on_one_device_runs_single_and_says_so() {
         .unwrap();
     let coordinator = quiet(dir.path())
         .strategy("ddp")
-        .devices("1")
+        .devices("auto")
         .learning_rate(1e-2)
         .build()
         .unwrap();

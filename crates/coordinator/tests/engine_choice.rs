@@ -91,6 +91,9 @@ fn with_the_learner_feature_auto_runs_through_burn_train_without_warnings() {
     assert_eq!(engine, Engine::Learner);
     assert!(warnings.is_empty(), "{warnings:?}");
     assert!(logged.is_empty(), "{logged}");
+    // burn-train installs a global subscriber (and a panic hook) by default; kiln
+    // asks it not to: the process's logging stays the application's choice.
+    assert!(!tracing::dispatcher::has_been_set());
 }
 
 /// `vanilla` selects the native loop in any build, without a warning.
