@@ -215,7 +215,7 @@ fn ddp_on_one_device_runs_single_and_says_so() {
 }
 
 #[test]
-fn several_devices_are_not_available_yet_and_say_which_issue() {
+fn several_nodes_are_not_available_yet_and_say_which_issue() {
     let dir = tempfile::tempdir().unwrap();
     let data = TabularDataModule::blobs(2, 16, 64, 16, 3);
     let task = TaskSpec::cls_tiny();
@@ -223,19 +223,18 @@ fn several_devices_are_not_available_yet_and_say_which_issue() {
         .unwrap()
         .init::<B>(1, &Default::default())
         .unwrap();
-    let devices = [Default::default(), Default::default()];
     let err = quiet(dir.path())
         .strategy("ddp")
-        .devices("2")
+        .num_nodes(2)
         .build()
         .unwrap()
-        .train_on::<B, _, _>(&devices, model, &data, &task, None, 1)
+        .train::<B, _, _>(model, &data, &task, None, 1)
         .unwrap_err();
     assert!(
         matches!(err, CoordinatorError::NotAvailable { .. }),
         "{err}"
     );
-    assert!(err.to_string().contains("data-parallel"), "{err}");
+    assert!(err.to_string().contains("multi-node"), "{err}");
 }
 
 #[test]

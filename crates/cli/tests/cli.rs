@@ -104,6 +104,35 @@ fn a_short_run_trains_reports_and_is_recorded() {
     assert!(row.contains("FINISHED"), "{stdout}");
 }
 
+/// `--devices 2 --strategy ddp` on CPU: two worker threads, said in the plan line.
+#[test]
+fn two_cpu_workers_train_with_ddp() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = kiln(&[
+        "train",
+        "--strategy",
+        "ddp",
+        "--devices",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "3",
+        "--progress",
+        "lines",
+        "--no-db",
+        "--output-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("engine=native strategy=ddp") && stderr.contains("world=2"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("3 optimizer steps"), "{stdout}");
+}
+
 #[test]
 fn sigterm_stops_training_and_the_run_is_recorded_killed() {
     use std::io::{BufRead, BufReader};
@@ -304,9 +333,13 @@ fn report_json(run_dir: &std::path::Path) -> serde_json::Value {
 }
 
 /// Kill -9 in the middle of training, resume with `--resume last`, and land on the
-/// same losses and validation metrics as a run that was never interrupted.
-#[test]
-fn a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result() {
+/// same losses and validation metrics as a run that was never interrupted: on one
+/// device (the Learner engine), and with DDP on 2 CPU workers (global batch 32 in
+/// both cases).
+#[rstest]
+#[case::one_device(&[])]
+#[case::ddp_two_workers(&["--strategy", "ddp", "--devices", "2", "--batch-size", "16"])]
+fn a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(#[case] extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let o = dir.path().to_str().unwrap();
     let corpus: String = kiln_models::builtin_corpus().chars().take(40_000).collect();
@@ -335,6 +368,7 @@ fn a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result() {
             name,
         ]
         .into_iter()
+        .chain(extra.iter().copied())
         .map(String::from)
         .collect::<Vec<_>>()
     };

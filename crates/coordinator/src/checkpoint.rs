@@ -225,6 +225,11 @@ impl Snapshot {
     }
 }
 
+/// Size of `record` encoded as a checkpoint stores it (0 if it cannot be encoded).
+pub(crate) fn encoded_len<B: Backend, R: Record<B>>(record: R) -> u64 {
+    Recorder::<B>::record(&Bytes::default(), record, ()).map_or(0, |b| b.len() as u64)
+}
+
 /// Writes `snapshot` with `state` as `<run_dir>/checkpoints/step-N` (see the module
 /// documentation for the layout and the guarantees).
 pub(crate) fn save(

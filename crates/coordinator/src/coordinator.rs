@@ -7,8 +7,8 @@ use burn::module::AutodiffModule;
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use kiln_core::{
-    CoordinatorConfig, DataModule, ProgressMode, RunStatus, Split, TaskModel, TaskSpec, Throughput,
-    TrainReport,
+    CoordinatorConfig, DataModule, Devices, ProgressMode, RunStatus, Split, Strategy, TaskModel,
+    TaskSpec, Throughput, TrainReport,
 };
 use kiln_experiment_db::{EndStatus, NewRun, RunTracker};
 
@@ -100,8 +100,10 @@ impl TrainingCoordinator {
         M::InnerModule: TaskModel<B::InnerBackend>,
         D: DataModule,
     {
+        let device = B::Device::default();
+        let workers = cpu_workers(&self.config, &<B as Backend>::name(&device));
         self.train_on(
-            &[B::Device::default()],
+            &vec![device; workers],
             model,
             data,
             task,
@@ -208,7 +210,8 @@ impl TrainingCoordinator {
             }
         }
 
-        let total = run::total_steps(config, data.len(Split::Train), n_epochs);
+        let total = run::total_steps(config, data.len(Split::Train), n_epochs, plan.world_size);
+        let workers: Vec<B::Device> = plan.devices.iter().map(|&i| devices[i].clone()).collect();
         let mut progress = Progress::new(config.progress, total);
         let mut stats = LoopStats::default();
         let inputs = LoopInputs {
@@ -239,10 +242,21 @@ impl TrainingCoordinator {
                 &mut progress,
                 &mut stats,
             ),
-            _ => native::fit::<B, M, D>(
+            _ if plan.world_size == 1 => native::fit::<B, M, D>(
                 &inputs,
                 model,
                 resume.as_ref(),
+                &native::Replica::single(),
+                &mut metrics,
+                &mut progress,
+                &mut stats,
+            ),
+            _ => native::fit_group::<B, M, D>(
+                &inputs,
+                &workers,
+                model,
+                resume.as_ref(),
+                plan.strategy == Strategy::Fsdp,
                 &mut metrics,
                 &mut progress,
                 &mut stats,
@@ -300,6 +314,7 @@ impl TrainingCoordinator {
             wall_time_s: started.elapsed().as_secs_f64(),
             run_dir: Some(run_dir.path.clone()),
             run_id: metrics.run_id(),
+            optimizer_state_bytes: stats.optimizer_state_bytes,
         };
         run_dir.write_json("report.json", &report)?;
         // The files go into the store before the run is closed; whatever fails here,
@@ -323,6 +338,18 @@ impl TrainingCoordinator {
                 report: Box::new(report),
             }),
         }
+    }
+}
+
+/// Worker threads `train` runs on a CPU backend: one per device asked for
+/// (`devices = N` is N workers on the CPU device, a list as many as its largest
+/// index + 1), one for `auto` and `-1`. Other backends have their own devices.
+fn cpu_workers(config: &CoordinatorConfig, backend: &str) -> usize {
+    let cpu = ["ndarray", "flex"].iter().any(|b| backend.contains(b));
+    match (&config.devices, cpu) {
+        (Devices::Count(n), true) => *n,
+        (Devices::List(list), true) => list.iter().max().map_or(1, |m| m + 1),
+        _ => 1,
     }
 }
 

@@ -36,6 +36,10 @@ pub enum CoordinatorError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The exchange between data-parallel workers failed, or another worker of the
+    /// group failed (its message is included).
+    #[error("data-parallel training failed: {0}")]
+    Collective(String),
     /// Model weights could not be saved.
     #[error("cannot save the model to {path}: {reason}")]
     Record {

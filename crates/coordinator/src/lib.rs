@@ -28,6 +28,7 @@
 
 mod builder;
 mod checkpoint;
+mod collective;
 mod coordinator;
 mod error;
 mod grad;

@@ -7,10 +7,13 @@
 //! a permutation of the training set drawn from `(seed, epoch)`, so a run is
 //! reproducible bit for bit on CPU.
 
+use std::panic::AssertUnwindSafe;
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use kiln_core::rng::{SplitMix64, permutation};
@@ -18,9 +21,11 @@ use kiln_core::{CoordinatorConfig, DataModule, Split, TaskModel};
 
 use crate::CoordinatorError;
 use crate::checkpoint::{Loaded, Snapshot};
+use crate::collective::{Peer, Status};
 use crate::grad::{clip_global_norm, global_norm};
 use crate::objective::{self, EvalSums};
 use crate::progress::Progress;
+use crate::run::CheckpointCtx;
 use crate::run::{
     Failure, LoopInputs, LoopStats, SaveAt, SaveClock, StepRecord, batches_per_epoch, book_step,
     book_validation, total_steps, trainer_state, write_checkpoint,
@@ -59,10 +64,128 @@ pub(crate) fn restore_stats(loaded: &Loaded, stats: &mut LoopStats) {
     stats.train_seconds = s.train_seconds;
 }
 
+/// This worker's place in a data-parallel group; [`Replica::single`] for a run on
+/// one device.
+pub(crate) struct Replica<'g, B: AutodiffBackend, M: AutodiffModule<B>> {
+    /// Rank of this worker (0 keeps the books and writes checkpoints).
+    pub rank: usize,
+    /// Workers in the group.
+    pub world: usize,
+    /// fsdp: each worker keeps the optimizer state of, and updates, only its share
+    /// of the parameters (ZeRO stage 1).
+    pub sharded: bool,
+    /// What the group's workers share in this process.
+    pub group: Option<&'g Group<B, M>>,
+}
+
+impl<B: AutodiffBackend, M: AutodiffModule<B>> Replica<'_, B, M> {
+    pub fn single() -> Self {
+        Self {
+            rank: 0,
+            world: 1,
+            sharded: false,
+            group: None,
+        }
+    }
+
+    /// Whether this worker owns the parameter at `index` (visiting order).
+    fn owns(&self, index: usize) -> bool {
+        !self.sharded || index % self.world == self.rank
+    }
+}
+
+/// The optimizer record of kiln's AdamW for backend `B`.
+/// The optimizer record of kiln's AdamW for model `M` on backend `B`.
+pub(crate) type AdamWRecord<B, M> = <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record;
+
+/// What the workers of a group share in this process: the first failure (so every
+/// worker reports the one that started it), and, for fsdp, the optimizer shards
+/// handed to rank 0 when it writes a checkpoint.
+pub(crate) struct Group<B: AutodiffBackend, M: AutodiffModule<B>> {
+    failure: Mutex<Option<(usize, String)>>,
+    shards: Mutex<Vec<AdamWRecord<B, M>>>,
+    shards_ready: Condvar,
+}
+
+impl<B: AutodiffBackend, M: AutodiffModule<B>> Group<B, M> {
+    pub fn new() -> Self {
+        Self {
+            failure: Mutex::new(None),
+            shards: Mutex::new(Vec::new()),
+            shards_ready: Condvar::new(),
+        }
+    }
+
+    fn note_failure(&self, rank: usize, failure: &Failure) {
+        let mut first = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some((rank, failure_text(failure)));
+        }
+    }
+
+    /// The failure another worker reported, as this worker's error.
+    fn failure_elsewhere(&self) -> Failure {
+        let first = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        match first.as_ref() {
+            Some((rank, text)) => Failure::Error(CoordinatorError::Collective(format!(
+                "worker {rank} failed: {text}"
+            ))),
+            None => Failure::Error(CoordinatorError::Collective("another worker failed".into())),
+        }
+    }
+
+    /// Hands a worker's optimizer shard to rank 0.
+    fn deposit(&self, shard: AdamWRecord<B, M>) {
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(shard);
+        self.shards_ready.notify_all();
+    }
+
+    /// Rank 0: waits for the `n` other workers' shards.
+    fn collect(&self, n: usize) -> Vec<AdamWRecord<B, M>> {
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        while shards.len() < n {
+            shards = self
+                .shards_ready
+                .wait(shards)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        std::mem::take(&mut *shards)
+    }
+}
+
+fn failure_text(failure: &Failure) -> String {
+    match failure {
+        Failure::Diverged(reason) | Failure::Panicked(reason) => reason.clone(),
+        Failure::Error(e) => e.to_string(),
+        Failure::Stopped => "stopped".into(),
+    }
+}
+
+/// One accumulation group's work on this worker, before the exchange.
+struct Local {
+    grads: Option<GradientsParams>,
+    /// Sum over the group's micro-batches of this worker's loss × its share of the
+    /// micro-batch, divided by the group length (summed over workers: the step's
+    /// mean loss; the share is exactly 1 with one worker).
+    loss: f64,
+    /// Examples of the global batches (all workers).
+    samples: u64,
+}
+
+/// Trains `model` with kiln's native loop as worker `replica` (see `run.rs` for
+/// what the books hold). With one worker this is the seed's plain loop; with
+/// several, each worker trains on its shard of every global batch and the group sums
+/// the weighted gradients through burn-collective before each identical optimizer
+/// step.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn fit<B, M, D>(
     inputs: &LoopInputs<'_, B, D>,
     model: M,
     resume: Option<&Loaded>,
+    replica: &Replica<'_, B, M>,
     metrics: &mut Metrics<'_>,
     progress: &mut Progress,
     stats: &mut LoopStats,
@@ -84,13 +207,15 @@ where
         ..
     } = inputs;
     let (config, task, data, device, n_epochs) = (*config, *task, *data, *device, *n_epochs);
+    let (rank, world) = (replica.rank, replica.world);
     let n_train = data.len(Split::Train);
-    let batch_size = config.batch_size;
-    let per_epoch = batches_per_epoch(config, n_train);
+    let per_epoch = batches_per_epoch(config, n_train, world);
     let accumulate = config.accumulate_grad_batches as usize;
-    let total = total_steps(config, n_train, n_epochs);
+    let total = total_steps(config, n_train, n_epochs, world);
     let items_per_example = data.items_per_example() as f64;
     let o = &config.optimizer;
+    // Only rank 0 writes checkpoints; every worker takes the same decisions.
+    let writes = rank == 0;
 
     B::seed(device, config.seed);
     let mut optim = adamw(config).init::<B, M>();
@@ -98,121 +223,510 @@ where
     let (start_epoch, start_batch) = resume_position(resume, per_epoch);
     if let Some(loaded) = resume {
         model = loaded.model::<B, M>(model, device)?;
-        optim = optim.load_record(loaded.optim::<B, _>(device)?);
+        let record: AdamWRecord<B, M> = loaded.optim::<B, _>(device)?;
+        optim = optim.load_record(shard_of(&model, record, replica));
         restore_stats(loaded, stats);
     }
     let previous_seconds = stats.train_seconds;
     // Materialise lazily initialised parameters on the device before anything is
     // cloned (Burn 0.21, #5040: clones of lazy params initialise independently).
     let mut model = model.fork(device);
-    let started = Instant::now();
-    let mut validation_seconds = 0.0;
-    let mut clock = SaveClock::new(stats.steps);
-
-    for epoch in start_epoch..n_epochs {
-        if stats.steps >= total {
-            break;
-        }
-        progress.epoch(epoch, n_epochs);
-        let order = permutation(n_train, &mut SplitMix64::derived(config.seed, epoch as u64));
-        let mut b = if epoch == start_epoch { start_batch } else { 0 };
-        let mut save_after_validation = None;
-        while b < per_epoch {
-            let group = accumulate.min(per_epoch - b);
-            let mut accumulator = GradientsAccumulator::<M>::new();
-            let mut single = None;
-            let mut loss_sum = 0.0;
-            for _ in 0..group {
-                let indices = &order[b * batch_size..((b + 1) * batch_size).min(n_train)];
-                let batch = data.batch::<B>(Split::Train, indices, device)?;
-                // Checked once the batch is built: a stop asked meanwhile (a signal, or
-                // the data module itself) ends the run before the batch is trained on.
-                if stop.is_stopped() {
-                    return Err(Failure::Stopped);
-                }
-                let prediction = model.forward(batch.inputs)?;
-                let loss = objective::loss(&task.kind, prediction, batch.targets)?;
-                let value = loss.clone().into_scalar().elem::<f64>();
-                if !value.is_finite() {
-                    return Err(Failure::Diverged(format!(
-                        "training loss is {value} at step {} (epoch {epoch}, batch {b})",
-                        stats.steps + 1
-                    )));
-                }
-                loss_sum += value;
-                let loss = if group > 1 {
-                    loss.div_scalar(group as f64)
-                } else {
-                    loss
-                };
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                if group > 1 {
-                    accumulator.accumulate(&model, grads);
-                } else {
-                    single = Some(grads);
-                }
-                stats.samples += indices.len() as u64;
-                b += 1;
+    let peer = match replica.group {
+        Some(_) => Some(Peer::<B>::register(rank, world, device)?),
+        None => None,
+    };
+    let outcome = (|| -> Result<M, Failure> {
+        if let Some(peer) = &peer {
+            // Replicas copied in one process are identical; a float sum over the
+            // group is not exact, hence the tolerance (independent initialisations
+            // differ by the weights' own scale).
+            let (spread, scale) = peer.replica_spread(&model)?;
+            if spread > 1e-6 * scale.max(1e-6) {
+                return Err(Failure::Error(CoordinatorError::Collective(format!(
+                    "the replicas differ at start (largest difference {spread:e}): every \
+                     worker must begin from the same weights"
+                ))));
             }
-            let mut grads = single.unwrap_or_else(|| accumulator.grads());
-            let step = stats.steps + 1;
-            let logging = StepRecord::is_logged(config, step, total);
-            let (norm, lr) = (
-                post_process::<B, M>(
+        }
+        let started = Instant::now();
+        let mut validation_seconds = 0.0;
+        let mut clock = SaveClock::new(stats.steps);
+        // A failure of this worker outside a step (booking, validation, a checkpoint)
+        // is told to the others at the next exchange.
+        let mut deferred: Option<Failure> = None;
+
+        for epoch in start_epoch..n_epochs {
+            if stats.steps >= total {
+                break;
+            }
+            progress.epoch(epoch, n_epochs);
+            let order = permutation(n_train, &mut SplitMix64::derived(config.seed, epoch as u64));
+            let mut b = if epoch == start_epoch { start_batch } else { 0 };
+            let mut save_after_validation = None;
+            while b < per_epoch {
+                let group = accumulate.min(per_epoch - b);
+                let step = stats.steps + 1;
+                let local = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    train_group::<B, M, D>(inputs, &model, &order, b, group, replica, step, epoch)
+                }))
+                .unwrap_or_else(|panic| {
+                    Err(Failure::Panicked(crate::coordinator::panic_message(
+                        panic.as_ref(),
+                    )))
+                });
+                b += group;
+                let time_due = writes
+                    && checkpoints
+                        .as_ref()
+                        .is_some_and(|c| clock.time_due(c.policy));
+                let (mut grads, step_loss, samples, time_due) = match (&peer, local) {
+                    (None, Ok(local)) => (
+                        local.grads.unwrap_or_default(),
+                        local.loss,
+                        local.samples,
+                        time_due,
+                    ),
+                    (None, Err(failure)) => return Err(failure),
+                    (Some(peer), local) => {
+                        let failure = local.as_ref().err().map(|f| {
+                            if let Some(g) = replica.group {
+                                g.note_failure(rank, f);
+                            }
+                        });
+                        let stopped = matches!(local, Err(Failure::Stopped));
+                        let (grads, mine_loss, samples) = match &local {
+                            Ok(l) => (l.grads.as_ref(), l.loss, l.samples),
+                            Err(_) => (None, 0.0, 0),
+                        };
+                        if let Some(f) = &deferred
+                            && let Some(g) = replica.group
+                        {
+                            g.note_failure(rank, f);
+                        }
+                        let status = Status {
+                            loss: mine_loss,
+                            stop: f64::from(u8::from(stopped || stop.is_stopped())),
+                            failed: f64::from(u8::from(
+                                (failure.is_some() && !stopped) || deferred.is_some(),
+                            )),
+                            save_due: f64::from(u8::from(time_due)),
+                        };
+                        let (summed, all) = peer.sum_step(&model, grads, status)?;
+                        if all.failed > 0.0 {
+                            return Err(match (local, deferred.take()) {
+                                (Err(own), _) if !stopped => own,
+                                (_, Some(own)) => own,
+                                _ => replica
+                                    .group
+                                    .map_or(Failure::Stopped, Group::failure_elsewhere),
+                            });
+                        }
+                        if all.stop > 0.0 {
+                            return Err(Failure::Stopped);
+                        }
+                        // Rank 0's clock decides time-based checkpoints for all.
+                        (summed, all.loss, samples, all.save_due > 0.0)
+                    }
+                };
+                stats.samples += samples;
+                let logging = StepRecord::is_logged(config, step, total);
+                let norm = post_process::<B, M>(
                     config.gradient_clip_val,
                     &model,
                     &mut grads,
                     logging,
                     step,
                     epoch,
-                )?,
-                o.schedule.lr_at(o.lr, stats.steps, total),
-            );
-            model = optim.step(lr, model, grads);
-            let record = StepRecord {
-                step,
-                epoch,
-                loss: loss_sum / group as f64,
-                lr,
-                grad_norm: norm,
-                logging,
-                samples: stats.samples,
-                train_seconds: previous_seconds + started.elapsed().as_secs_f64()
-                    - validation_seconds,
-            };
-            book_step(&record, task, items_per_example, stats, metrics, progress)?;
-            if let Some(ctx) = checkpoints {
-                let epoch_done = b == per_epoch;
-                match clock.due(ctx.policy, step, epoch, epoch_done, step >= total) {
-                    Some(SaveAt::Now) => {
-                        let snapshot = Snapshot::take::<B, M, B, _>(&model, optim.to_record())?;
-                        let state = trainer_state(ctx, stats, metrics, config.seed, epoch, b);
-                        write_checkpoint(ctx, &snapshot, &state, metrics)?;
-                        clock.saved(step);
+                )?;
+                let lr = o.schedule.lr_at(o.lr, stats.steps, total);
+                if replica.sharded {
+                    retain_owned::<B, M>(&model, &mut grads, replica);
+                }
+                model = optim.step(lr, model, grads);
+                if let (Some(peer), true) = (&peer, replica.sharded) {
+                    model = peer.gather_params(model, &|i| replica.owns(i))?;
+                }
+                let record = StepRecord {
+                    step,
+                    epoch,
+                    loss: step_loss,
+                    lr,
+                    grad_norm: norm,
+                    logging,
+                    samples: stats.samples,
+                    train_seconds: previous_seconds + started.elapsed().as_secs_f64()
+                        - validation_seconds,
+                };
+                if let Err(e) =
+                    book_step(&record, task, items_per_example, stats, metrics, progress)
+                {
+                    defer(&mut deferred, e.into(), peer.is_some())?;
+                }
+                if let Some(ctx) = checkpoints {
+                    let epoch_done = b == per_epoch;
+                    let due =
+                        clock.due_at(ctx.policy, step, epoch, epoch_done, step >= total, time_due);
+                    match due {
+                        Some(SaveAt::Now) => {
+                            let saved = save(
+                                ctx,
+                                replica,
+                                &model,
+                                &optim,
+                                stats,
+                                metrics,
+                                config.seed,
+                                epoch,
+                                b,
+                            );
+                            if let Err(e) = saved {
+                                defer(&mut deferred, e, peer.is_some())?;
+                            }
+                            clock.saved(step);
+                        }
+                        Some(SaveAt::AfterValidation) => save_after_validation = Some(b),
+                        None => {}
                     }
-                    Some(SaveAt::AfterValidation) => save_after_validation = Some(b),
-                    None => {}
+                }
+                if step >= total {
+                    break;
                 }
             }
-            if step >= total {
+            if writes {
+                let validation_started = Instant::now();
+                let validated = validate::<B, M, D>(inputs, &model, metrics)
+                    .and_then(|results| book_validation(&results, epoch, stats, metrics, progress));
+                validation_seconds += validation_started.elapsed().as_secs_f64();
+                if let Err(e) = validated {
+                    defer(&mut deferred, e.into(), peer.is_some())?;
+                }
+            } else {
+                stats.epochs = epoch + 1;
+            }
+            if let (Some(ctx), Some(b)) = (checkpoints, save_after_validation) {
+                let saved = save(
+                    ctx,
+                    replica,
+                    &model,
+                    &optim,
+                    stats,
+                    metrics,
+                    config.seed,
+                    epoch,
+                    b,
+                );
+                if let Err(e) = saved {
+                    defer(&mut deferred, e, peer.is_some())?;
+                }
+                clock.saved(stats.steps);
+            }
+            if stats.steps >= total {
                 break;
             }
         }
-        let validation_started = Instant::now();
-        let results = validate::<B, M, D>(inputs, &model, metrics)?;
-        validation_seconds += validation_started.elapsed().as_secs_f64();
-        book_validation(&results, epoch, stats, metrics, progress)?;
-        if let (Some(ctx), Some(b)) = (checkpoints, save_after_validation) {
-            let snapshot = Snapshot::take::<B, M, B, _>(&model, optim.to_record())?;
-            let state = trainer_state(ctx, stats, metrics, config.seed, epoch, b);
-            write_checkpoint(ctx, &snapshot, &state, metrics)?;
-            clock.saved(stats.steps);
+        // Every worker ends here after the same steps; one last exchange tells each
+        // whether another failed after the last step.
+        if let Some(peer) = &peer {
+            let failed = deferred.is_some();
+            if let (Some(f), Some(g)) = (&deferred, replica.group) {
+                g.note_failure(rank, f);
+            }
+            let status = Status {
+                failed: f64::from(u8::from(failed)),
+                ..Status::default()
+            };
+            let (_, all) = peer.sum_step(&model, None, status)?;
+            if all.failed > 0.0 {
+                return Err(deferred.take().unwrap_or_else(|| {
+                    replica
+                        .group
+                        .map_or(Failure::Stopped, Group::failure_elsewhere)
+                }));
+            }
         }
-        if stats.steps >= total {
-            break;
+        stats.optimizer_state_bytes = crate::checkpoint::encoded_len::<B, _>(optim.to_record());
+        match deferred {
+            Some(failure) => Err(failure),
+            None => Ok(model),
+        }
+    })();
+    if let Some(peer) = peer {
+        peer.finish()?;
+    }
+    outcome
+}
+
+/// Trains with one worker per device of `devices` (ranks in that order): rank 0 on
+/// this thread (it keeps the books), the others on their own threads. Returns rank
+/// 0's model; every worker ends with the same weights.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fit_group<B, M, D>(
+    inputs: &LoopInputs<'_, B, D>,
+    devices: &[B::Device],
+    model: M,
+    resume: Option<&Loaded>,
+    sharded: bool,
+    metrics: &mut Metrics<'_>,
+    progress: &mut Progress,
+    stats: &mut LoopStats,
+) -> Result<M, Failure>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TaskModel<B>,
+    M::InnerModule: TaskModel<B::InnerBackend>,
+    D: DataModule,
+{
+    // burn-collective 0.21 keeps one local server per backend type in a process: one
+    // group at a time (memo §4.1).
+    static ONE_GROUP: Mutex<()> = Mutex::new(());
+    let _only_group = ONE_GROUP.lock().unwrap_or_else(|p| p.into_inner());
+    let world = devices.len();
+    // Materialised once, then copied: every replica starts from the same weights.
+    let model = model.fork(&devices[0]);
+    let group = Group::<B, M>::new();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (1..world)
+            .map(|rank| {
+                let replica_model = model.clone().fork(&devices[rank]);
+                let group = &group;
+                let device = &devices[rank];
+                scope.spawn(move || {
+                    let inputs = LoopInputs {
+                        device,
+                        checkpoints: inputs.checkpoints.as_ref().map(|c| CheckpointCtx {
+                            run_dir: c.run_dir,
+                            policy: c.policy,
+                            signatures: c.signatures.clone(),
+                            run_id: None,
+                            attempt: c.attempt,
+                        }),
+                        ..*inputs
+                    };
+                    let replica = Replica {
+                        rank,
+                        world,
+                        sharded,
+                        group: Some(group),
+                    };
+                    fit(
+                        &inputs,
+                        replica_model,
+                        resume,
+                        &replica,
+                        &mut Metrics::detached(),
+                        &mut Progress::new(kiln_core::ProgressMode::Off, 0),
+                        &mut LoopStats::default(),
+                    )
+                    .map(|_| ())
+                })
+            })
+            .collect();
+        let replica = Replica {
+            rank: 0,
+            world,
+            sharded,
+            group: Some(&group),
+        };
+        let outcome = fit(inputs, model, resume, &replica, metrics, progress, stats);
+        let mut others = Vec::new();
+        for (rank, worker) in (1..world).zip(workers) {
+            match worker.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(failure)) => others.push((rank, failure)),
+                Err(panic) => others.push((
+                    rank,
+                    Failure::Panicked(crate::coordinator::panic_message(panic.as_ref())),
+                )),
+            }
+        }
+        match (outcome, others.into_iter().next()) {
+            (Ok(model), None) => Ok(model),
+            (Err(failure), _) => Err(failure),
+            (Ok(_), Some((rank, failure))) => Err(Failure::Error(CoordinatorError::Collective(
+                format!("worker {rank} failed: {}", failure_text(&failure)),
+            ))),
+        }
+    })
+}
+
+/// Keeps a failure outside a step for the next exchange (several workers), or ends
+/// the run with it now (one worker).
+fn defer(deferred: &mut Option<Failure>, failure: Failure, in_group: bool) -> Result<(), Failure> {
+    match in_group {
+        true => {
+            deferred.get_or_insert(failure);
+            Ok(())
+        }
+        false => Err(failure),
+    }
+}
+
+/// The forward and backward passes of one accumulation group on this worker's
+/// shards: micro-batches `b..b + group` of `order`.
+#[allow(clippy::too_many_arguments)]
+fn train_group<B, M, D>(
+    inputs: &LoopInputs<'_, B, D>,
+    model: &M,
+    order: &[usize],
+    b: usize,
+    group: usize,
+    replica: &Replica<'_, B, M>,
+    step: u64,
+    epoch: usize,
+) -> Result<Local, Failure>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TaskModel<B>,
+    D: DataModule,
+{
+    let (config, data, device, task) = (inputs.config, inputs.data, inputs.device, inputs.task);
+    let (rank, world) = (replica.rank, replica.world);
+    let batch_size = config.batch_size;
+    let global_batch = batch_size * world;
+    let n_train = order.len();
+    let mut accumulator = GradientsAccumulator::<M>::new();
+    let mut single = None;
+    let mut local = Local {
+        grads: None,
+        loss: 0.0,
+        samples: 0,
+    };
+    for m in b..b + group {
+        let chunk = &order[m * global_batch..((m + 1) * global_batch).min(n_train)];
+        local.samples += chunk.len() as u64;
+        let mine = &chunk
+            [(rank * batch_size).min(chunk.len())..((rank + 1) * batch_size).min(chunk.len())];
+        if mine.is_empty() {
+            // A short last global batch: this worker sends zero gradients.
+            if inputs.stop.is_stopped() {
+                return Err(Failure::Stopped);
+            }
+            continue;
+        }
+        let batch = data.batch::<B>(Split::Train, mine, device)?;
+        // Checked once the batch is built: a stop asked meanwhile (a signal, or the
+        // data module itself) ends the run before the batch is trained on.
+        if inputs.stop.is_stopped() {
+            return Err(Failure::Stopped);
+        }
+        let prediction = model.forward(batch.inputs)?;
+        let loss = objective::loss(&task.kind, prediction, batch.targets)?;
+        let value = loss.clone().into_scalar().elem::<f64>();
+        if !value.is_finite() {
+            return Err(Failure::Diverged(format!(
+                "training loss is {value} at step {step} (epoch {epoch}, batch {m})"
+            )));
+        }
+        // This worker's share of the micro-batch, and of the group.
+        let share = mine.len() as f64 / chunk.len() as f64;
+        local.loss += value * share;
+        let loss = match (world > 1, group > 1) {
+            (false, false) => loss,
+            (false, true) => loss.div_scalar(group as f64),
+            (true, _) => loss.mul_scalar(share / group as f64),
+        };
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        if group > 1 {
+            accumulator.accumulate(model, grads);
+        } else {
+            single = Some(grads);
         }
     }
-    Ok(model)
+    local.grads = single.or_else(|| (group > 1).then(|| accumulator.grads()));
+    local.loss /= group as f64;
+    Ok(local)
+}
+
+/// Drops the gradients of the parameters this worker does not own (fsdp): its
+/// optimizer then neither keeps state for them nor updates them.
+fn retain_owned<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    replica: &Replica<'_, B, M>,
+) {
+    struct Retain<'a, 'r, B: AutodiffBackend, M: AutodiffModule<B>> {
+        grads: &'a mut GradientsParams,
+        replica: &'a Replica<'r, B, M>,
+        index: usize,
+    }
+    impl<B: AutodiffBackend, M: AutodiffModule<B>> ModuleVisitor<B> for Retain<'_, '_, B, M> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if !self.replica.owns(self.index) {
+                self.grads.remove::<B::InnerBackend, D>(param.id);
+            }
+            self.index += 1;
+        }
+    }
+    model.visit(&mut Retain {
+        grads,
+        replica,
+        index: 0,
+    });
+}
+
+/// The part of a full optimizer record this worker keeps (all of it unless fsdp).
+fn shard_of<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    mut record: AdamWRecord<B, M>,
+    replica: &Replica<'_, B, M>,
+) -> AdamWRecord<B, M> {
+    if !replica.sharded {
+        return record;
+    }
+    struct Owned<'a, 'r, B: AutodiffBackend, M: AutodiffModule<B>> {
+        keep: Vec<ParamId>,
+        replica: &'a Replica<'r, B, M>,
+        index: usize,
+    }
+    impl<B: AutodiffBackend, M: AutodiffModule<B>> ModuleVisitor<B> for Owned<'_, '_, B, M> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.replica.owns(self.index) {
+                self.keep.push(param.id);
+            }
+            self.index += 1;
+        }
+    }
+    let mut owned = Owned {
+        keep: Vec::new(),
+        replica,
+        index: 0,
+    };
+    model.visit(&mut owned);
+    record.retain(|id, _| owned.keep.contains(id));
+    record
+}
+
+/// Writes a checkpoint (rank 0), gathering the optimizer shards first under fsdp.
+#[allow(clippy::too_many_arguments)]
+fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
+    ctx: &CheckpointCtx<'_>,
+    replica: &Replica<'_, B, M>,
+    model: &M,
+    optim: &OptimizerAdaptor<AdamW, M, B>,
+    stats: &LoopStats,
+    metrics: &mut Metrics<'_>,
+    seed: u64,
+    epoch: usize,
+    b: usize,
+) -> Result<(), Failure> {
+    let mut record: AdamWRecord<B, M> = optim.to_record();
+    match (replica.rank, replica.sharded, replica.group) {
+        (0, true, Some(group)) => {
+            for shard in group.collect(replica.world - 1) {
+                record.extend(shard);
+            }
+        }
+        (_, true, Some(group)) => {
+            group.deposit(record);
+            return Ok(());
+        }
+        (0, ..) => {}
+        _ => return Ok(()),
+    }
+    let snapshot = Snapshot::take::<B, M, B, _>(model, record)?;
+    let state = trainer_state(ctx, stats, metrics, seed, epoch, b);
+    write_checkpoint(ctx, &snapshot, &state, metrics)?;
+    Ok(())
 }
 
 /// Clips the gradients (when `gradient_clip_val` is set) and measures their global

@@ -11,7 +11,9 @@ use crate::{CoordinatorError, Result};
 /// | `auto`, `single` | 1 | `single`: the Learner engine (burn-train), or the native loop with a warning when the `learner` feature is not compiled in |
 /// | `vanilla` | 1 | `single` on kiln's native loop, in any build |
 /// | `ddp`, `ddp_spawn`, `fsdp` | 1 | as `auto`, with a warning (nothing to distribute) |
-/// | `auto`, `ddp`, `ddp_spawn`, `fsdp` | > 1 | not available yet (data-parallel issue) |
+/// | `auto`, `ddp` | > 1 | `ddp` on the native loop: one worker per device |
+/// | `ddp_spawn` | > 1 | `ddp`, with a warning (threads need no spawn) |
+/// | `fsdp` | > 1 | `fsdp` (optimizer state sharded, ZeRO-1) on the native loop |
 /// | `single`, `vanilla` | > 1 | error: these run on one device |
 /// | any, `num_nodes > 1` | | not available yet (multi-node issue) |
 /// | precision other than `32-true` | | not available yet (precision issue) |
@@ -47,19 +49,16 @@ pub fn resolve_plan(
             )
             .into());
         }
-        (s, _) => {
-            let runs_as = if s == Strategy::Auto {
-                Strategy::Ddp
-            } else {
-                s
-            };
-            return Err(CoordinatorError::NotAvailable {
-                what: format!("strategy {s} on {n} devices (= {runs_as})"),
-                reason: "data-parallel training is not implemented in this version of kiln \
-                         yet (tracked by the data-parallel issue); use one device"
-                    .into(),
-            });
+        (Strategy::Fsdp, _) => Strategy::Fsdp,
+        (Strategy::DdpSpawn, _) => {
+            warnings.push(
+                "strategy ddp_spawn runs as ddp (kiln's workers are threads: there is \
+                 nothing to spawn)"
+                    .to_string(),
+            );
+            Strategy::Ddp
         }
+        _ => Strategy::Ddp,
     };
     if config.num_nodes > 1 {
         return Err(CoordinatorError::NotAvailable {
@@ -79,6 +78,8 @@ pub fn resolve_plan(
     }
     let engine = match config.strategy {
         Strategy::Vanilla => Engine::Native,
+        // Data-parallel groups run on the native loop (see docs/strategies.md).
+        _ if n > 1 => Engine::Native,
         _ if cfg!(feature = "learner") => Engine::Learner,
         _ => {
             warnings.push(
@@ -165,8 +166,6 @@ mod tests {
     }
 
     #[rstest]
-    #[case::ddp_two(cfg("ddp", "2"), 2, "strategy ddp on 2 devices")]
-    #[case::auto_two(cfg("auto", "auto"), 2, "strategy auto on 2 devices (= ddp)")]
     #[case::nodes(CoordinatorConfig { num_nodes: 2, ..Default::default() }, 1, "num_nodes 2")]
     #[case::bf16(CoordinatorConfig { precision: kiln_core::Precision::Bf16Mixed, ..Default::default() }, 1, "precision bf16-mixed")]
     fn what_this_version_cannot_run_says_so(
@@ -184,6 +183,24 @@ mod tests {
             msg.contains(needle) && msg.contains("not available"),
             "{msg}"
         );
+    }
+
+    #[rstest]
+    #[case("ddp", "2", Strategy::Ddp, 0)]
+    #[case("auto", "auto", Strategy::Ddp, 0)]
+    #[case("ddp_spawn", "2", Strategy::Ddp, 1)]
+    #[case("fsdp", "-1", Strategy::Fsdp, 0)]
+    fn several_devices_resolve_to_data_parallel(
+        #[case] strategy: &str,
+        #[case] devices: &str,
+        #[case] want: Strategy,
+        #[case] n_warnings: usize,
+    ) {
+        let plan = resolve_plan(&cfg(strategy, devices), "ndarray", 2).unwrap();
+        assert_eq!(plan.strategy, want);
+        assert_eq!(plan.engine, Engine::Native);
+        assert_eq!((plan.world_size, plan.devices.clone()), (2, vec![0, 1]));
+        assert_eq!(plan.warnings.len(), n_warnings, "{:?}", plan.warnings);
     }
 
     #[test]

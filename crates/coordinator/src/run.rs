@@ -25,6 +25,8 @@ pub(crate) struct LoopStats {
     pub step_losses: Vec<f32>,
     pub train_seconds: f64,
     pub samples: u64,
+    /// Encoded size of this worker's optimizer state at the end.
+    pub optimizer_state_bytes: u64,
 }
 
 /// Why a loop stopped early.
@@ -70,17 +72,23 @@ pub(crate) struct CheckpointCtx<'a> {
     pub attempt: u32,
 }
 
-/// Optimizer steps the run will take.
-pub(crate) fn total_steps(config: &CoordinatorConfig, n_train: usize, n_epochs: usize) -> u64 {
+/// Optimizer steps the run will take with `world` workers.
+pub(crate) fn total_steps(
+    config: &CoordinatorConfig,
+    n_train: usize,
+    n_epochs: usize,
+    world: usize,
+) -> u64 {
     let per_epoch =
-        batches_per_epoch(config, n_train).div_ceil(config.accumulate_grad_batches as usize);
+        batches_per_epoch(config, n_train, world).div_ceil(config.accumulate_grad_batches as usize);
     let total = per_epoch as u64 * n_epochs as u64;
     config.max_steps.map_or(total, |m| total.min(m))
 }
 
-/// Micro-batches in one epoch (`limit_train_batches` applied).
-pub(crate) fn batches_per_epoch(config: &CoordinatorConfig, n_train: usize) -> usize {
-    let n = n_train.div_ceil(config.batch_size);
+/// Micro-batches in one epoch (`limit_train_batches` applied). With `world` workers
+/// a micro-batch is global: `batch_size` examples per worker.
+pub(crate) fn batches_per_epoch(config: &CoordinatorConfig, n_train: usize, world: usize) -> usize {
+    let n = n_train.div_ceil(config.batch_size * world.max(1));
     config.limit_train_batches.map_or(n, |l| n.min(l))
 }
 
@@ -138,6 +146,27 @@ impl SaveClock {
         epoch_done: bool,
         last: bool,
     ) -> Option<SaveAt> {
+        self.due_at(policy, step, epoch, epoch_done, last, self.time_due(policy))
+    }
+
+    /// Whether the policy's time interval has passed since the last save.
+    pub fn time_due(&self, policy: &CheckpointPolicy) -> bool {
+        policy
+            .train_time_interval_s
+            .is_some_and(|t| self.last_time.elapsed().as_secs_f64() >= t)
+    }
+
+    /// [`due`](Self::due) with the time condition decided elsewhere (by rank 0, for
+    /// every worker of a group).
+    pub fn due_at(
+        &self,
+        policy: &CheckpointPolicy,
+        step: u64,
+        epoch: usize,
+        epoch_done: bool,
+        last: bool,
+        time_due: bool,
+    ) -> Option<SaveAt> {
         let by_epoch = policy
             .every_n_epochs
             .is_some_and(|n| (epoch as u64 + 1).is_multiple_of(n));
@@ -145,10 +174,7 @@ impl SaveClock {
             return Some(SaveAt::AfterValidation);
         }
         let by_steps = policy.every_n_steps.is_some_and(|n| step.is_multiple_of(n));
-        let by_time = policy
-            .train_time_interval_s
-            .is_some_and(|t| self.last_time.elapsed().as_secs_f64() >= t);
-        (by_steps || by_time).then_some(SaveAt::Now)
+        (by_steps || time_due).then_some(SaveAt::Now)
     }
 
     /// Notes a save at `step`.

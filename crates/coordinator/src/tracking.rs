@@ -40,6 +40,16 @@ impl<'t> Metrics<'t> {
         })
     }
 
+    /// Summaries only, recorded nowhere (the books of a worker other than rank 0).
+    pub fn detached() -> Self {
+        Self {
+            tracker: None,
+            last_beat: Instant::now(),
+            summaries: BTreeMap::new(),
+            pending: Vec::new(),
+        }
+    }
+
     /// Continues a run from a checkpoint taken at `step`: a new attempt in the store
     /// (when the run was recorded and a store is given), summaries restored.
     /// Returns the attempt number the store gave.

@@ -93,7 +93,12 @@ fn with_the_learner_feature_auto_runs_through_burn_train_without_warnings() {
     assert!(logged.is_empty(), "{logged}");
     // burn-train installs a global subscriber (and a panic hook) by default; kiln
     // asks it not to: the process's logging stays the application's choice.
-    assert!(!tracing::dispatcher::has_been_set());
+    let global_is_none = std::thread::spawn(|| {
+        tracing::dispatcher::get_default(|d| d.is::<tracing::subscriber::NoSubscriber>())
+    })
+    .join()
+    .unwrap();
+    assert!(global_is_none, "a global tracing subscriber was installed");
 }
 
 /// `vanilla` selects the native loop in any build, without a warning.

@@ -140,4 +140,9 @@ pub struct TrainReport {
     pub run_dir: Option<PathBuf>,
     /// The run's id in the experiment store, when one was given.
     pub run_id: Option<i64>,
+    /// Bytes of optimizer state one worker keeps (rank 0's, encoded at full
+    /// precision): the whole model's AdamW moments for `single` and `ddp`, about a
+    /// world-size share of them for `fsdp`. 0 when training never started.
+    #[serde(default)]
+    pub optimizer_state_bytes: u64,
 }

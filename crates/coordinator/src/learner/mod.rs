@@ -76,9 +76,9 @@ where
         ..
     } = *inputs;
     let n_train = data.len(Split::Train);
-    let per_epoch = batches_per_epoch(config, n_train);
+    let per_epoch = batches_per_epoch(config, n_train, 1);
     let accumulate = config.accumulate_grad_batches as usize;
-    let total = total_steps(config, n_train, n_epochs);
+    let total = total_steps(config, n_train, n_epochs, 1);
     let items_per_example = data.items_per_example() as f64;
 
     B::seed(device, config.seed);
@@ -135,6 +135,7 @@ where
             validation_seconds: 0.0,
             clock: SaveClock::new(stats.steps),
             failure: None,
+            optimizer_state_bytes: 0,
         },
     );
     let train_loader = Arc::new(TrainLoader::<B> {
@@ -211,9 +212,12 @@ where
             )));
         }
     };
-    if let Some(failure) = shared.position().failure.take() {
+    let mut position = shared.position();
+    stats.optimizer_state_bytes = position.optimizer_state_bytes;
+    if let Some(failure) = position.failure.take() {
         return Err(failure);
     }
+    drop(position);
     Ok(M::from_inner(trained.model))
 }
 

@@ -73,6 +73,8 @@ pub(crate) struct Position {
     pub clock: SaveClock,
     /// Why the run must end, once known.
     pub failure: Option<Failure>,
+    /// Encoded size of the optimizer state after the last step.
+    pub optimizer_state_bytes: u64,
 }
 
 impl Position {

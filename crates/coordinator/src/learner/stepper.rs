@@ -229,9 +229,12 @@ where
             train_seconds: p.train_seconds(),
         };
         shared.send(Event::Step(record));
+        let last = step >= settings.total;
+        if last {
+            p.optimizer_state_bytes = crate::checkpoint::encoded_len::<BO, _>(optim.to_record());
+        }
         if let Some(policy) = &settings.checkpoints {
             let epoch_done = batch == settings.per_epoch;
-            let last = step >= settings.total;
             if let Some(when) = p.clock.due(policy, step, epoch, epoch_done, last) {
                 match Snapshot::take::<B, M, BO, _>(&stepped.model, optim.to_record()) {
                     Ok(snapshot) => {
