@@ -340,12 +340,14 @@ fn write_benchmarks_md(command: &str, summary: &[Value]) -> Result<()> {
     }
     let store: Vec<&Value> = summary.iter().filter(|v| v["kind"] == "store").collect();
     if !store.is_empty() {
-        table.push_str("\n| experiment store | rounds | median |\n| --- | ---: | ---: |\n");
+        table.push_str("\n| store and checkpoints | rounds | median |\n| --- | ---: | ---: |\n");
         for v in store {
             let m = v["measure"].as_str().unwrap_or("");
             let value = field(v, "median").unwrap_or(f64::NAN);
             let shown = if m.contains("overhead") {
                 format!("{:+.1} %", value * 100.0)
+            } else if m.contains("mb_per_s") {
+                format!("{value:.1}")
             } else {
                 format!("{value:.0}")
             };

@@ -45,8 +45,8 @@ pub struct BenchArgs {
     /// Sequences per batch.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// Also measure the experiment store: insert throughput and the training overhead
-    /// of logging every step.
+    /// Also measure the experiment store (insert throughput, the training overhead of
+    /// logging every step) and checkpoint files (save and load MB/s).
     #[arg(long)]
     store: bool,
 }
@@ -86,6 +86,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if args.store {
             emit(&store_insert_throughput(round)?);
             emit(&logging_overhead(args, round)?);
+            for line in checkpoint_speed(round)? {
+                emit(&line);
+            }
         }
     }
     Ok(())
@@ -130,6 +133,28 @@ fn store_insert_throughput(round: usize) -> Result<serde_json::Value> {
         "kind": "store", "measure": "insert_points_per_s", "round": round,
         "value": (batches * per_batch) as f64 / seconds, "batch": per_batch,
     }))
+}
+
+/// Save and load speed of a checkpoint of the small GPT (3.2 M parameters: the model
+/// and its AdamW state, about 39 MB), the way training writes and resume reads it.
+fn checkpoint_speed(round: usize) -> Result<Vec<serde_json::Value>> {
+    type B = Autodiff<Flex>;
+    let dir = tempfile_dir()?.join(format!("checkpoint-{round}"));
+    std::fs::create_dir_all(&dir)?;
+    let model = TinyGptConfig::small(VOCAB).init::<B>(1, &Default::default())?;
+    let t = kiln_coordinator::bench::checkpoint_roundtrip::<B, _>(model, &dir)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let mb = t.bytes as f64 / 1e6;
+    Ok(vec![
+        serde_json::json!({
+            "kind": "store", "measure": "checkpoint_save_mb_per_s", "round": round,
+            "value": mb / t.save_s, "megabytes": mb,
+        }),
+        serde_json::json!({
+            "kind": "store", "measure": "checkpoint_load_mb_per_s", "round": round,
+            "value": mb / t.load_s, "megabytes": mb,
+        }),
+    ])
 }
 
 /// Tokens/s of the tiny GPT through the coordinator with the store at

@@ -12,21 +12,26 @@ use crate::{Result, TrainingCoordinator};
 /// are parsed and checked in [`build`](Self::build), whose error names the first
 /// bad value and the accepted ones.
 ///
-/// | kiln | Lightning `Trainer` | burn-train |
+/// How each setting reaches burn-train when the Learner engine runs (`auto`/`single`
+/// on one device, feature `learner`; see `docs/strategies.md`):
+///
+/// | kiln | Lightning `Trainer` | burn-train 0.21 (Learner engine) |
 /// | --- | --- | --- |
-/// | `strategy("auto"\|"single"\|"vanilla"\|"ddp"\|"ddp_spawn"\|"fsdp")` | `strategy` | `ExecutionStrategy` |
+/// | `strategy("auto"\|"single")` | `strategy` | `ExecutionStrategy::SingleDevice`; `vanilla` selects kiln's native loop instead; `ddp`/`fsdp` on several devices run kiln's data-parallel groups (burn-train's DDP is NCCL-only) |
 /// | `precision("32-true"\|"bf16-mixed"\|...)` | `precision` | backend element type |
-/// | `devices("auto"\|"2"\|"-1"\|"0,2")` | `devices` | device list |
+/// | `devices("auto"\|"2"\|"-1"\|"0,2")` | `devices` | the device of `SingleDevice` |
 /// | `num_nodes(n)` | `num_nodes` | (burn-collective nodes) |
-/// | `enable_checkpointing(b)` | `enable_checkpointing` | `with_file_checkpointer` |
-/// | `checkpoint_policy(p)` | `ModelCheckpoint(...)` callback | `with_checkpointing_strategy` |
-/// | `ckpt_path("last"\|"best"\|dir)` | `fit(ckpt_path=...)` | `.checkpoint(epoch)` |
-/// | `log_every_n_steps(n)` | `log_every_n_steps` | (none: every batch) |
-/// | `max_steps(n)` | `max_steps` | (none) |
-/// | `limit_train_batches(n)` | `limit_train_batches` (count) | (none) |
-/// | `accumulate_grad_batches(n)` | `accumulate_grad_batches` (mean) | `grads_accumulation` (sum) |
-/// | `gradient_clip_val(x)` | `gradient_clip_val` (global norm) | `GradientClippingConfig::Norm` (per tensor) |
-/// | `default_root_dir(p)` | `default_root_dir` | `SupervisedTraining::new(dir, ..)` |
+/// | `enable_checkpointing(b)` | `enable_checkpointing` | kiln's checkpoints, written between steps; burn-train's `with_file_checkpointer` is not used |
+/// | `checkpoint_policy(p)` | `ModelCheckpoint(...)` callback | kiln's policy (burn-train's `with_checkpointing_strategy` is epoch-only) |
+/// | `ckpt_path("last"\|"best"\|dir)` | `fit(ckpt_path=...)` | kiln's loaders start at the checkpoint's micro-batch (burn-train's `.checkpoint(epoch)` resumes at epoch ends only) |
+/// | `log_every_n_steps(n)` | `log_every_n_steps` | (burn-train logs every batch; kiln counts optimizer steps) |
+/// | `max_steps(n)` | `max_steps` | `.num_epochs(..)` plus kiln's loaders ending the last epoch at the step |
+/// | `limit_train_batches(n)` | `limit_train_batches` (count) | kiln's loaders |
+/// | `accumulate_grad_batches(n)` | `accumulate_grad_batches` (mean) | done in kiln's `TrainStep` (burn-train's `grads_accumulation` sums) |
+/// | `gradient_clip_val(x)` | `gradient_clip_val` (global norm) | done in kiln's `TrainStep::optimize` (burn-train's `GradientClippingConfig::Norm` is per tensor) |
+/// | `learning_rate(lr)`, `lr_schedule(s)` | optimizer / scheduler | kiln's schedule as burn-train's `LrScheduler`, per optimizer step |
+/// | `progress(mode)` | `enable_progress_bar` | a silent renderer (kiln draws), or burn-train's TUI for `ProgressMode::Tui` |
+/// | `default_root_dir(p)` | `default_root_dir` | `SupervisedTraining::new(run dir, ..)` |
 ///
 /// ```
 /// let err = kiln_coordinator::TrainingCoordinator::builder()

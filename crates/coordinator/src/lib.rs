@@ -26,6 +26,8 @@
 //! How each parameter maps to Lightning's `Trainer` is documented on
 //! [`CoordinatorBuilder`] and in `README.md`.
 
+#[doc(hidden)]
+pub mod bench;
 mod builder;
 mod checkpoint;
 mod collective;
