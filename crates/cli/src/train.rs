@@ -39,6 +39,10 @@ pub struct TrainArgs {
     /// 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true (Lightning's `precision`).
     #[arg(long, default_value = "32-true")]
     precision: String,
+    /// Fail when the backend lacks the precision's dtype (NdArray has no bf16)
+    /// instead of training in 32-true with a warning.
+    #[arg(long)]
+    strict_precision: bool,
     /// auto, a count, -1, or a list such as 0,2 (Lightning's `devices`).
     #[arg(long, default_value = "auto")]
     devices: String,
@@ -157,6 +161,7 @@ impl TrainArgs {
         Ok(CoordinatorBuilder::from_config(config)
             .strategy(&self.strategy)
             .precision(&self.precision)
+            .strict_precision(self.strict_precision)
             .devices(&self.devices)
             .build()?)
     }

@@ -70,6 +70,13 @@ impl CoordinatorBuilder {
         self
     }
 
+    /// When the backend lacks the precision's dtype (NdArray has no bf16): fail
+    /// instead of training in `32-true` with a warning.
+    pub fn strict_precision(mut self, on: bool) -> Self {
+        self.config.strict_precision = on;
+        self
+    }
+
     /// `auto`, a count, `-1`, or a list such as `0,2`.
     pub fn devices(mut self, s: impl Into<String>) -> Self {
         self.devices = Some(s.into());

@@ -143,7 +143,23 @@ impl TrainingCoordinator {
         }
         data.check_task(task)?;
         model.check_task(task)?;
-        let plan = resolve_plan(config, &<B as Backend>::name(first), devices.len())?;
+        let backend = <B as Backend>::name(first);
+        let mut plan = resolve_plan(config, &backend, devices.len())?;
+        let (precision, fallback) = crate::precision::resolve(
+            config.precision,
+            &backend,
+            |dtype| B::supports_dtype(first, dtype),
+            config.strict_precision,
+        )?;
+        plan.precision = precision;
+        plan.warnings.extend(fallback);
+        if precision != kiln_core::Precision::F32 && plan.engine == kiln_core::Engine::Learner {
+            plan.engine = kiln_core::Engine::Native;
+            plan.warnings.push(format!(
+                "precision {precision} runs on kiln's native loop (the Learner engine \
+                 trains in 32-true)"
+            ));
+        }
         for warning in &plan.warnings {
             tracing::warn!("{warning}");
         }
@@ -246,7 +262,7 @@ impl TrainingCoordinator {
                 &inputs,
                 model,
                 resume.as_ref(),
-                &native::Replica::single(),
+                &native::Replica::single(plan.precision),
                 &mut metrics,
                 &mut progress,
                 &mut stats,
@@ -257,6 +273,7 @@ impl TrainingCoordinator {
                 model,
                 resume.as_ref(),
                 plan.strategy == Strategy::Fsdp,
+                plan.precision,
                 &mut metrics,
                 &mut progress,
                 &mut stats,

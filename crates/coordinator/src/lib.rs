@@ -39,6 +39,7 @@ mod learner;
 mod native;
 mod objective;
 mod plan;
+mod precision;
 mod progress;
 mod run;
 mod run_dir;

@@ -24,6 +24,7 @@ use crate::checkpoint::{Loaded, Snapshot};
 use crate::collective::{Peer, Status};
 use crate::grad::{clip_global_norm, global_norm};
 use crate::objective::{self, EvalSums};
+use crate::precision;
 use crate::progress::Progress;
 use crate::run::CheckpointCtx;
 use crate::run::{
@@ -76,15 +77,18 @@ pub(crate) struct Replica<'g, B: AutodiffBackend, M: AutodiffModule<B>> {
     pub sharded: bool,
     /// What the group's workers share in this process.
     pub group: Option<&'g Group<B, M>>,
+    /// The precision that runs (resolved against the backend).
+    pub precision: kiln_core::Precision,
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>> Replica<'_, B, M> {
-    pub fn single() -> Self {
+    pub fn single(precision: kiln_core::Precision) -> Self {
         Self {
             rank: 0,
             world: 1,
             sharded: false,
             group: None,
+            precision,
         }
     }
 
@@ -466,6 +470,7 @@ pub(crate) fn fit_group<B, M, D>(
     model: M,
     resume: Option<&Loaded>,
     sharded: bool,
+    precision: kiln_core::Precision,
     metrics: &mut Metrics<'_>,
     progress: &mut Progress,
     stats: &mut LoopStats,
@@ -507,6 +512,7 @@ where
                         world,
                         sharded,
                         group: Some(group),
+                        precision,
                     };
                     fit(
                         &inputs,
@@ -526,6 +532,7 @@ where
             world,
             sharded,
             group: Some(&group),
+            precision,
         };
         let outcome = fit(inputs, model, resume, &replica, metrics, progress, stats);
         let mut others = Vec::new();
@@ -581,6 +588,7 @@ where
 {
     let (config, data, device, task) = (inputs.config, inputs.data, inputs.device, inputs.task);
     let (rank, world) = (replica.rank, replica.world);
+    let working = precision::working_dtype(replica.precision);
     let batch_size = config.batch_size;
     let global_batch = batch_size * world;
     let n_train = order.len();
@@ -609,7 +617,15 @@ where
         if inputs.stop.is_stopped() {
             return Err(Failure::Stopped);
         }
-        let prediction = model.forward(batch.inputs)?;
+        // Mixed precision: forward and backward on a working copy in the working
+        // dtype; the loss in f32; the gradients land on the f32 masters.
+        let prediction = match working {
+            Some(dtype) => precision::to_f32(
+                precision::working_copy(model, dtype)
+                    .forward(precision::cast_inputs(batch.inputs, dtype))?,
+            ),
+            None => model.forward(batch.inputs)?,
+        };
         let loss = objective::loss(&task.kind, prediction, batch.targets)?;
         let value = loss.clone().into_scalar().elem::<f64>();
         if !value.is_finite() {

@@ -1,6 +1,6 @@
 //! Strategy resolution: what will actually run. See `docs/strategies.md`.
 
-use kiln_core::{CoordinatorConfig, Engine, Precision, ProgressMode, ResolvedPlan, Strategy};
+use kiln_core::{CoordinatorConfig, Engine, ProgressMode, ResolvedPlan, Strategy};
 
 use crate::{CoordinatorError, Result};
 
@@ -16,7 +16,7 @@ use crate::{CoordinatorError, Result};
 /// | `fsdp` | > 1 | `fsdp` (optimizer state sharded, ZeRO-1) on the native loop |
 /// | `single`, `vanilla` | > 1 | error: these run on one device |
 /// | any, `num_nodes > 1` | | not available yet (multi-node issue) |
-/// | precision other than `32-true` | | not available yet (precision issue) |
+/// | precision | | as asked here; the coordinator then checks it against the backend's dtypes (`precision.rs`) |
 ///
 /// `progress = tui` (burn-train's dashboard) needs the Learner engine and the
 /// `tui` feature; otherwise it is an error naming what is missing.
@@ -65,14 +65,6 @@ pub fn resolve_plan(
             what: format!("num_nodes {}", config.num_nodes),
             reason: "multi-node training is not implemented in this version of kiln yet \
                      (tracked by the multi-node issue)"
-                .into(),
-        });
-    }
-    if config.precision != Precision::F32 {
-        return Err(CoordinatorError::NotAvailable {
-            what: format!("precision {}", config.precision),
-            reason: "only 32-true is implemented in this version of kiln (mixed and \
-                     half precision are tracked by the precision issue)"
                 .into(),
         });
     }
@@ -167,7 +159,6 @@ mod tests {
 
     #[rstest]
     #[case::nodes(CoordinatorConfig { num_nodes: 2, ..Default::default() }, 1, "num_nodes 2")]
-    #[case::bf16(CoordinatorConfig { precision: kiln_core::Precision::Bf16Mixed, ..Default::default() }, 1, "precision bf16-mixed")]
     fn what_this_version_cannot_run_says_so(
         #[case] config: CoordinatorConfig,
         #[case] available: usize,

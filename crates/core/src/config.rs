@@ -504,6 +504,9 @@ pub struct CoordinatorConfig {
     pub strategy: Strategy,
     /// Numeric precision.
     pub precision: Precision,
+    /// When the backend lacks the precision's dtype: an error instead of falling back
+    /// to `32-true` with a warning.
+    pub strict_precision: bool,
     /// Devices per node.
     pub devices: Devices,
     /// Number of machines (`>= 1`).
@@ -547,6 +550,7 @@ impl Default for CoordinatorConfig {
         Self {
             strategy: Strategy::Auto,
             precision: Precision::F32,
+            strict_precision: false,
             devices: Devices::Auto,
             num_nodes: 1,
             enable_checkpointing: true,

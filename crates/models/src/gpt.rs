@@ -190,7 +190,8 @@ impl<B: Backend> TinyGpt<B> {
         let pos = self.pos_emb.val().narrow(0, 0, t).unsqueeze::<3>();
         let x = burn::tensor::module::embedding(self.tok_emb.val(), tokens) + pos;
         let mut x = x.reshape([b * t, d]);
-        let mask = causal_mask::<B>(t, &device);
+        // In the activations' dtype: under mixed precision they are bf16.
+        let mask = causal_mask::<B>(t, &device).cast(burn::tensor::FloatDType::from(x.dtype()));
         for block in &self.blocks {
             x = block.forward(x, b, t, mask.clone());
         }
