@@ -3,50 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use burn::backend::Autodiff;
-use burn::prelude::*;
 use kiln_backend_cpu::Flex;
-use kiln_coordinator::{CoordinatorBuilder, CoordinatorError, StopHandle, TrainingCoordinator};
-use kiln_core::{Batch, DataModule, LrSchedule, RunStatus, Split, TaskSpec, TrainReport};
-use kiln_models::{TextDataModule, TinyGpt};
-use kiln_tests::{corpus_data, param_values, quiet, small_gpt};
+use kiln_coordinator::{CoordinatorBuilder, CoordinatorError, TrainingCoordinator};
+use kiln_core::{LrSchedule, RunStatus, TrainReport};
+use kiln_models::TinyGpt;
+use kiln_tests::{Hooked, corpus_data, param_values, quiet, small_gpt};
 use rstest::rstest;
 
 type B = Autodiff<Flex>;
-
-/// Wraps a data module and pulls the stop handle when training batch number `at`
-/// (counted over the run) is asked for: a deterministic "kill" in the middle of an
-/// epoch.
-struct StopAt<'a> {
-    inner: &'a TextDataModule,
-    stop: StopHandle,
-    at: usize,
-    seen: std::sync::atomic::AtomicUsize,
-}
-
-impl DataModule for StopAt<'_> {
-    fn len(&self, split: Split) -> usize {
-        self.inner.len(split)
-    }
-    fn batch<Bk: Backend>(
-        &self,
-        split: Split,
-        idx: &[usize],
-        device: &Bk::Device,
-    ) -> kiln_core::Result<Batch<Bk>> {
-        if split == Split::Train
-            && self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == self.at
-        {
-            self.stop.stop();
-        }
-        self.inner.batch(split, idx, device)
-    }
-    fn check_task(&self, task: &TaskSpec) -> kiln_core::Result<()> {
-        self.inner.check_task(task)
-    }
-    fn items_per_example(&self) -> usize {
-        self.inner.items_per_example()
-    }
-}
 
 fn builder(root: &Path) -> CoordinatorBuilder {
     quiet(root)
@@ -88,12 +52,13 @@ fn a_run_stopped_mid_epoch_resumes_to_the_same_weights_bit_for_bit(#[case] strat
     let first = builder(dir.path()).build().unwrap();
     // Training batch 8 (the 3rd of epoch 1) asks to stop while it is built: the run
     // stops before training on it, after step 7; its last checkpoint is step 6's.
-    let stopping = StopAt {
-        inner: &data,
-        stop: first.stop_handle(),
-        at: 8,
-        seen: 0.into(),
-    };
+    let stop = first.stop_handle();
+    let stopping = Hooked::new(&data, |seen| {
+        if seen + 1 == 8 {
+            stop.stop();
+        }
+        Ok(())
+    });
     let err = first
         .train::<B, _, _>(model(v), &stopping, &task, None, 3)
         .unwrap_err();

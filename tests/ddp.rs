@@ -4,12 +4,11 @@
 use std::path::Path;
 
 use burn::backend::Autodiff;
-use burn::prelude::*;
 use kiln_backend_cpu::Flex;
 use kiln_coordinator::{CoordinatorBuilder, CoordinatorError, StopHandle};
-use kiln_core::{Batch, DataModule, RunStatus, Split, Strategy, TaskSpec, TrainReport};
+use kiln_core::{DataModule, RunStatus, Split, Strategy, TaskSpec, TrainReport};
 use kiln_models::{TextDataModule, TinyGpt};
-use kiln_tests::{corpus_data, param_values, quiet, small_gpt};
+use kiln_tests::{Hooked, corpus_data, param_values, quiet, small_gpt};
 use rstest::rstest;
 
 type B = Autodiff<Flex>;
@@ -132,46 +131,21 @@ fn uneven_epochs_end_together() {
     assert_eq!(r.epochs, 2);
 }
 
-/// A data module that fails (or stops the run) on the worker threads only: rank 0
-/// trains on the calling (test) thread, the other ranks on unnamed threads.
-struct OnOtherWorkers<'a> {
-    inner: &'a TextDataModule,
-    stop: Option<StopHandle>,
-    after: usize,
-    seen: std::sync::atomic::AtomicUsize,
+/// Rank 0 trains on the calling (test) thread, the other ranks on unnamed threads:
+/// whether this batch is built for a worker other than rank 0.
+fn on_another_worker() -> bool {
+    std::thread::current().name().is_none()
 }
 
-impl DataModule for OnOtherWorkers<'_> {
-    fn len(&self, split: Split) -> usize {
-        self.inner.len(split)
-    }
-    fn batch<Bk: Backend>(
-        &self,
-        split: Split,
-        idx: &[usize],
-        device: &Bk::Device,
-    ) -> kiln_core::Result<Batch<Bk>> {
-        let worker = std::thread::current().name().is_none();
-        if split == Split::Train
-            && worker
-            && self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= self.after
-        {
-            match &self.stop {
-                Some(stop) => stop.stop(),
-                None => {
-                    return Err(kiln_core::Error::Data(
-                        "the shard file of worker 1 is unreadable".into(),
-                    ));
-                }
-            }
+/// Stops the run when a worker other than rank 0 asks for its batch number
+/// `after + 1`.
+fn stop_on_worker(stop: StopHandle, after: usize) -> impl Fn(usize) -> kiln_core::Result<()> {
+    let seen = std::sync::atomic::AtomicUsize::new(0);
+    move |_| {
+        if on_another_worker() && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= after {
+            stop.stop();
         }
-        self.inner.batch(split, idx, device)
-    }
-    fn check_task(&self, task: &TaskSpec) -> kiln_core::Result<()> {
-        self.inner.check_task(task)
-    }
-    fn items_per_example(&self) -> usize {
-        self.inner.items_per_example()
+        Ok(())
     }
 }
 
@@ -179,12 +153,15 @@ impl DataModule for OnOtherWorkers<'_> {
 fn an_error_on_one_worker_ends_the_run_with_its_message_not_a_hang() {
     let (data, task) = corpus_data(20_000, 32);
     let dir = tempfile::tempdir().unwrap();
-    let failing = OnOtherWorkers {
-        inner: &data,
-        stop: None,
-        after: 3,
-        seen: 0.into(),
-    };
+    let seen = std::sync::atomic::AtomicUsize::new(0);
+    let failing = Hooked::new(&data, |_| {
+        if on_another_worker() && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 3 {
+            return Err(kiln_core::Error::Data(
+                "the shard file of worker 1 is unreadable".into(),
+            ));
+        }
+        Ok(())
+    });
     let err = builder(dir.path(), "ddp", "2", 8)
         .build()
         .unwrap()
@@ -206,12 +183,7 @@ fn a_stop_seen_by_one_worker_stops_them_all() {
     let (data, task) = corpus_data(20_000, 32);
     let dir = tempfile::tempdir().unwrap();
     let coordinator = builder(dir.path(), "fsdp", "2", 8).build().unwrap();
-    let stopping = OnOtherWorkers {
-        inner: &data,
-        stop: Some(coordinator.stop_handle()),
-        after: 4,
-        seen: 0.into(),
-    };
+    let stopping = Hooked::new(&data, stop_on_worker(coordinator.stop_handle(), 4));
     let err = coordinator
         .train::<B, _, _>(model(data.vocab_size()), &stopping, &task, None, 5)
         .unwrap_err();
@@ -239,12 +211,7 @@ fn two_workers_resume_to_the_same_weights_bit_for_bit(#[case] strategy: &str) {
         .checkpoint_every_n_steps(5)
         .build()
         .unwrap();
-    let stopping = OnOtherWorkers {
-        inner: &data,
-        stop: Some(first.stop_handle()),
-        after: 7,
-        seen: 0.into(),
-    };
+    let stopping = Hooked::new(&data, stop_on_worker(first.stop_handle(), 7));
     let err = first
         .train::<B, _, _>(model(data.vocab_size()), &stopping, &task, None, 5)
         .unwrap_err();

@@ -1,7 +1,8 @@
 //! Helpers shared by kiln's cross-crate tests.
 
+use burn::prelude::Backend;
 use kiln_coordinator::{CoordinatorBuilder, TrainingCoordinator};
-use kiln_core::{ProgressMode, TaskKind, TaskSpec};
+use kiln_core::{Batch, DataModule, ProgressMode, Split, TaskKind, TaskSpec};
 use kiln_models::{CharTokenizer, TextDataModule, TinyGptConfig, builtin_corpus};
 
 /// The first `chars` characters of the built-in corpus as an LM data module with
@@ -59,4 +60,49 @@ pub fn param_values<B: burn::prelude::Backend, M: burn::module::Module<B>>(model
     let mut c = Collect(Vec::new());
     model.visit(&mut c);
     c.0
+}
+
+/// `inner`, with `hook` called before every training batch is built: a test's way to
+/// stop a run or fail a batch at a chosen point. The hook gets the number of training
+/// batches asked for before this one.
+pub struct Hooked<'a, F> {
+    /// The data served.
+    pub inner: &'a TextDataModule,
+    /// Called before each training batch; an error fails that batch.
+    pub hook: F,
+    seen: std::sync::atomic::AtomicUsize,
+}
+
+impl<'a, F: Fn(usize) -> kiln_core::Result<()> + Send + Sync> Hooked<'a, F> {
+    /// `inner` with `hook`.
+    pub fn new(inner: &'a TextDataModule, hook: F) -> Self {
+        Self {
+            inner,
+            hook,
+            seen: 0.into(),
+        }
+    }
+}
+
+impl<F: Fn(usize) -> kiln_core::Result<()> + Send + Sync> DataModule for Hooked<'_, F> {
+    fn len(&self, split: Split) -> usize {
+        self.inner.len(split)
+    }
+    fn batch<B: Backend>(
+        &self,
+        split: Split,
+        idx: &[usize],
+        device: &B::Device,
+    ) -> kiln_core::Result<Batch<B>> {
+        if split == Split::Train {
+            (self.hook)(self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst))?;
+        }
+        self.inner.batch(split, idx, device)
+    }
+    fn check_task(&self, task: &TaskSpec) -> kiln_core::Result<()> {
+        self.inner.check_task(task)
+    }
+    fn items_per_example(&self) -> usize {
+        self.inner.items_per_example()
+    }
 }
