@@ -267,6 +267,28 @@ where
             let order = permutation(n_train, &mut SplitMix64::derived(config.seed, epoch as u64));
             let mut b = if epoch == start_epoch { start_batch } else { 0 };
             let mut save_after_validation = None;
+            // Writes a checkpoint after micro-batch `b` of this epoch; a failure to
+            // write is deferred to the next exchange in a group.
+            let write = |ctx: &CheckpointCtx<'_>,
+                         model: &M,
+                         optim: &OptimizerAdaptor<AdamW, M, B>,
+                         stats: &LoopStats,
+                         metrics: &mut Metrics<'_>,
+                         b: usize,
+                         deferred: &mut Option<Failure>| {
+                save(
+                    ctx,
+                    replica,
+                    model,
+                    optim,
+                    stats,
+                    metrics,
+                    config.seed,
+                    epoch,
+                    b,
+                )
+                .or_else(|e| defer(deferred, e, peer.is_some()))
+            };
             while b < per_epoch {
                 let group = accumulate.min(per_epoch - b);
                 let step = stats.steps + 1;
@@ -292,12 +314,11 @@ where
                     ),
                     (None, Err(failure)) => return Err(failure),
                     (Some(peer), local) => {
-                        let failure = local.as_ref().err().map(|f| {
-                            if let Some(g) = replica.group {
-                                g.note_failure(rank, f);
-                            }
-                        });
                         let stopped = matches!(local, Err(Failure::Stopped));
+                        let failed_here = local.is_err() && !stopped;
+                        if let (Err(f), Some(g), false) = (&local, replica.group, stopped) {
+                            g.note_failure(rank, f);
+                        }
                         let (grads, mine_loss, samples) = match &local {
                             Ok(l) => (l.grads.as_ref(), l.loss, l.samples),
                             Err(_) => (None, 0.0, 0),
@@ -310,9 +331,7 @@ where
                         let status = Status {
                             loss: mine_loss,
                             stop: f64::from(u8::from(stopped || stop.is_stopped())),
-                            failed: f64::from(u8::from(
-                                (failure.is_some() && !stopped) || deferred.is_some(),
-                            )),
+                            failed: f64::from(u8::from(failed_here || deferred.is_some())),
                             save_due: f64::from(u8::from(time_due)),
                         };
                         let (summed, all) = peer.sum_step(&model, grads, status)?;
@@ -372,20 +391,7 @@ where
                         clock.due_at(ctx.policy, step, epoch, epoch_done, step >= total, time_due);
                     match due {
                         Some(SaveAt::Now) => {
-                            let saved = save(
-                                ctx,
-                                replica,
-                                &model,
-                                &optim,
-                                stats,
-                                metrics,
-                                config.seed,
-                                epoch,
-                                b,
-                            );
-                            if let Err(e) = saved {
-                                defer(&mut deferred, e, peer.is_some())?;
-                            }
+                            write(ctx, &model, &optim, stats, metrics, b, &mut deferred)?;
                             clock.saved(step);
                         }
                         Some(SaveAt::AfterValidation) => save_after_validation = Some(b),
@@ -408,20 +414,7 @@ where
                 stats.epochs = epoch + 1;
             }
             if let (Some(ctx), Some(b)) = (checkpoints, save_after_validation) {
-                let saved = save(
-                    ctx,
-                    replica,
-                    &model,
-                    &optim,
-                    stats,
-                    metrics,
-                    config.seed,
-                    epoch,
-                    b,
-                );
-                if let Err(e) = saved {
-                    defer(&mut deferred, e, peer.is_some())?;
-                }
+                write(ctx, &model, &optim, stats, metrics, b, &mut deferred)?;
                 clock.saved(stats.steps);
             }
             if stats.steps >= total {
