@@ -136,19 +136,6 @@ impl SaveClock {
         }
     }
 
-    /// Whether optimizer step `step` of `epoch` asks for a checkpoint. `epoch_done`:
-    /// the step consumed the epoch's last micro-batch; `last`: it is the run's last.
-    pub fn due(
-        &self,
-        policy: &CheckpointPolicy,
-        step: u64,
-        epoch: usize,
-        epoch_done: bool,
-        last: bool,
-    ) -> Option<SaveAt> {
-        self.due_at(policy, step, epoch, epoch_done, last, self.time_due(policy))
-    }
-
     /// Whether the policy's time interval has passed since the last save.
     pub fn time_due(&self, policy: &CheckpointPolicy) -> bool {
         policy
@@ -156,8 +143,10 @@ impl SaveClock {
             .is_some_and(|t| self.last_time.elapsed().as_secs_f64() >= t)
     }
 
-    /// [`due`](Self::due) with the time condition decided elsewhere (by rank 0, for
-    /// every worker of a group).
+    /// Whether optimizer step `step` of `epoch` asks for a checkpoint. `epoch_done`:
+    /// the step consumed the epoch's last micro-batch; `last`: it is the run's last;
+    /// `time_due`: the policy's time interval has passed ([`time_due`](Self::time_due)
+    /// here, or rank 0's for every worker of a group).
     pub fn due_at(
         &self,
         policy: &CheckpointPolicy,
@@ -356,7 +345,10 @@ mod tests {
             ..Default::default()
         };
         let clock = SaveClock::new(0);
-        assert_eq!(clock.due(&policy, step, epoch, epoch_done, last), want);
+        assert_eq!(
+            clock.due_at(&policy, step, epoch, epoch_done, last, false),
+            want
+        );
     }
 
     #[test]
@@ -367,6 +359,6 @@ mod tests {
         };
         let mut clock = SaveClock::new(0);
         clock.saved(7);
-        assert_eq!(clock.due(&policy, 7, 0, false, true), None);
+        assert_eq!(clock.due_at(&policy, 7, 0, false, true, false), None);
     }
 }

@@ -235,7 +235,11 @@ where
         }
         if let Some(policy) = &settings.checkpoints {
             let epoch_done = batch == settings.per_epoch;
-            if let Some(when) = p.clock.due(policy, step, epoch, epoch_done, last) {
+            let time_due = p.clock.time_due(policy);
+            if let Some(when) = p
+                .clock
+                .due_at(policy, step, epoch, epoch_done, last, time_due)
+            {
                 match Snapshot::take::<B, M, BO, _>(&stepped.model, optim.to_record()) {
                     Ok(snapshot) => {
                         p.clock.saved(step);
