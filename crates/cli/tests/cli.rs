@@ -50,7 +50,8 @@ fn bad_text_files_fail_cleanly(#[case] content: Option<&[u8]>, #[case] needle: &
 #[case(&["train", "--backend", "tpu"], "invalid backend \"tpu\": expected ndarray, flex")]
 #[case(&["train", "--task", "lm_huge"], "invalid task preset \"lm_huge\"")]
 #[case(&["train", "--num-nodes", "0"], "invalid num_nodes \"0\"")]
-#[case(&["train", "--precision", "bf16-mixed"], "precision bf16-mixed is not available")]
+#[case(&["train", "--precision", "16-mixed"], "precision 16-mixed is not available")]
+#[case(&["train", "--backend", "ndarray", "--precision", "bf16-mixed", "--strict-precision"], "invalid precision \"bf16-mixed\": expected a mode backend autodiff<ndarray> supports: 32-true")]
 fn bad_arguments_fail_with_the_value_named(#[case] args: &[&str], #[case] needle: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut all = args.to_vec();

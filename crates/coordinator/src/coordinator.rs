@@ -196,7 +196,7 @@ impl TrainingCoordinator {
                     experiment: config.experiment.clone(),
                     name: run_dir.name.clone(),
                     config: record,
-                    params: run_params(config, task),
+                    params: run_params(config, task, &plan),
                     kiln_version: env!("CARGO_PKG_VERSION").to_string(),
                     git_commit: None,
                     host: host_name(),
@@ -380,14 +380,20 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     format!("panicked during training: {text}")
 }
 
-/// Flat parameters stored with the run for querying.
-fn run_params(config: &CoordinatorConfig, task: &TaskSpec) -> Vec<(String, String)> {
+/// Flat parameters stored with the run for querying (strategy and precision as they
+/// run, after resolution).
+fn run_params(
+    config: &CoordinatorConfig,
+    task: &TaskSpec,
+    plan: &kiln_core::ResolvedPlan,
+) -> Vec<(String, String)> {
     let o = &config.optimizer;
     vec![
         ("task".into(), task.name.clone()),
         ("task_type".into(), task.kind.type_name().into()),
-        ("strategy".into(), config.strategy.to_string()),
-        ("precision".into(), config.precision.to_string()),
+        ("strategy".into(), plan.strategy.to_string()),
+        ("engine".into(), plan.engine.to_string()),
+        ("precision".into(), plan.precision.to_string()),
         ("devices".into(), config.devices.to_string()),
         ("num_nodes".into(), config.num_nodes.to_string()),
         ("batch_size".into(), config.batch_size.to_string()),
