@@ -7,7 +7,7 @@ use kiln_backend_cpu::Flex;
 use kiln_coordinator::{CoordinatorBuilder, CoordinatorError, TrainingCoordinator};
 use kiln_core::{LrSchedule, RunStatus, TrainReport};
 use kiln_models::TinyGpt;
-use kiln_tests::{Hooked, corpus_data, param_values, quiet, small_gpt};
+use kiln_tests::{Hooked, corpus_data, loss_bits, param_values, quiet, small_gpt};
 use rstest::rstest;
 
 type B = Autodiff<Flex>;
@@ -80,16 +80,10 @@ fn a_run_stopped_mid_epoch_resumes_to_the_same_weights_bit_for_bit(#[case] strat
         .train::<B, _, _>(model(v), &data, &task, None, 3)
         .unwrap();
 
-    let bits = |r: &TrainReport| {
-        r.step_losses
-            .iter()
-            .map(|x| x.to_bits())
-            .collect::<Vec<_>>()
-    };
     assert_eq!(got.report.optimizer_steps, 12);
     assert_eq!(
-        bits(&got.report),
-        bits(&expected.report),
+        loss_bits(&got.report),
+        loss_bits(&expected.report),
         "per-step losses differ"
     );
     assert_eq!(

@@ -8,7 +8,7 @@ use kiln_backend_cpu::Flex;
 use kiln_coordinator::{CoordinatorBuilder, CoordinatorError, StopHandle};
 use kiln_core::{DataModule, RunStatus, Split, Strategy, TaskSpec, TrainReport};
 use kiln_models::{TextDataModule, TinyGpt};
-use kiln_tests::{Hooked, corpus_data, param_values, quiet, small_gpt};
+use kiln_tests::{Hooked, corpus_data, loss_bits, param_values, quiet, small_gpt};
 use rstest::rstest;
 
 type B = Autodiff<Flex>;
@@ -221,12 +221,6 @@ fn two_workers_resume_to_the_same_weights_bit_for_bit(#[case] strategy: &str) {
         &data,
         &task,
     );
-    let bits = |r: &TrainReport| {
-        r.step_losses
-            .iter()
-            .map(|x| x.to_bits())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(bits(&resumed), bits(&straight));
+    assert_eq!(loss_bits(&resumed), loss_bits(&straight));
     assert_eq!(resumed_w, straight_w);
 }

@@ -3,7 +3,7 @@
 use burn::backend::Autodiff;
 use kiln_backend_cpu::Flex;
 use kiln_core::{Engine, TrainReport};
-use kiln_tests::{corpus_data, param_values, quiet, small_gpt};
+use kiln_tests::{corpus_data, loss_bits, param_values, quiet, small_gpt};
 use rstest::rstest;
 
 type B = Autodiff<Flex>;
@@ -135,12 +135,6 @@ fn a_checkpoint_of_one_engine_resumes_in_the_other(#[case] first: &str, #[case] 
         .unwrap()
         .train::<B, _, _>(model(), &data, &task, None, 5)
         .unwrap();
-    let bits = |r: &TrainReport| {
-        r.step_losses
-            .iter()
-            .map(|x| x.to_bits())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(bits(&resumed.report), bits(&straight.report));
+    assert_eq!(loss_bits(&resumed.report), loss_bits(&straight.report));
     assert_eq!(param_values(&resumed.model), param_values(&straight.model));
 }

@@ -40,6 +40,12 @@ pub fn quiet(dir: &std::path::Path) -> CoordinatorBuilder {
         .default_root_dir(dir)
 }
 
+/// The per-step training losses of `report` as bits: two runs took the same steps
+/// exactly when these are equal.
+pub fn loss_bits(report: &kiln_core::TrainReport) -> Vec<u32> {
+    report.step_losses.iter().map(|x| x.to_bits()).collect()
+}
+
 /// Every float parameter of `model`, flattened in visiting order: two models hold
 /// the same weights exactly when these vectors are equal bit for bit.
 pub fn param_values<B: burn::prelude::Backend, M: burn::module::Module<B>>(model: &M) -> Vec<u32> {

@@ -28,8 +28,8 @@ use crate::precision;
 use crate::progress::Progress;
 use crate::run::CheckpointCtx;
 use crate::run::{
-    Failure, LoopInputs, LoopStats, SaveAt, SaveClock, StepRecord, batches_per_epoch, book_step,
-    book_validation, total_steps, trainer_state, write_checkpoint,
+    Failure, LoopInputs, LoopStats, RunShape, SaveAt, SaveClock, StepRecord, book_step,
+    book_validation, trainer_state, write_checkpoint,
 };
 use crate::tracking::Metrics;
 
@@ -212,11 +212,13 @@ where
     } = inputs;
     let (config, task, data, device, n_epochs) = (*config, *task, *data, *device, *n_epochs);
     let (rank, world) = (replica.rank, replica.world);
-    let n_train = data.len(Split::Train);
-    let per_epoch = batches_per_epoch(config, n_train, world);
-    let accumulate = config.accumulate_grad_batches as usize;
-    let total = total_steps(config, n_train, n_epochs, world);
-    let items_per_example = data.items_per_example() as f64;
+    let RunShape {
+        n_train,
+        per_epoch,
+        accumulate,
+        total,
+        items_per_example,
+    } = RunShape::of(config, data, n_epochs, world);
     let o = &config.optimizer;
     // Only rank 0 writes checkpoints; every worker takes the same decisions.
     let writes = rank == 0;

@@ -72,6 +72,35 @@ pub(crate) struct CheckpointCtx<'a> {
     pub attempt: u32,
 }
 
+/// The sizes a loop runs by, derived once from the configuration and the data.
+pub(crate) struct RunShape {
+    pub n_train: usize,
+    /// Micro-batches per epoch (global ones with several workers).
+    pub per_epoch: usize,
+    pub accumulate: usize,
+    /// Optimizer steps of the whole run.
+    pub total: u64,
+    pub items_per_example: f64,
+}
+
+impl RunShape {
+    pub fn of<D: kiln_core::DataModule>(
+        config: &CoordinatorConfig,
+        data: &D,
+        n_epochs: usize,
+        world: usize,
+    ) -> Self {
+        let n_train = data.len(kiln_core::Split::Train);
+        Self {
+            n_train,
+            per_epoch: batches_per_epoch(config, n_train, world),
+            accumulate: config.accumulate_grad_batches as usize,
+            total: total_steps(config, n_train, n_epochs, world),
+            items_per_example: data.items_per_example() as f64,
+        }
+    }
+}
+
 /// Optimizer steps the run will take with `world` workers.
 pub(crate) fn total_steps(
     config: &CoordinatorConfig,

@@ -91,7 +91,7 @@ impl<B: AutodiffBackend> DataLoader<B, Batch<B>> for TrainLoader<B> {
                 p.steps,
                 settings.total,
             );
-            (p.epoch, p.batch, p.epoch_stop) = (epoch, from, stop);
+            (p.epoch, p.batch) = (epoch, from);
             stop
         };
         self.shared.send(Event::Epoch(epoch));

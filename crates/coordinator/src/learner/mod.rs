@@ -43,8 +43,8 @@ use crate::native::{adamw, restore_stats, resume_position};
 use crate::objective::EvalSums;
 use crate::progress::Progress;
 use crate::run::{
-    Failure, LoopInputs, LoopStats, SaveClock, batches_per_epoch, book_step, book_validation,
-    epoch_stop, total_steps, trainer_state, write_checkpoint,
+    Failure, LoopInputs, LoopStats, RunShape, SaveClock, book_step, book_validation, epoch_stop,
+    trainer_state, write_checkpoint,
 };
 use crate::tracking::Metrics;
 use loader::{TrainLoader, ValidLoader, produce};
@@ -75,11 +75,13 @@ where
         n_epochs,
         ..
     } = *inputs;
-    let n_train = data.len(Split::Train);
-    let per_epoch = batches_per_epoch(config, n_train, 1);
-    let accumulate = config.accumulate_grad_batches as usize;
-    let total = total_steps(config, n_train, n_epochs, 1);
-    let items_per_example = data.items_per_example() as f64;
+    let RunShape {
+        n_train,
+        per_epoch,
+        accumulate,
+        total,
+        items_per_example,
+    } = RunShape::of(config, data, n_epochs, 1);
 
     B::seed(device, config.seed);
     let mut optim = adamw(config).init::<B, Stepper<B, M>>();
@@ -124,7 +126,6 @@ where
         Position {
             epoch: start_epoch,
             batch: start_batch,
-            epoch_stop: per_epoch,
             steps: stats.steps,
             samples: stats.samples,
             group_losses: Vec::new(),

@@ -54,8 +54,6 @@ pub(crate) struct Position {
     pub epoch: usize,
     /// Next micro-batch of the epoch.
     pub batch: usize,
-    /// Micro-batch at which the current epoch's training stops.
-    pub epoch_stop: usize,
     /// Optimizer steps taken.
     pub steps: u64,
     /// Examples trained on.
