@@ -33,14 +33,33 @@ fn model(vocab: usize) -> TinyGpt<B> {
         .unwrap()
 }
 
-/// Both engines: the Learner engine (`auto`) and the native loop (`vanilla`).
+/// Both engines: the Learner engine (`auto`) and the native loop (`vanilla`); and
+/// the native loop in 16-mixed (the loss scale is checkpointed) and bf16-true (the
+/// parameters and AdamW's moments are stored in bf16, checkpoints hold f32).
 #[rstest]
-#[case::learner("auto")]
-#[case::native("vanilla")]
-fn a_run_stopped_mid_epoch_resumes_to_the_same_weights_bit_for_bit(#[case] strategy: &str) {
+#[case::learner("auto", "32-true")]
+#[case::native("vanilla", "32-true")]
+#[case::f16_mixed("vanilla", "16-mixed")]
+#[case::bf16_true("vanilla", "bf16-true")]
+fn a_run_stopped_mid_epoch_resumes_to_the_same_weights_bit_for_bit(
+    #[case] strategy: &str,
+    #[case] precision: &str,
+) {
     let (data, task) = corpus_data(20_000, 32);
     let v = data.vocab_size();
-    let builder = |root: &Path| builder(root).strategy(strategy);
+    let builder = |root: &Path| {
+        builder(root)
+            .strategy(strategy)
+            .precision(precision)
+            .strict_precision(true)
+            // 16-mixed: a scale that grows within the run, so that resuming with
+            // the wrong one would show.
+            .loss_scaling(kiln_core::LossScaling {
+                init_scale: 256.0,
+                growth_interval: 2,
+                ..Default::default()
+            })
+    };
 
     let straight_dir = tempfile::tempdir().unwrap();
     let straight = builder(straight_dir.path()).build().unwrap();
@@ -74,6 +93,19 @@ fn a_run_stopped_mid_epoch_resumes_to_the_same_weights_bit_for_bit(#[case] strat
             "learner"
         }
     );
+
+    if precision == "16-mixed" {
+        // The loss scale travels with the checkpoint (step 6: grown three times).
+        let state: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                dir.path()
+                    .join("default/r/checkpoints/step-00000006/state.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(state["loss_scale"]["scale"], 2048.0, "{state}");
+    }
 
     let resumed = builder(dir.path()).ckpt_path("last").build().unwrap();
     let got = resumed

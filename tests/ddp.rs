@@ -224,3 +224,30 @@ fn two_workers_resume_to_the_same_weights_bit_for_bit(#[case] strategy: &str) {
     assert_eq!(loss_bits(&resumed), loss_bits(&straight));
     assert_eq!(resumed_w, straight_w);
 }
+
+/// Reduced precisions through the group: gradients and parameters are exchanged in
+/// f32 and cast back, the loss scale's decisions are the same on every worker (they
+/// hold the same summed gradients), and fsdp's gathered parameters keep their dtype.
+#[rstest]
+#[case::ddp_f16_mixed("ddp", "16-mixed")]
+#[case::fsdp_bf16_true("fsdp", "bf16-true")]
+fn reduced_precision_trains_in_a_group(#[case] strategy: &str, #[case] precision: &str) {
+    let (data, task) = corpus_data(21_000, 32);
+    let dir = tempfile::tempdir().unwrap();
+    let (report, _) = train(
+        builder(dir.path(), strategy, "2", 8)
+            .precision(precision)
+            .strict_precision(true)
+            .max_steps(10),
+        &data,
+        &task,
+    );
+    assert_eq!(report.plan.precision.to_string(), precision);
+    assert_eq!(report.plan.world_size, 2);
+    assert_eq!(report.optimizer_steps, 10);
+    assert!(
+        report.step_losses[9] < report.step_losses[0],
+        "{:?}",
+        report.step_losses
+    );
+}

@@ -7,6 +7,10 @@
 //!   interleaved with the PyTorch reference of `../shared/bench/` when asked and
 //!   torch is installed, prints JSON lines and medians, and rewrites the generated
 //!   section of `docs/benchmarks.md`.
+//! - `cargo xtask gpu-check [ARGS...]`: builds the release binary with the `cuda`
+//!   feature and runs `kiln gpu-check ARGS...` (200 steps of the tiny GPT and of a
+//!   d 768 / 12-layer / T 256 GPT in 32-true and bf16-mixed on the first GPU; JSON
+//!   lines with tokens/s, peak memory and final loss). Without a GPU it says so.
 
 #![allow(clippy::print_stdout)] // printing results is what xtask is for
 
@@ -20,11 +24,13 @@ type Result<T> = std::result::Result<T, String>;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some(command @ ("train" | "runs")) => run_kiln(command, &args[1..]),
+        Some(command @ ("train" | "runs")) => run_kiln(command, &args[1..], &[]),
+        Some("gpu-check") => run_kiln("gpu-check", &args[1..], &["cuda"]),
         Some("bench") => bench(&args[1..]),
         _ => Err(
             "usage: cargo xtask train [ARGS...] | cargo xtask bench [--rounds N] \
-                  [--config tiny|small|all] [--compare-pytorch] [--no-write]"
+                  [--config tiny|small|all] [--compare-pytorch] [--no-write] | cargo xtask \
+                  gpu-check [ARGS...]"
                 .into(),
         ),
     };
@@ -48,16 +54,22 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-/// Builds the release `kiln` binary and returns its path.
-fn build_release() -> Result<PathBuf> {
-    eprintln!("xtask: building the release kiln binary (cargo build --release -p kiln-cli)");
+/// Builds the release `kiln` binary with `features` and returns its path.
+fn build_release(features: &[&str]) -> Result<PathBuf> {
+    let mut args = vec!["build", "--release", "--quiet", "-p", "kiln-cli"];
+    let list = features.join(",");
+    if !features.is_empty() {
+        args.extend(["--features", &list]);
+    }
+    let command = format!("cargo {}", args.join(" "));
+    eprintln!("xtask: building the release kiln binary ({command})");
     let status = cargo()
         .current_dir(root())
-        .args(["build", "--release", "--quiet", "-p", "kiln-cli"])
+        .args(&args)
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
-        return Err("cargo build --release -p kiln-cli failed".into());
+        return Err(format!("{command} failed"));
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -67,9 +79,10 @@ fn build_release() -> Result<PathBuf> {
         .join(format!("kiln{}", std::env::consts::EXE_SUFFIX)))
 }
 
-/// `cargo xtask train|runs ARGS...` = `kiln train|runs ARGS...` with the release binary.
-fn run_kiln(command: &str, args: &[String]) -> Result<()> {
-    let kiln = build_release()?;
+/// `cargo xtask train|runs|gpu-check ARGS...` = `kiln train|runs|gpu-check ARGS...`
+/// with the release binary built with `features`.
+fn run_kiln(command: &str, args: &[String], features: &[&str]) -> Result<()> {
+    let kiln = build_release(features)?;
     let status = Command::new(&kiln)
         .arg(command)
         .args(args)
@@ -129,7 +142,7 @@ fn parse_bench(args: &[String]) -> Result<BenchOptions> {
 
 fn bench(args: &[String]) -> Result<()> {
     let opts = parse_bench(args)?;
-    let kiln = build_release()?;
+    let kiln = build_release(&[])?;
     let torch_script = root().join("../shared/bench/torch_tinygpt.py");
     let torch = if opts.compare_pytorch {
         let ok = torch_script.exists()

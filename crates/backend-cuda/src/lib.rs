@@ -29,6 +29,22 @@ pub fn cuda_devices() -> Vec<CudaDevice> {
     (0..cuda_device_count()).map(CudaDevice::new).collect()
 }
 
+/// Device memory in use on CUDA device `index`, in bytes, as the driver sees it
+/// (every process's allocations, Burn's memory pool included); `None` without a
+/// driver or device, or on any error. Never panics.
+pub fn cuda_memory_used(index: usize) -> Option<u64> {
+    if index >= cuda_device_count() {
+        return None;
+    }
+    std::panic::catch_unwind(|| {
+        let ctx = cudarc::driver::CudaContext::new(index).ok()?;
+        let (free, total) = ctx.mem_get_info().ok()?;
+        Some(total.saturating_sub(free) as u64)
+    })
+    .ok()
+    .flatten()
+}
+
 /// Whether the CUDA driver library can be loaded.
 #[allow(unsafe_code)]
 fn driver_present() -> bool {
@@ -45,6 +61,7 @@ mod tests {
     fn probe_never_panics_and_agrees_with_the_device_list() {
         let n = cuda_device_count();
         assert_eq!(cuda_devices().len(), n);
+        assert_eq!(cuda_memory_used(n), None, "no device at index {n}");
         if n == 0 {
             eprintln!("no CUDA device here: the probe reported 0 without panicking");
         }

@@ -1,6 +1,7 @@
 //! `kiln`: train models, from the command line, through the `TrainingCoordinator`.
 
 mod bench;
+mod gpu_check;
 mod runs;
 mod train;
 
@@ -24,6 +25,9 @@ enum Command {
     Runs(runs::RunsArgs),
     /// Measure training throughput (JSON lines on stdout).
     Bench(bench::BenchArgs),
+    /// Train on the GPU in 32-true and bf16-mixed; print tokens/s, peak memory and
+    /// final loss (needs the `cuda` feature and a GPU).
+    GpuCheck(gpu_check::GpuCheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
         Some(Command::Train(args)) => train::run(&args),
         Some(Command::Runs(args)) => runs::run(&args),
         Some(Command::Bench(args)) => bench::run(&args),
+        Some(Command::GpuCheck(args)) => gpu_check::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

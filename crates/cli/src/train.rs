@@ -30,7 +30,8 @@ pub struct TrainArgs {
     /// UTF-8 text file to train the language model on (default: the built-in corpus).
     #[arg(long, value_name = "FILE")]
     text: Option<PathBuf>,
-    /// CPU backend: ndarray or flex.
+    /// Backend: flex or ndarray (CPU), or cuda (needs a `kiln` built with
+    /// `--features cuda`; trains on the GPUs `--devices` selects).
     #[arg(long, default_value = "flex")]
     backend: String,
     /// auto, single, vanilla, ddp, ddp_spawn or fsdp (Lightning's `strategy`).
@@ -64,6 +65,9 @@ pub struct TrainArgs {
     /// Learning rate.
     #[arg(long, default_value_t = 3e-4)]
     lr: f64,
+    /// AdamW's eps (16-true needs >= 6.1e-5: smaller is zero in f16).
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f32,
     /// Linear warm-up steps, then cosine decay to 10% (0: constant learning rate).
     #[arg(long, default_value_t = 0)]
     warmup_steps: u64,
@@ -152,6 +156,7 @@ impl TrainArgs {
             ..CoordinatorConfig::default()
         };
         config.optimizer.lr = self.lr;
+        config.optimizer.eps = self.eps;
         config.checkpoint.every_n_steps = self.checkpoint_every_n_steps;
         config.checkpoint.save_top_k = self.save_top_k;
         if let Some(which) = &self.resume {
@@ -170,7 +175,7 @@ impl TrainArgs {
 pub fn run(args: &TrainArgs) -> Result<()> {
     // Check every argument before loading data or building a model.
     let coordinator = args.coordinator()?;
-    let backend: CpuBackend = args.backend.parse()?;
+    let backend: Backend = args.backend.parse()?;
     if args.epochs == 0 {
         anyhow::bail!("invalid epochs 0: expected an integer >= 1");
     }
@@ -183,10 +188,59 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     let tracker = db.as_mut().map(|db| db as &mut dyn RunTracker);
     let report = match backend {
-        CpuBackend::NdArray => train_task::<Autodiff<NdArray>>(args, &coordinator, task, tracker)?,
-        CpuBackend::Flex => train_task::<Autodiff<Flex>>(args, &coordinator, task, tracker)?,
+        Backend::Cpu(CpuBackend::NdArray) => {
+            train_task::<Autodiff<NdArray>>(args, &coordinator, task, tracker, None)?
+        }
+        Backend::Cpu(CpuBackend::Flex) => {
+            train_task::<Autodiff<Flex>>(args, &coordinator, task, tracker, None)?
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            let devices = kiln_backend_cuda::cuda_devices();
+            if devices.is_empty() {
+                anyhow::bail!(
+                    "backend cuda: no CUDA device found (no driver, or no GPU visible to \
+                     this process); use --backend flex to train on the CPU"
+                );
+            }
+            train_task::<kiln_backend_cuda::CudaAutodiff>(
+                args,
+                &coordinator,
+                task,
+                tracker,
+                Some(devices),
+            )?
+        }
     };
     print_summary(&report, db.as_ref().map(ExperimentDb::path), args.json)
+}
+
+/// The backend `--backend` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Cpu(CpuBackend),
+    /// Burn's CUDA backend (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Cuda,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s.trim().eq_ignore_ascii_case("cuda") {
+            #[cfg(feature = "cuda")]
+            return Ok(Backend::Cuda);
+            #[cfg(not(feature = "cuda"))]
+            anyhow::bail!(
+                "backend cuda is not compiled into this kiln: rebuild it with `cargo build \
+                 --release -p kiln-cli --features cuda` (this build has: {})",
+                CpuBackend::ACCEPTED
+            );
+        }
+        s.parse::<CpuBackend>()
+            .map(Backend::Cpu)
+            .map_err(|e| anyhow::anyhow!("{e} (or cuda, with a kiln built with --features cuda)"))
+    }
 }
 
 /// The run was stopped by SIGINT/SIGTERM; `main` exits with 130.
@@ -228,8 +282,14 @@ fn train_task<B: AutodiffBackend>(
     coordinator: &TrainingCoordinator,
     mut task: TaskSpec,
     tracker: Option<&mut dyn RunTracker>,
+    devices: Option<Vec<B::Device>>,
 ) -> Result<TrainReport> {
-    let device = B::Device::default();
+    // The model is built on the first device; the coordinator copies it to the others.
+    let device = devices
+        .as_ref()
+        .and_then(|d| d.first().cloned())
+        .unwrap_or_default();
+    let devices = devices.as_deref();
     match task.kind {
         TaskKind::Lm { .. } => {
             let text = match &args.text {
@@ -248,17 +308,17 @@ fn train_task<B: AutodiffBackend>(
                 ..TinyGptConfig::tiny(vocab)
             }
             .init::<B>(args.seed, &device)?;
-            fit(coordinator, model, &data, &task, tracker, args)
+            fit(coordinator, model, &data, &task, tracker, devices, args)
         }
         TaskKind::Classification { num_classes } => {
             let data = TabularDataModule::blobs(num_classes, 16, 4096, 512, args.seed);
             let model = MlpConfig::for_task(&task.kind, 16)?.init::<B>(args.seed, &device)?;
-            fit(coordinator, model, &data, &task, tracker, args)
+            fit(coordinator, model, &data, &task, tracker, devices, args)
         }
         TaskKind::Regression { outputs } => {
             let data = TabularDataModule::linear(outputs, 16, 4096, 512, args.seed);
             let model = MlpConfig::for_task(&task.kind, 16)?.init::<B>(args.seed, &device)?;
-            fit(coordinator, model, &data, &task, tracker, args)
+            fit(coordinator, model, &data, &task, tracker, devices, args)
         }
     }
 }
@@ -269,6 +329,7 @@ fn fit<B, M, D>(
     data: &D,
     task: &TaskSpec,
     tracker: Option<&mut dyn RunTracker>,
+    devices: Option<&[B::Device]>,
     args: &TrainArgs,
 ) -> Result<TrainReport>
 where
@@ -277,7 +338,13 @@ where
     M::InnerModule: TaskModel<B::InnerBackend>,
     D: DataModule,
 {
-    match coordinator.train::<B, M, D>(model, data, task, tracker, args.epochs) {
+    let trained = match devices {
+        Some(devices) => {
+            coordinator.train_on::<B, M, D>(devices, model, data, task, tracker, args.epochs)
+        }
+        None => coordinator.train::<B, M, D>(model, data, task, tracker, args.epochs),
+    };
+    match trained {
         Ok(Trained { report, .. }) => Ok(report),
         Err(CoordinatorError::Stopped { report }) => {
             eprintln!(

@@ -50,7 +50,8 @@ fn bad_text_files_fail_cleanly(#[case] content: Option<&[u8]>, #[case] needle: &
 #[case(&["train", "--backend", "tpu"], "invalid backend \"tpu\": expected ndarray, flex")]
 #[case(&["train", "--task", "lm_huge"], "invalid task preset \"lm_huge\"")]
 #[case(&["train", "--num-nodes", "0"], "invalid num_nodes \"0\"")]
-#[case(&["train", "--precision", "16-mixed"], "precision 16-mixed is not available")]
+#[case(&["train", "--precision", "16-true"], "invalid eps \"0.00000001\": expected a number >= 6.1e-5 under 16-true")]
+#[case(&["train", "--backend", "cuda"], "backend cuda is not compiled into this kiln: rebuild it with `cargo build --release -p kiln-cli --features cuda`")]
 #[case(&["train", "--backend", "ndarray", "--precision", "bf16-mixed", "--strict-precision"], "invalid precision \"bf16-mixed\": expected a mode backend autodiff<ndarray> supports: 32-true")]
 fn bad_arguments_fail_with_the_value_named(#[case] args: &[&str], #[case] needle: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -65,6 +66,18 @@ fn bad_arguments_fail_with_the_value_named(#[case] args: &[&str], #[case] needle
     let (_, err) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(needle), "{err}");
+}
+
+/// A CPU-only kiln says how to get the GPU check instead of failing obscurely.
+#[test]
+fn gpu_check_without_cuda_says_how_to_build_it() {
+    let out = kiln(&["gpu-check", "--steps", "1"]);
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("built without CUDA") && err.contains("--features cuda"),
+        "{err}"
+    );
 }
 
 #[test]

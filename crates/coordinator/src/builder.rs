@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use kiln_core::{CheckpointPolicy, CoordinatorConfig, LrSchedule, ProgressMode};
+use kiln_core::{CheckpointPolicy, CoordinatorConfig, LrSchedule, OptimizerConfig, ProgressMode};
 
 use crate::{Result, TrainingCoordinator};
 
@@ -74,6 +74,12 @@ impl CoordinatorBuilder {
     /// instead of training in `32-true` with a warning.
     pub fn strict_precision(mut self, on: bool) -> Self {
         self.config.strict_precision = on;
+        self
+    }
+
+    /// `16-mixed`'s dynamic loss scaling (PyTorch `GradScaler`'s defaults unless set).
+    pub fn loss_scaling(mut self, scaling: kiln_core::LossScaling) -> Self {
+        self.config.loss_scaling = scaling;
         self
     }
 
@@ -153,6 +159,13 @@ impl CoordinatorBuilder {
     /// Examples per micro-batch.
     pub fn batch_size(mut self, n: usize) -> Self {
         self.config.batch_size = n;
+        self
+    }
+
+    /// Every AdamW setting at once (learning rate and schedule included; the
+    /// setters below change one of them).
+    pub fn optimizer(mut self, optimizer: OptimizerConfig) -> Self {
+        self.config.optimizer = optimizer;
         self
     }
 

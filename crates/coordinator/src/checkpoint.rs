@@ -70,6 +70,9 @@ pub(crate) struct TrainerState {
     pub attempt: u32,
     /// Value of the policy's monitored metric when the checkpoint was taken.
     pub monitor: Option<f64>,
+    /// `16-mixed`'s loss scaling (absent in every other mode).
+    #[serde(default)]
+    pub loss_scale: Option<crate::precision::ScalerState>,
 }
 
 /// What a checkpoint must match to be loaded.

@@ -21,8 +21,8 @@ use burn::collective::{
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{FloatDType, TensorPrimitive};
 
 use crate::CoordinatorError;
 
@@ -228,7 +228,9 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
                 }
             }
         };
-        self.parts.push(part);
+        // Exchanged in f32 (the status numbers are f32; bf16-true and 16-true
+        // parameters and gradients are cast back on arrival).
+        self.parts.push(part.cast(FloatDType::F32));
     }
 }
 
@@ -240,11 +242,13 @@ struct Unflatten<'a, B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let shape = param.val().shape();
+        let value = param.val();
+        let shape = value.shape();
         let n = shape.num_elements();
         let part = self.flat.clone().narrow(0, self.offset, n).reshape(shape);
         self.offset += n;
-        self.grads.register::<B::InnerBackend, D>(param.id, part);
+        self.grads
+            .register::<B::InnerBackend, D>(param.id, part.cast(value.dtype()));
     }
 }
 
@@ -260,7 +264,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Replace<'_, B> {
         let n = shape.num_elements();
         let part = self.flat.clone().narrow(0, self.offset, n).reshape(shape);
         self.offset += n;
-        let mut value = Tensor::<B, D>::from_inner(part);
+        let mut value = Tensor::<B, D>::from_inner(part.cast(tensor.dtype()));
         if tensor.is_require_grad() {
             value = value.require_grad();
         }

@@ -153,6 +153,19 @@ impl TrainingCoordinator {
         )?;
         plan.precision = precision;
         plan.warnings.extend(fallback);
+        // f16's smallest normal number: a smaller eps is flushed to zero or loses its
+        // precision where 16-true keeps AdamW's moments.
+        const F16_MIN_EPS: f32 = 6.1e-5;
+        if precision == kiln_core::Precision::F16True && config.optimizer.eps < F16_MIN_EPS {
+            return Err(kiln_core::Error::invalid(
+                "eps",
+                config.optimizer.eps,
+                "a number >= 6.1e-5 under 16-true (AdamW's moments and eps are f16 there, \
+                 where a smaller eps is zero and the update divides by it; or train in \
+                 16-mixed, which keeps them in f32)",
+            )
+            .into());
+        }
         if precision != kiln_core::Precision::F32 && plan.engine == kiln_core::Engine::Learner {
             plan.engine = kiln_core::Engine::Native;
             plan.warnings.push(format!(
@@ -332,6 +345,7 @@ impl TrainingCoordinator {
             run_dir: Some(run_dir.path.clone()),
             run_id: metrics.run_id(),
             optimizer_state_bytes: stats.optimizer_state_bytes,
+            skipped_steps: stats.skipped_steps,
         };
         run_dir.write_json("report.json", &report)?;
         // The files go into the store before the run is closed; whatever fails here,

@@ -1,4 +1,4 @@
-//! Gradient post-processing: global-norm clipping.
+//! Gradient post-processing: global-norm clipping and scaling.
 //!
 //! Burn's `GradientClippingConfig::Norm` clips each parameter tensor on its own;
 //! Lightning's `gradient_clip_val` (and PyTorch's `clip_grad_norm_`) clip the norm
@@ -8,6 +8,7 @@ use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, FloatDType};
 
 /// The global L2 norm of `grads` over the parameters of `model`.
 pub(crate) fn global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
@@ -30,15 +31,33 @@ pub(crate) fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     max_norm: f64,
 ) -> f64 {
     let norm = global_norm::<B, M>(model, grads);
-    if norm.is_finite() && norm > max_norm {
-        let factor = max_norm / (norm + 1e-6);
-        model.visit(&mut Scale::<B> {
-            grads,
-            factor,
-            _b: Default::default(),
-        });
-    }
+    clip_to::<B, M>(model, grads, norm, max_norm);
     norm
+}
+
+/// Scales `grads`, whose global norm is `norm`, so that it is at most `max_norm`.
+pub(crate) fn clip_to<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    norm: f64,
+    max_norm: f64,
+) {
+    if norm.is_finite() && norm > max_norm {
+        scale::<B, M>(model, grads, max_norm / (norm + 1e-6));
+    }
+}
+
+/// Multiplies every gradient by `factor`.
+pub(crate) fn scale<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    factor: f64,
+) {
+    model.visit(&mut Scale::<B> {
+        grads,
+        factor,
+        _b: Default::default(),
+    });
 }
 
 struct SquaredSum<'a, B: AutodiffBackend> {
@@ -49,6 +68,12 @@ struct SquaredSum<'a, B: AutodiffBackend> {
 impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredSum<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            // Summed in f32: squares of f16 or bf16 gradients overflow or lose the
+            // small ones.
+            let g = match g.dtype() {
+                DType::F32 | DType::F64 => g,
+                _ => g.cast(FloatDType::F32),
+            };
             let s = g.powi_scalar(2).sum();
             self.total = Some(match self.total.take() {
                 Some(t) => t + s,

@@ -22,9 +22,9 @@ use kiln_core::{CoordinatorConfig, DataModule, Split, TaskModel};
 use crate::CoordinatorError;
 use crate::checkpoint::{Loaded, Snapshot};
 use crate::collective::{Peer, Status};
-use crate::grad::{clip_global_norm, global_norm};
+use crate::grad::{self, clip_global_norm, clip_to, global_norm};
 use crate::objective::{self, EvalSums};
-use crate::precision;
+use crate::precision::{self, LossScaler};
 use crate::progress::Progress;
 use crate::run::CheckpointCtx;
 use crate::run::{
@@ -98,7 +98,6 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Replica<'_, B, M> {
     }
 }
 
-/// The optimizer record of kiln's AdamW for backend `B`.
 /// The optimizer record of kiln's AdamW for model `M` on backend `B`.
 pub(crate) type AdamWRecord<B, M> = <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record;
 
@@ -227,12 +226,30 @@ where
     let mut optim = adamw(config).init::<B, M>();
     let mut model = model;
     let (start_epoch, start_batch) = resume_position(resume, per_epoch);
+    // True modes store the parameters (and so AdamW's moments) in their dtype;
+    // checkpoints hold f32.
+    let stored = precision::working_dtype(replica.precision)
+        .filter(|_| precision::is_true(replica.precision));
     if let Some(loaded) = resume {
         model = loaded.model::<B, M>(model, device)?;
-        let record: AdamWRecord<B, M> = loaded.optim::<B, _>(device)?;
+    }
+    if let Some(dtype) = stored {
+        model = precision::store_as(model, dtype);
+    }
+    if let Some(loaded) = resume {
+        let mut record: AdamWRecord<B, M> = loaded.optim::<B, _>(device)?;
+        if let Some(dtype) = stored {
+            record = precision::optim_record_as::<B, M>(&model, record, dtype);
+        }
         optim = optim.load_record(shard_of(&model, record, replica));
         restore_stats(loaded, stats);
     }
+    let mut scaler = (replica.precision == kiln_core::Precision::F16Mixed).then(|| {
+        LossScaler::new(
+            &config.loss_scaling,
+            resume.and_then(|l| l.state.loss_scale),
+        )
+    });
     let previous_seconds = stats.train_seconds;
     // Materialise lazily initialised parameters on the device before anything is
     // cloned (Burn 0.21, #5040: clones of lazy params initialise independently).
@@ -274,6 +291,7 @@ where
             let write = |ctx: &CheckpointCtx<'_>,
                          model: &M,
                          optim: &OptimizerAdaptor<AdamW, M, B>,
+                         scaler: Option<&LossScaler>,
                          stats: &LoopStats,
                          metrics: &mut Metrics<'_>,
                          b: usize,
@@ -283,6 +301,7 @@ where
                     replica,
                     model,
                     optim,
+                    scaler,
                     stats,
                     metrics,
                     config.seed,
@@ -295,7 +314,17 @@ where
                 let group = accumulate.min(per_epoch - b);
                 let step = stats.steps + 1;
                 let local = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    train_group::<B, M, D>(inputs, &model, &order, b, group, replica, step, epoch)
+                    train_group::<B, M, D>(
+                        inputs,
+                        &model,
+                        &order,
+                        b,
+                        group,
+                        replica,
+                        scaler.as_ref().map(LossScaler::scale),
+                        step,
+                        epoch,
+                    )
                 }))
                 .unwrap_or_else(|panic| {
                     Err(Failure::Panicked(crate::coordinator::panic_message(
@@ -355,21 +384,45 @@ where
                 };
                 stats.samples += samples;
                 let logging = StepRecord::is_logged(config, step, total);
-                let norm = post_process::<B, M>(
-                    config.gradient_clip_val,
-                    &model,
-                    &mut grads,
-                    logging,
-                    step,
-                    epoch,
-                )?;
+                // 16-mixed: the gradients are unscaled and checked; a step whose
+                // gradients are not finite is skipped (identically on every worker:
+                // they all hold the same summed gradients).
+                let (take, known_norm) = match scaler.as_mut() {
+                    Some(scaler) => {
+                        grad::scale::<B, M>(&model, &mut grads, 1.0 / scaler.scale());
+                        let norm = global_norm::<B, M>(&model, &grads);
+                        let take = scaler.update(norm.is_finite()).map_err(Failure::Diverged)?;
+                        stats.skipped_steps = scaler.state().skipped;
+                        if !take {
+                            tracing::debug!(
+                                step,
+                                scale = scaler.scale(),
+                                "16-mixed: non-finite gradients, step skipped"
+                            );
+                        }
+                        (take, take.then_some(norm))
+                    }
+                    None => (true, None),
+                };
                 let lr = o.schedule.lr_at(o.lr, stats.steps, total);
-                if replica.sharded {
-                    retain_owned::<B, M>(&model, &mut grads, replica);
-                }
-                model = optim.step(lr, model, grads);
-                if let (Some(peer), true) = (&peer, replica.sharded) {
-                    model = peer.gather_params(model, &|i| replica.owns(i))?;
+                let mut norm = None;
+                if take {
+                    norm = post_process::<B, M>(
+                        config.gradient_clip_val,
+                        &model,
+                        &mut grads,
+                        logging,
+                        known_norm,
+                        step,
+                        epoch,
+                    )?;
+                    if replica.sharded {
+                        retain_owned::<B, M>(&model, &mut grads, replica);
+                    }
+                    model = optim.step(lr, model, grads);
+                    if let (Some(peer), true) = (&peer, replica.sharded) {
+                        model = peer.gather_params(model, &|i| replica.owns(i))?;
+                    }
                 }
                 let record = StepRecord {
                     step,
@@ -378,6 +431,7 @@ where
                     lr,
                     grad_norm: norm,
                     logging,
+                    loss_scale: scaler.as_ref().map(LossScaler::scale),
                     samples: stats.samples,
                     train_seconds: previous_seconds + started.elapsed().as_secs_f64()
                         - validation_seconds,
@@ -393,7 +447,16 @@ where
                         clock.due_at(ctx.policy, step, epoch, epoch_done, step >= total, time_due);
                     match due {
                         Some(SaveAt::Now) => {
-                            write(ctx, &model, &optim, stats, metrics, b, &mut deferred)?;
+                            write(
+                                ctx,
+                                &model,
+                                &optim,
+                                scaler.as_ref(),
+                                stats,
+                                metrics,
+                                b,
+                                &mut deferred,
+                            )?;
                             clock.saved(step);
                         }
                         Some(SaveAt::AfterValidation) => save_after_validation = Some(b),
@@ -406,7 +469,7 @@ where
             }
             if writes {
                 let validation_started = Instant::now();
-                let validated = validate::<B, M, D>(inputs, &model, metrics)
+                let validated = validate::<B, M, D>(inputs, &model, replica.precision, metrics)
                     .and_then(|results| book_validation(&results, epoch, stats, metrics, progress));
                 validation_seconds += validation_started.elapsed().as_secs_f64();
                 if let Err(e) = validated {
@@ -416,7 +479,16 @@ where
                 stats.epochs = epoch + 1;
             }
             if let (Some(ctx), Some(b)) = (checkpoints, save_after_validation) {
-                write(ctx, &model, &optim, stats, metrics, b, &mut deferred)?;
+                write(
+                    ctx,
+                    &model,
+                    &optim,
+                    scaler.as_ref(),
+                    stats,
+                    metrics,
+                    b,
+                    &mut deferred,
+                )?;
                 clock.saved(stats.steps);
             }
             if stats.steps >= total {
@@ -573,6 +645,7 @@ fn train_group<B, M, D>(
     b: usize,
     group: usize,
     replica: &Replica<'_, B, M>,
+    loss_scale: Option<f64>,
     step: u64,
     epoch: usize,
 ) -> Result<Local, Failure>
@@ -613,8 +686,12 @@ where
             return Err(Failure::Stopped);
         }
         // Mixed precision: forward and backward on a working copy in the working
-        // dtype; the loss in f32; the gradients land on the f32 masters.
+        // dtype; the loss in f32; the gradients land on the f32 masters. True
+        // modes: the model is stored in the working dtype already.
         let prediction = match working {
+            Some(dtype) if precision::is_true(replica.precision) => {
+                precision::to_f32(model.forward(precision::cast_inputs(batch.inputs, dtype))?)
+            }
             Some(dtype) => precision::to_f32(
                 precision::working_copy(model, dtype)
                     .forward(precision::cast_inputs(batch.inputs, dtype))?,
@@ -635,6 +712,11 @@ where
             (false, false) => loss,
             (false, true) => loss.div_scalar(group as f64),
             (true, _) => loss.mul_scalar(share / group as f64),
+        };
+        // 16-mixed: scaled so that small f16 gradients do not underflow.
+        let loss = match loss_scale {
+            Some(scale) => loss.mul_scalar(scale),
+            None => loss,
         };
         let grads = GradientsParams::from_grads(loss.backward(), model);
         if group > 1 {
@@ -714,6 +796,7 @@ fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
     replica: &Replica<'_, B, M>,
     model: &M,
     optim: &OptimizerAdaptor<AdamW, M, B>,
+    scaler: Option<&LossScaler>,
     stats: &LoopStats,
     metrics: &mut Metrics<'_>,
     seed: u64,
@@ -735,18 +818,23 @@ fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
         _ => return Ok(()),
     }
     let snapshot = Snapshot::take::<B, M, B, _>(model, record)?;
-    let state = trainer_state(ctx, stats, metrics, seed, epoch, b);
+    let mut state = trainer_state(ctx, stats, metrics, seed, epoch, b);
+    state.loss_scale = scaler.map(LossScaler::state);
     write_checkpoint(ctx, &snapshot, &state, metrics)?;
     Ok(())
 }
 
 /// Clips the gradients (when `gradient_clip_val` is set) and measures their global
 /// norm (when clipping or logging); a non-finite norm ends the run.
+///
+/// `known_norm`: the norm, when the caller has measured it already (loss scaling).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn post_process<B, M>(
     gradient_clip_val: Option<f64>,
     model: &M,
     grads: &mut GradientsParams,
     logging: bool,
+    known_norm: Option<f64>,
     step: u64,
     epoch: usize,
 ) -> Result<Option<f64>, Failure>
@@ -756,10 +844,15 @@ where
 {
     // The global norm costs one reduction over every gradient: only on the steps
     // that clip or log it.
-    let norm = match gradient_clip_val {
-        Some(max_norm) => Some(clip_global_norm::<B, M>(model, grads, max_norm)),
-        None if logging => Some(global_norm::<B, M>(model, grads)),
-        None => None,
+    let norm = match (gradient_clip_val, known_norm) {
+        (Some(max_norm), Some(norm)) => {
+            clip_to::<B, M>(model, grads, norm, max_norm);
+            Some(norm)
+        }
+        (Some(max_norm), None) => Some(clip_global_norm::<B, M>(model, grads, max_norm)),
+        (None, Some(norm)) => Some(norm),
+        (None, None) if logging => Some(global_norm::<B, M>(model, grads)),
+        (None, None) => None,
     };
     match norm.filter(|n| !n.is_finite()) {
         Some(bad) => Err(Failure::Diverged(format!(
@@ -773,6 +866,7 @@ where
 pub(crate) fn validate<B, M, D>(
     inputs: &LoopInputs<'_, B, D>,
     model: &M,
+    precision: kiln_core::Precision,
     metrics: &mut Metrics<'_>,
 ) -> Result<Vec<(&'static str, f64)>, CoordinatorError>
 where
@@ -787,6 +881,9 @@ where
         return Ok(Vec::new());
     }
     let inner = model.valid();
+    // True modes store the model in their dtype: the inputs follow, the loss is
+    // taken in f32. Mixed modes validate the f32 masters.
+    let stored = precision::working_dtype(precision).filter(|_| precision::is_true(precision));
     let mut batches = n_valid.div_ceil(config.batch_size);
     if let Some(limit) = config.limit_val_batches {
         batches = batches.min(limit);
@@ -795,7 +892,12 @@ where
     let mut sums = EvalSums::default();
     for chunk in all.chunks(config.batch_size).take(batches) {
         let batch = data.batch::<B::InnerBackend>(Split::Valid, chunk, inputs.device)?;
-        let prediction = inner.forward(batch.inputs)?;
+        let prediction = match stored {
+            Some(dtype) => {
+                precision::to_f32(inner.forward(precision::cast_inputs(batch.inputs, dtype))?)
+            }
+            None => inner.forward(batch.inputs)?,
+        };
         sums.add(objective::evaluate(
             &inputs.task.kind,
             prediction,

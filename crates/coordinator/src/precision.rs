@@ -1,17 +1,45 @@
-//! Precision: which mode runs on this backend, and the bf16 working copy of
-//! `bf16-mixed` (see `docs/precision.md`).
+//! Precision: which mode runs on this backend, the working dtype of each mode, and
+//! `16-mixed`'s loss scaler (see `docs/precision.md`).
 //!
-//! Burn 0.21 has no autocast: kiln builds mixed precision from differentiable casts
-//! (memo §5). The master weights and AdamW's state stay f32; each micro-batch runs
-//! forward and backward on a bf16 copy made by casting every parameter inside the
-//! autodiff graph, so the gradients arrive on the f32 masters as f32.
+//! Burn 0.21 has no autocast and no loss scaler: kiln builds them from differentiable
+//! casts (memo §5).
+//! - Mixed modes keep the master weights and AdamW's state in f32; each micro-batch
+//!   runs forward and backward on a working copy made by casting every parameter
+//!   inside the autodiff graph, so the gradients arrive on the f32 masters as f32.
+//!   `16-mixed` multiplies the loss by a [`LossScaler`]'s scale before the backward
+//!   pass (f16 gradients underflow otherwise) and divides the gradients by it after.
+//! - True modes store the parameters themselves in the working dtype (the optimizer
+//!   state follows the gradients' dtype).
+//!
+//! Either way the inputs are cast to the working dtype and the loss is computed in
+//! f32.
 
-use burn::module::{Module, ModuleMapper, Param};
+use std::marker::PhantomData;
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::record::AdaptorRecord;
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType};
-use kiln_core::{Inputs, Precision, Prediction};
+use kiln_core::{Inputs, LossScaling, Precision, Prediction};
+use serde::{Deserialize, Serialize};
 
-use crate::{CoordinatorError, Result};
+use crate::Result;
+use crate::native::AdamWRecord;
+
+/// The dtype a precision computes in (`None`: f32).
+pub(crate) fn working_dtype(precision: Precision) -> Option<FloatDType> {
+    match precision {
+        Precision::F32 => None,
+        Precision::Bf16Mixed | Precision::Bf16True => Some(FloatDType::BF16),
+        Precision::F16Mixed | Precision::F16True => Some(FloatDType::F16),
+    }
+}
+
+/// Whether a precision stores the parameters themselves in its working dtype.
+pub(crate) fn is_true(precision: Precision) -> bool {
+    matches!(precision, Precision::Bf16True | Precision::F16True)
+}
 
 /// The precision that runs for `asked` on a backend that `supports` a dtype, and
 /// the warning when it falls back to `32-true`.
@@ -21,46 +49,48 @@ pub(crate) fn resolve(
     supports: impl Fn(DType) -> bool,
     strict: bool,
 ) -> Result<(Precision, Option<String>)> {
-    let supported: Vec<&str> = [("32-true", true), ("bf16-mixed", supports(DType::BF16))]
+    let runs = |p: Precision| match working_dtype(p) {
+        None => true,
+        Some(d) => supports(DType::from(d)),
+    };
+    if runs(asked) {
+        return Ok((asked, None));
+    }
+    let dtype = match working_dtype(asked) {
+        Some(FloatDType::F16) => "f16",
+        _ => "bf16",
+    };
+    if strict {
+        let supported: Vec<String> = [
+            Precision::F32,
+            Precision::Bf16Mixed,
+            Precision::F16Mixed,
+            Precision::Bf16True,
+            Precision::F16True,
+        ]
         .into_iter()
-        .filter_map(|(name, ok)| ok.then_some(name))
+        .filter(|p| runs(*p))
+        .map(|p| p.to_string())
         .collect();
-    match asked {
-        Precision::F32 => Ok((Precision::F32, None)),
-        Precision::Bf16Mixed if supports(DType::BF16) => Ok((Precision::Bf16Mixed, None)),
-        Precision::Bf16Mixed if strict => Err(kiln_core::Error::invalid(
+        return Err(kiln_core::Error::invalid(
             "precision",
             asked,
             format!(
-                "a mode backend {backend} supports: {} (it has no bf16 tensors; \
-                 strict precision is on)",
+                "a mode backend {backend} supports: {} (it has no {dtype} tensors; strict \
+                 precision is on)",
                 supported.join(", ")
             ),
         )
-        .into()),
-        Precision::Bf16Mixed => Ok((
-            Precision::F32,
-            Some(format!(
-                "precision bf16-mixed is not supported by backend {backend} (no bf16 \
-                 tensors): training in 32-true instead (strict precision makes this an \
-                 error; the flex and cuda backends have bf16)"
-            )),
+        .into());
+    }
+    Ok((
+        Precision::F32,
+        Some(format!(
+            "precision {asked} is not supported by backend {backend} (no {dtype} tensors): \
+             training in 32-true instead (strict precision makes this an error; the flex \
+             and cuda backends have bf16 and f16)"
         )),
-        other => Err(CoordinatorError::NotAvailable {
-            what: format!("precision {other}"),
-            reason: "kiln implements 32-true and bf16-mixed so far; 16-mixed (with loss \
-                     scaling), bf16-true and 16-true are tracked by the precision issue"
-                .into(),
-        }),
-    }
-}
-
-/// The working dtype of a precision's forward and backward passes (`None`: f32).
-pub(crate) fn working_dtype(precision: Precision) -> Option<FloatDType> {
-    match precision {
-        Precision::Bf16Mixed => Some(FloatDType::BF16),
-        _ => None,
-    }
+    ))
 }
 
 /// Casts every float parameter inside the autodiff graph: the copy's gradients
@@ -74,9 +104,64 @@ impl<B: Backend> ModuleMapper<B> for CastTo {
     }
 }
 
-/// A working copy of `model` in `dtype`.
+/// A working copy of `model` in `dtype` (mixed modes).
 pub(crate) fn working_copy<B: Backend, M: Module<B>>(model: &M, dtype: FloatDType) -> M {
     model.clone().map(&mut CastTo(dtype))
+}
+
+/// Stores every float parameter in another dtype, as a new leaf of the graph.
+struct StoreAs(FloatDType);
+
+impl<B: AutodiffBackend> ModuleMapper<B> for StoreAs {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let tracked = tensor.is_require_grad();
+        let mut value = Tensor::<B, D>::from_inner(tensor.inner().cast(self.0));
+        if tracked {
+            value = value.require_grad();
+        }
+        Param::from_mapped_value(id, value, mapper)
+    }
+}
+
+/// `model` with its parameters stored in `dtype` (true modes; checkpoints hold f32,
+/// so a resumed model is stored back in its dtype with this too).
+pub(crate) fn store_as<B: AutodiffBackend, M: AutodiffModule<B>>(model: M, dtype: FloatDType) -> M {
+    model.map(&mut StoreAs(dtype))
+}
+
+/// AdamW's record with its moments in `dtype`: a checkpoint holds them in f32, a
+/// true mode keeps them in the parameters' dtype.
+pub(crate) fn optim_record_as<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    record: AdamWRecord<B, M>,
+    dtype: FloatDType,
+) -> AdamWRecord<B, M> {
+    struct Cast<B: AutodiffBackend, M: AutodiffModule<B>> {
+        record: AdamWRecord<B, M>,
+        dtype: FloatDType,
+        model: PhantomData<M>,
+    }
+    impl<B: AutodiffBackend, M: AutodiffModule<B>> ModuleVisitor<B> for Cast<B, M> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(entry) = self.record.remove(&param.id) {
+                let mut state = entry.into_state::<D>();
+                let m = &mut state.momentum;
+                m.moment_1 = m.moment_1.clone().cast(self.dtype);
+                m.moment_2 = m.moment_2.clone().cast(self.dtype);
+                m.max_moment_2 = m.max_moment_2.take().map(|t| t.cast(self.dtype));
+                self.record
+                    .insert(param.id, AdaptorRecord::from_state(state));
+            }
+        }
+    }
+    let mut cast = Cast::<B, M> {
+        record,
+        dtype,
+        model: PhantomData,
+    };
+    model.visit(&mut cast);
+    cast.record
 }
 
 /// `inputs` in `dtype` (token ids are left as they are).
@@ -94,6 +179,85 @@ pub(crate) fn to_f32<B: Backend>(prediction: Prediction<B>) -> Prediction<B> {
         Prediction::TokenLogits(x) => Prediction::TokenLogits(x.cast(f32)),
         Prediction::ClassLogits(x) => Prediction::ClassLogits(x.cast(f32)),
         Prediction::Values(x) => Prediction::Values(x.cast(f32)),
+    }
+}
+
+/// Where `16-mixed`'s loss scaling stands; saved in checkpoints so that a resumed
+/// run continues with the same scale.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ScalerState {
+    /// The scale the next step's loss is multiplied by.
+    pub scale: f64,
+    /// Finite steps in a row since the scale last changed.
+    pub clean_steps: u32,
+    /// Steps skipped in a row (non-finite gradients).
+    pub skipped_in_a_row: u32,
+    /// Steps skipped in the whole run.
+    pub skipped: u64,
+}
+
+/// Dynamic loss scaling (PyTorch's `GradScaler`): back off on non-finite gradients,
+/// grow after a run of finite ones.
+#[derive(Debug, Clone)]
+pub(crate) struct LossScaler {
+    config: LossScaling,
+    state: ScalerState,
+}
+
+/// Steps skipped in a row after which a run is declared diverged: the scale has then
+/// fallen by `backoff_factor^limit` (2^-64 with the defaults) and the gradients are
+/// still not finite, so no scale will make them finite.
+const SKIPS_BEFORE_DIVERGED: u32 = 64;
+
+impl LossScaler {
+    /// A scaler starting from `state`, or from the configured initial scale.
+    pub fn new(config: &LossScaling, state: Option<ScalerState>) -> Self {
+        Self {
+            config: *config,
+            state: state.unwrap_or(ScalerState {
+                scale: config.init_scale,
+                clean_steps: 0,
+                skipped_in_a_row: 0,
+                skipped: 0,
+            }),
+        }
+    }
+
+    /// The scale of the next step's loss.
+    pub fn scale(&self) -> f64 {
+        self.state.scale
+    }
+
+    /// The state to checkpoint.
+    pub fn state(&self) -> ScalerState {
+        self.state
+    }
+
+    /// Updates the scale after a step whose gradients were `finite` or not; returns
+    /// whether the optimizer step is taken, or an error once skipping is hopeless.
+    pub fn update(&mut self, finite: bool) -> std::result::Result<bool, String> {
+        let s = &mut self.state;
+        if finite {
+            s.skipped_in_a_row = 0;
+            s.clean_steps += 1;
+            if s.clean_steps >= self.config.growth_interval {
+                s.scale *= self.config.growth_factor;
+                s.clean_steps = 0;
+            }
+            return Ok(true);
+        }
+        s.scale *= self.config.backoff_factor;
+        s.clean_steps = 0;
+        s.skipped_in_a_row += 1;
+        s.skipped += 1;
+        if s.skipped_in_a_row >= SKIPS_BEFORE_DIVERGED {
+            return Err(format!(
+                "16-mixed: {} steps in a row had non-finite gradients; the loss scale \
+                 fell to {:e} without making them finite",
+                s.skipped_in_a_row, s.scale
+            ));
+        }
+        Ok(false)
     }
 }
 
@@ -126,17 +290,69 @@ mod tests {
             .to_string();
         assert!(
             err.contains("invalid precision \"bf16-mixed\"")
-                && err.contains("backend ndarray supports: 32-true"),
+                && err.contains("backend ndarray supports: 32-true")
+                && err.contains("no bf16 tensors"),
             "{err}"
         );
     }
 
-    #[test]
-    fn modes_not_built_yet_say_so() {
-        let err = resolve(Precision::F16Mixed, "flex", |_| true, false).unwrap_err();
-        assert!(
-            matches!(err, CoordinatorError::NotAvailable { .. }),
-            "{err}"
+    #[rstest]
+    #[case::f16_mixed(Precision::F16Mixed, "no f16 tensors")]
+    #[case::bf16_true(Precision::Bf16True, "no bf16 tensors")]
+    #[case::f16_true(Precision::F16True, "no f16 tensors")]
+    fn every_mode_falls_back_or_refuses_without_its_dtype(
+        #[case] asked: Precision,
+        #[case] why: &str,
+    ) {
+        let (got, warning) = resolve(asked, "ndarray", |_| false, false).unwrap();
+        assert_eq!(got, Precision::F32);
+        assert!(warning.unwrap().contains(why));
+        assert!(resolve(asked, "ndarray", |_| false, true).is_err());
+        assert_eq!(
+            resolve(asked, "flex", |_| true, true).unwrap(),
+            (asked, None)
         );
+    }
+
+    fn scaling(growth_interval: u32) -> LossScaling {
+        LossScaling {
+            init_scale: 1024.0,
+            growth_interval,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn scaler_backs_off_on_overflow_and_grows_after_clean_steps() {
+        let mut s = LossScaler::new(&scaling(3), None);
+        assert_eq!(s.update(true), Ok(true));
+        assert_eq!(s.update(false), Ok(false));
+        assert_eq!(s.scale(), 512.0);
+        // The run of clean steps starts again after a skip.
+        assert_eq!(s.update(true), Ok(true));
+        assert_eq!(s.update(true), Ok(true));
+        assert_eq!(s.scale(), 512.0);
+        assert_eq!(s.update(true), Ok(true));
+        assert_eq!(s.scale(), 1024.0);
+        assert_eq!(s.state().clean_steps, 0);
+    }
+
+    #[test]
+    fn scaler_resumes_from_its_state() {
+        let mut s = LossScaler::new(&scaling(2), None);
+        s.update(true).unwrap();
+        let mut resumed = LossScaler::new(&scaling(2), Some(s.state()));
+        resumed.update(true).unwrap();
+        assert_eq!(resumed.scale(), 2048.0);
+    }
+
+    #[test]
+    fn endless_overflow_is_divergence() {
+        let mut s = LossScaler::new(&scaling(2), None);
+        let err = (0..SKIPS_BEFORE_DIVERGED)
+            .map(|_| s.update(false))
+            .find_map(|r| r.err())
+            .expect("an error after the last skip");
+        assert!(err.contains("64 steps in a row"), "{err}");
     }
 }

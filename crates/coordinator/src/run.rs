@@ -27,6 +27,8 @@ pub(crate) struct LoopStats {
     pub samples: u64,
     /// Encoded size of this worker's optimizer state at the end.
     pub optimizer_state_bytes: u64,
+    /// Steps skipped by loss scaling (`16-mixed`).
+    pub skipped_steps: u64,
 }
 
 /// Why a loop stopped early.
@@ -225,6 +227,7 @@ pub(crate) fn trainer_state(
         run_id: ctx.run_id,
         attempt: ctx.attempt,
         monitor: metrics.summaries().get(&ctx.policy.monitor).map(|s| s.last),
+        loss_scale: None,
     }
 }
 
@@ -258,6 +261,8 @@ pub(crate) struct StepRecord {
     pub grad_norm: Option<f64>,
     /// Whether this step is logged (`log_every_n_steps`, and the last step).
     pub logging: bool,
+    /// `16-mixed`: the loss scale after this step's update.
+    pub loss_scale: Option<f64>,
     /// Examples trained on so far.
     pub samples: u64,
     /// Training seconds so far (validation excluded).
@@ -302,6 +307,9 @@ pub(crate) fn book_step(
         metrics.record("train", "lr", step, epoch, lr);
         if let Some(norm) = record.grad_norm {
             metrics.record("train", "grad_norm", step, epoch, norm);
+        }
+        if let Some(scale) = record.loss_scale {
+            metrics.record("train", "loss_scale", step, epoch, scale);
         }
         metrics.record("train", "items_per_s", step, epoch, rate);
         metrics.flush()?;

@@ -413,6 +413,38 @@ impl Default for CheckpointPolicy {
     }
 }
 
+/// Dynamic loss scaling of `16-mixed` (PyTorch's `GradScaler`, whose defaults these
+/// are).
+///
+/// Each micro-batch's loss is multiplied by the scale before the backward pass and
+/// the gradients are divided by it before clipping and the optimizer step. A step
+/// whose gradients are not finite is skipped and the scale multiplied by
+/// `backoff_factor`; after `growth_interval` finite steps in a row it is multiplied by
+/// `growth_factor`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LossScaling {
+    /// The scale of the first step.
+    pub init_scale: f64,
+    /// Applied after `growth_interval` finite steps in a row (`> 1`).
+    pub growth_factor: f64,
+    /// Applied when a step's gradients are not finite (in `(0, 1)`).
+    pub backoff_factor: f64,
+    /// Finite steps in a row before the scale grows (`>= 1`).
+    pub growth_interval: u32,
+}
+
+impl Default for LossScaling {
+    fn default() -> Self {
+        Self {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
+}
+
 /// Which checkpoint to resume from (Lightning's `ckpt_path`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CkptPath {
@@ -507,6 +539,8 @@ pub struct CoordinatorConfig {
     /// When the backend lacks the precision's dtype: an error instead of falling back
     /// to `32-true` with a warning.
     pub strict_precision: bool,
+    /// Loss scaling of `16-mixed` (unused by the other modes).
+    pub loss_scaling: LossScaling,
     /// Devices per node.
     pub devices: Devices,
     /// Number of machines (`>= 1`).
@@ -551,6 +585,7 @@ impl Default for CoordinatorConfig {
             strategy: Strategy::Auto,
             precision: Precision::F32,
             strict_precision: false,
+            loss_scaling: LossScaling::default(),
             devices: Devices::Auto,
             num_nodes: 1,
             enable_checkpointing: true,
@@ -639,6 +674,29 @@ impl CoordinatorConfig {
                 "a number in [0, 1]",
             ));
         }
+        let s = &self.loss_scaling;
+        if !(s.init_scale.is_finite() && s.init_scale > 0.0) {
+            return Err(Error::invalid(
+                "init_scale",
+                s.init_scale,
+                "a finite number > 0",
+            ));
+        }
+        if !(s.growth_factor.is_finite() && s.growth_factor > 1.0) {
+            return Err(Error::invalid(
+                "growth_factor",
+                s.growth_factor,
+                "a finite number > 1",
+            ));
+        }
+        if !(s.backoff_factor > 0.0 && s.backoff_factor < 1.0) {
+            return Err(Error::invalid(
+                "backoff_factor",
+                s.backoff_factor,
+                "a number in (0, 1)",
+            ));
+        }
+        positive("growth_interval", s.growth_interval as u64)?;
         let c = &self.checkpoint;
         if c.every_n_steps == Some(0) {
             return Err(Error::invalid("every_n_steps", 0, "an integer >= 1"));
@@ -752,6 +810,10 @@ mod tests {
     #[case::lr_zero(CoordinatorConfig { optimizer: OptimizerConfig { lr: 0.0, ..Default::default() }, ..Default::default() }, "lr")]
     #[case::beta_one(CoordinatorConfig { optimizer: OptimizerConfig { beta2: 1.0, ..Default::default() }, ..Default::default() }, "beta2")]
     #[case::empty_experiment(CoordinatorConfig { experiment: " ".into(), ..Default::default() }, "experiment")]
+    #[case::scale_zero(CoordinatorConfig { loss_scaling: LossScaling { init_scale: 0.0, ..Default::default() }, ..Default::default() }, "init_scale")]
+    #[case::growth_one(CoordinatorConfig { loss_scaling: LossScaling { growth_factor: 1.0, ..Default::default() }, ..Default::default() }, "growth_factor")]
+    #[case::backoff_one(CoordinatorConfig { loss_scaling: LossScaling { backoff_factor: 1.0, ..Default::default() }, ..Default::default() }, "backoff_factor")]
+    #[case::growth_interval_zero(CoordinatorConfig { loss_scaling: LossScaling { growth_interval: 0, ..Default::default() }, ..Default::default() }, "growth_interval")]
     fn invalid_configurations_are_refused(#[case] cfg: CoordinatorConfig, #[case] field: &str) {
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.starts_with(&format!("invalid {field} ")), "{err}");

@@ -22,8 +22,8 @@ pub mod rng;
 mod task;
 
 pub use config::{
-    CheckpointPolicy, CkptPath, CoordinatorConfig, DeviceSelection, Devices, LrSchedule,
-    MonitorMode, OptimizerConfig, Precision, ProgressMode, Strategy,
+    CheckpointPolicy, CkptPath, CoordinatorConfig, DeviceSelection, Devices, LossScaling,
+    LrSchedule, MonitorMode, OptimizerConfig, Precision, ProgressMode, Strategy,
 };
 pub use data::{Batch, DataModule, Split};
 pub use error::Error;

@@ -145,4 +145,8 @@ pub struct TrainReport {
     /// world-size share of them for `fsdp`. 0 when training never started.
     #[serde(default)]
     pub optimizer_state_bytes: u64,
+    /// Optimizer steps skipped because their gradients were not finite (`16-mixed`
+    /// loss scaling backing off); 0 in every other mode.
+    #[serde(default)]
+    pub skipped_steps: u64,
 }

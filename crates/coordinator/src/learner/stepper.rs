@@ -204,13 +204,14 @@ where
         let step = steps + 1;
         let logging = step.is_multiple_of(settings.log_every_n_steps) || step == settings.total;
         let clip = settings.gradient_clip_val;
-        let norm = match post_process::<B, M>(clip, &self.model, &mut grads, logging, step, epoch) {
-            Ok(norm) => norm,
-            Err(failure) => {
-                shared.fail(failure);
-                return self;
-            }
-        };
+        let norm =
+            match post_process::<B, M>(clip, &self.model, &mut grads, logging, None, step, epoch) {
+                Ok(norm) => norm,
+                Err(failure) => {
+                    shared.fail(failure);
+                    return self;
+                }
+            };
         let lr = settings
             .schedule
             .lr_at(settings.base_lr, steps, settings.total);
@@ -225,6 +226,7 @@ where
             lr,
             grad_norm: norm,
             logging,
+            loss_scale: None,
             samples: p.samples,
             train_seconds: p.train_seconds(),
         };
