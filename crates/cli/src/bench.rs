@@ -6,6 +6,9 @@
 //! - `coordinator`: the same number of steps through `TrainingCoordinator`
 //!   (which builds its batches as it goes and keeps its books).
 //!
+//! - `ddp2`: the coordinator with `strategy ddp, devices 2` (two CPU worker threads)
+//!   at the same global batch, with the time rank 0 spent in the per-step exchange.
+//!
 //! `overhead` = hand tokens/s over all steps ÷ coordinator tokens/s − 1, both
 //! counted over the same steps (warm-up included), measured back to back.
 
@@ -255,8 +258,31 @@ fn measure<B: AutodiffBackend>(
     let report = coordinator
         .train::<B, _, _>(model, &data, &task, None, 1)?
         .report;
-    let _ = std::fs::remove_dir_all(&dir);
     let coordinator_tps = report.throughput.items_per_s;
+
+    // The same global batch on two CPU workers (ddp): what a second core buys.
+    let ddp = TrainingCoordinator::builder()
+        .strategy("ddp")
+        .devices("2")
+        .batch_size(args.batch / 2)
+        .max_steps(total as u64)
+        .limit_val_batches(1)
+        .log_every_n_steps(1_000_000)
+        .enable_checkpointing(false)
+        .progress(ProgressMode::Off)
+        .default_root_dir(&dir)
+        .seed(seed)
+        .build()?
+        .train::<B, _, _>(
+            cfg.init::<B>(seed, &Default::default())?,
+            &data,
+            &task,
+            None,
+            1,
+        )?
+        .report;
+    let _ = std::fs::remove_dir_all(&dir);
+    let ddp_tps = ddp.throughput.items_per_s;
 
     Ok(serde_json::json!({
         "config": name,
@@ -272,6 +298,10 @@ fn measure<B: AutodiffBackend>(
         "overhead": hand.all_tokens_per_s / coordinator_tps - 1.0,
         "hand_final_loss": hand.final_loss,
         "coordinator_final_loss": report.step_losses.last(),
+        "ddp2_tokens_per_s": ddp_tps,
+        "ddp2_speedup": ddp_tps / coordinator_tps,
+        "ddp2_exchange_ms_per_step": 1000.0 * ddp.collective_s / ddp.optimizer_steps.max(1) as f64,
+        "grad_bytes": cfg.num_params() * 4,
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     }))
 }

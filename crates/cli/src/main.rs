@@ -9,6 +9,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Training allocates and frees the same tensor sizes every step; mimalloc reuses
+/// that memory where glibc's allocator returns it to the system and faults it back
+/// in (measured in `docs/performance.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// kiln: train Burn models through one coordinator.
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about, long_about = None)]

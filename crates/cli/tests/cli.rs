@@ -477,3 +477,71 @@ fn a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(#[case] extra: 
     assert!(shown.contains("status   FINISHED (attempt 2)"), "{shown}");
     assert!(shown.contains("resume   attempt 2 from step"), "{shown}");
 }
+
+/// The CPU-speed issue's rule: what makes the `kiln` binary faster (its allocator,
+/// mimalloc) changes no result. The binary's per-step losses equal, bit for bit,
+/// those of the same run through the library in this test process (the system
+/// allocator).
+#[test]
+fn the_binary_trains_exactly_as_the_library_does() {
+    use burn::backend::Autodiff;
+    use kiln_backend_cpu::Flex;
+    use kiln_core::{ProgressMode, TaskKind, TaskSpec};
+    use kiln_models::{CharTokenizer, TextDataModule, TinyGptConfig, builtin_corpus};
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = kiln(&[
+        "train",
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--seed",
+        "5",
+        "--no-db",
+        "--no-checkpointing",
+        "--progress",
+        "off",
+        "--json",
+        "--output-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let (stdout, err) = text(&out);
+    assert!(out.status.success(), "{err}");
+    let report: kiln_core::TrainReport = serde_json::from_str(&stdout).unwrap();
+
+    type B = Autodiff<Flex>;
+    let text = builtin_corpus();
+    let tokenizer = CharTokenizer::from_text(&text);
+    let vocab = tokenizer.vocab_size();
+    let data = TextDataModule::new(tokenizer.encode(&text).unwrap(), vocab, 64).unwrap();
+    let mut task = TaskSpec::preset("lm_tiny").unwrap();
+    task.kind = TaskKind::Lm {
+        vocab_size: vocab,
+        seq_len: 64,
+    };
+    let model = TinyGptConfig::tiny(vocab)
+        .init::<B>(5, &Default::default())
+        .unwrap();
+    let library = kiln_coordinator::TrainingCoordinator::builder()
+        .max_steps(8)
+        .batch_size(8)
+        .learning_rate(3e-3)
+        .seed(5)
+        .enable_checkpointing(false)
+        .progress(ProgressMode::Off)
+        .default_root_dir(dir.path())
+        .build()
+        .unwrap()
+        .train::<B, _, _>(model, &data, &task, None, 1)
+        .unwrap()
+        .report;
+    assert_eq!(report.plan.engine, library.plan.engine);
+    let bits = |r: &kiln_core::TrainReport| -> Vec<u32> {
+        r.step_losses.iter().map(|x| x.to_bits()).collect()
+    };
+    assert_eq!(report.step_losses.len(), 8);
+    assert_eq!(bits(&report), bits(&library), "per-step losses differ");
+}

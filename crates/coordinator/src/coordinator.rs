@@ -346,6 +346,7 @@ impl TrainingCoordinator {
             run_id: metrics.run_id(),
             optimizer_state_bytes: stats.optimizer_state_bytes,
             skipped_steps: stats.skipped_steps,
+            collective_s: stats.collective_seconds,
         };
         run_dir.write_json("report.json", &report)?;
         // The files go into the store before the run is closed; whatever fails here,

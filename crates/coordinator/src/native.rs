@@ -365,7 +365,9 @@ where
                             failed: f64::from(u8::from(failed_here || deferred.is_some())),
                             save_due: f64::from(u8::from(time_due)),
                         };
+                        let exchange = Instant::now();
                         let (summed, all) = peer.sum_step(&model, grads, status)?;
+                        stats.collective_seconds += exchange.elapsed().as_secs_f64();
                         if all.failed > 0.0 {
                             return Err(match (local, deferred.take()) {
                                 (Err(own), _) if !stopped => own,
@@ -421,7 +423,9 @@ where
                     }
                     model = optim.step(lr, model, grads);
                     if let (Some(peer), true) = (&peer, replica.sharded) {
+                        let exchange = Instant::now();
                         model = peer.gather_params(model, &|i| replica.owns(i))?;
+                        stats.collective_seconds += exchange.elapsed().as_secs_f64();
                     }
                 }
                 let record = StepRecord {

@@ -29,6 +29,8 @@ pub(crate) struct LoopStats {
     pub optimizer_state_bytes: u64,
     /// Steps skipped by loss scaling (`16-mixed`).
     pub skipped_steps: u64,
+    /// Seconds spent in collective exchanges (data-parallel groups).
+    pub collective_seconds: f64,
 }
 
 /// Why a loop stopped early.

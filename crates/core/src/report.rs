@@ -149,4 +149,8 @@ pub struct TrainReport {
     /// loss scaling backing off); 0 in every other mode.
     #[serde(default)]
     pub skipped_steps: u64,
+    /// Seconds rank 0 spent in the data-parallel exchanges (one all-reduce per
+    /// optimizer step, waiting for the slowest worker included); 0 on one device.
+    #[serde(default)]
+    pub collective_s: f64,
 }
