@@ -18,7 +18,7 @@ use crate::{Result, TrainingCoordinator};
 /// | kiln | Lightning `Trainer` | burn-train 0.21 (Learner engine) |
 /// | --- | --- | --- |
 /// | `strategy("auto"\|"single")` | `strategy` | `ExecutionStrategy::SingleDevice`; `vanilla` selects kiln's native loop instead; `ddp`/`fsdp` on several devices run kiln's data-parallel groups (burn-train's DDP is NCCL-only) |
-/// | `precision("32-true"\|"bf16-mixed"\|...)` | `precision` | backend element type |
+/// | `precision("32-true"\|"bf16-mixed"\|...)` | `precision` | 32-true only; other modes run on the native loop (`docs/precision.md`) |
 /// | `devices("auto"\|"2"\|"-1"\|"0,2")` | `devices` | the device of `SingleDevice` |
 /// | `num_nodes(n)` | `num_nodes` | (burn-collective nodes) |
 /// | `enable_checkpointing(b)` | `enable_checkpointing` | kiln's checkpoints, written between steps; burn-train's `with_file_checkpointer` is not used |

@@ -228,8 +228,7 @@ where
     let (start_epoch, start_batch) = resume_position(resume, per_epoch);
     // True modes store the parameters (and so AdamW's moments) in their dtype;
     // checkpoints hold f32.
-    let stored = precision::working_dtype(replica.precision)
-        .filter(|_| precision::is_true(replica.precision));
+    let stored = precision::stored_dtype(replica.precision);
     if let Some(loaded) = resume {
         model = loaded.model::<B, M>(model, device)?;
     }
@@ -887,7 +886,7 @@ where
     let inner = model.valid();
     // True modes store the model in their dtype: the inputs follow, the loss is
     // taken in f32. Mixed modes validate the f32 masters.
-    let stored = precision::working_dtype(precision).filter(|_| precision::is_true(precision));
+    let stored = precision::stored_dtype(precision);
     let mut batches = n_valid.div_ceil(config.batch_size);
     if let Some(limit) = config.limit_val_batches {
         batches = batches.min(limit);

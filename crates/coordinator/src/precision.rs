@@ -41,6 +41,11 @@ pub(crate) fn is_true(precision: Precision) -> bool {
     matches!(precision, Precision::Bf16True | Precision::F16True)
 }
 
+/// The dtype a true mode stores the parameters in (`None`: f32 masters).
+pub(crate) fn stored_dtype(precision: Precision) -> Option<FloatDType> {
+    working_dtype(precision).filter(|_| is_true(precision))
+}
+
 /// The precision that runs for `asked` on a backend that `supports` a dtype, and
 /// the warning when it falls back to `32-true`.
 pub(crate) fn resolve(
