@@ -15,6 +15,17 @@ fn gpu_present(test: &str) -> bool {
     n > 0
 }
 
+/// The task of these tests: a 65-token vocabulary, context 64.
+fn lm_task() -> TaskSpec {
+    TaskSpec::new(
+        "gpu",
+        TaskKind::Lm {
+            vocab_size: 65,
+            seq_len: 64,
+        },
+    )
+}
+
 /// The tiny GPT trains on the first GPU in 32-true and bf16-mixed (the GPU has bf16
 /// tensors, so nothing falls back), and the memory probe sees the device in use.
 #[test]
@@ -24,13 +35,7 @@ fn the_tiny_gpt_trains_on_the_gpu_in_32_and_bf16_mixed() {
     }
     let devices = cuda_devices();
     let data = TextDataModule::random(65, 40_000, 64, 3).unwrap();
-    let task = TaskSpec::new(
-        "gpu",
-        TaskKind::Lm {
-            vocab_size: 65,
-            seq_len: 64,
-        },
-    );
+    let task = lm_task();
     for precision in ["32-true", "bf16-mixed"] {
         let dir = tempfile::tempdir().unwrap();
         let model = TinyGptConfig::tiny(65)
@@ -72,13 +77,7 @@ fn more_devices_than_gpus_is_an_error_naming_the_count() {
     let devices = cuda_devices();
     let too_many = (devices.len() + 1).to_string();
     let data = TextDataModule::random(65, 4_000, 64, 3).unwrap();
-    let task = TaskSpec::new(
-        "gpu",
-        TaskKind::Lm {
-            vocab_size: 65,
-            seq_len: 64,
-        },
-    );
+    let task = lm_task();
     let model = TinyGptConfig::tiny(65)
         .init::<CudaAutodiff>(3, &devices[0])
         .unwrap();
