@@ -2,6 +2,7 @@
 
 mod bench;
 mod gpu_check;
+mod launch;
 mod runs;
 mod train;
 
@@ -29,6 +30,9 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// List the runs recorded in the experiment store.
     Runs(runs::RunsArgs),
+    /// Start a multi-node run on this machine: one `kiln train` process per node
+    /// (`kiln launch --nodes 2 -- --max-steps 30`).
+    Launch(launch::LaunchArgs),
     /// Measure training throughput (JSON lines on stdout).
     Bench(bench::BenchArgs),
     /// Train on the GPU in 32-true and bf16-mixed; print tokens/s, peak memory and
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         None => train::run(&train::TrainArgs::parse_from(["kiln"])),
         Some(Command::Train(args)) => train::run(&args),
         Some(Command::Runs(args)) => runs::run(&args),
+        Some(Command::Launch(args)) => launch::run(&args),
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::GpuCheck(args)) => gpu_check::run(&args),
     };

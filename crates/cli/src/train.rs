@@ -9,6 +9,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use kiln_backend_cpu::{CpuBackend, Flex, NdArray};
 use kiln_coordinator::{CoordinatorBuilder, CoordinatorError, Trained, TrainingCoordinator};
+use kiln_core::launch::{NodeFlags, NodeLaunch, NodeSettings};
 use kiln_core::{
     CoordinatorConfig, DataModule, LrSchedule, ProgressMode, TaskKind, TaskModel, TaskSpec,
     TrainReport,
@@ -47,9 +48,28 @@ pub struct TrainArgs {
     /// auto, a count, -1, or a list such as 0,2 (Lightning's `devices`).
     #[arg(long, default_value = "auto")]
     devices: String,
-    /// Number of machines (Lightning's `num_nodes`).
-    #[arg(long, default_value_t = 1)]
-    num_nodes: u32,
+    /// Number of machines (Lightning's `num_nodes`; default 1, or what torchrun's
+    /// or SLURM's environment says: docs/multi-node.md).
+    #[arg(long)]
+    num_nodes: Option<u32>,
+    /// This machine's rank in a multi-node run (default 0, or from the environment).
+    #[arg(long)]
+    node_rank: Option<u32>,
+    /// Host of node 0, where the rendezvous listens (default 127.0.0.1).
+    #[arg(long)]
+    master_addr: Option<String>,
+    /// Port of the rendezvous on node 0 (default 29500); node k also listens on
+    /// master-port + 1 + k.
+    #[arg(long)]
+    master_port: Option<u16>,
+    /// This node's address as the other nodes reach it (default: loopback for a
+    /// loopback master, else the address of the route to the master).
+    #[arg(long, env = "KILN_NODE_ADDR")]
+    node_addr: Option<String>,
+    /// Seconds a node waits for the others at any exchange before the run fails,
+    /// naming the missing node (must exceed node 0's validation and checkpoint time).
+    #[arg(long, value_name = "SECONDS", default_value_t = kiln_core::launch::NodeSettings::DEFAULT_TIMEOUT_S)]
+    node_timeout: f64,
     /// Epochs to train.
     #[arg(long, default_value_t = 1)]
     epochs: usize,
@@ -136,8 +156,19 @@ impl TrainArgs {
         } else {
             LrSchedule::Constant
         };
-        let mut config = CoordinatorConfig {
+        let launch = NodeLaunch::from_env(&NodeFlags {
             num_nodes: self.num_nodes,
+            node_rank: self.node_rank,
+            master_addr: self.master_addr.clone(),
+            master_port: self.master_port,
+        })?;
+        let mut config = CoordinatorConfig {
+            num_nodes: launch.num_nodes,
+            node: NodeSettings {
+                node_addr: self.node_addr.clone(),
+                timeout_s: self.node_timeout,
+                ..launch.settings
+            },
             enable_checkpointing: !self.no_checkpointing,
             log_every_n_steps: self.log_every_n_steps,
             max_steps: self.max_steps,
@@ -175,12 +206,26 @@ impl TrainArgs {
 pub fn run(args: &TrainArgs) -> Result<()> {
     // Check every argument before loading data or building a model.
     let coordinator = args.coordinator()?;
+    let config = coordinator.config();
+    // Every log line of a node of a multi-node run carries its rank (the workers'
+    // own spans add theirs).
+    let _node = (config.num_nodes > 1)
+        .then(|| tracing::info_span!("node", rank = config.node.node_rank).entered());
+    let node = config.node.node_rank;
+    let multi = config.num_nodes > 1;
+    train(args, &coordinator).map_err(|e| match multi {
+        true => e.context(format!("node {node}")),
+        false => e,
+    })
+}
+
+fn train(args: &TrainArgs, coordinator: &TrainingCoordinator) -> Result<()> {
     let backend: Backend = args.backend.parse()?;
     if args.epochs == 0 {
         anyhow::bail!("invalid epochs 0: expected an integer >= 1");
     }
     let task = TaskSpec::preset(&args.task)?;
-    stop_on_signals(&coordinator);
+    stop_on_signals(coordinator);
     let mut db = if args.no_db {
         None
     } else {
@@ -189,10 +234,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let tracker = db.as_mut().map(|db| db as &mut dyn RunTracker);
     let report = match backend {
         Backend::Cpu(CpuBackend::NdArray) => {
-            train_task::<Autodiff<NdArray>>(args, &coordinator, task, tracker, None)?
+            train_task::<Autodiff<NdArray>>(args, coordinator, task, tracker, None)?
         }
         Backend::Cpu(CpuBackend::Flex) => {
-            train_task::<Autodiff<Flex>>(args, &coordinator, task, tracker, None)?
+            train_task::<Autodiff<Flex>>(args, coordinator, task, tracker, None)?
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
@@ -205,7 +250,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             }
             train_task::<kiln_backend_cuda::CudaAutodiff>(
                 args,
-                &coordinator,
+                coordinator,
                 task,
                 tracker,
                 Some(devices),

@@ -174,6 +174,28 @@ pub(crate) fn model_signature<B: Backend, M: Module<B>>(model: &M) -> String {
     )
 }
 
+/// SHA-256 of a model's weights: every parameter's values as f32, little-endian,
+/// in visiting order (see `TrainReport::weights_sha256`).
+pub(crate) fn weights_sha256<B: Backend, M: Module<B>>(model: &M) -> String {
+    struct Weights(Sha256);
+    impl<B: Backend> ModuleVisitor<B> for Weights {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let values = param
+                .val()
+                .cast(burn::tensor::FloatDType::F32)
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap_or_default();
+            for v in values {
+                self.0.update(v.to_le_bytes());
+            }
+        }
+    }
+    let mut weights = Weights(Sha256::new());
+    model.visit(&mut weights);
+    hex(&weights.0.finalize())
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -483,14 +505,18 @@ pub(crate) fn clean_partial(run_dir: &Path) -> Result<(), CoordinatorError> {
 /// `last`/`best` look in the run named by `run_name`, or, without one, in the run of
 /// the experiment with the newest checkpoint.
 ///
-/// Leftovers of interrupted writes in that run are tidied first (see
-/// [`clean_partial`]), so a checkpoint whose replacement was cut short is found again.
+/// With `tidy`, leftovers of interrupted writes in that run are tidied first (see
+/// [`clean_partial`]), so a checkpoint whose replacement was cut short is found
+/// again; the nodes other than node 0 of a multi-node run only read.
 pub(crate) fn locate(
     config: &CoordinatorConfig,
     which: &CkptPath,
+    tidy: bool,
 ) -> Result<PathBuf, CoordinatorError> {
     if let CkptPath::Path(p) = which {
-        clean_partial(&run_dir_of(p)?)?;
+        if tidy {
+            clean_partial(&run_dir_of(p)?)?;
+        }
         return Ok(p.clone());
     }
     let experiment_dir = config.default_root_dir.join(&config.experiment);
@@ -518,7 +544,9 @@ pub(crate) fn locate(
             )
         })?,
     };
-    clean_partial(&run_dir)?;
+    if tidy {
+        clean_partial(&run_dir)?;
+    }
     let found = list(&run_dir);
     let pick = match which {
         CkptPath::Best => best(&found, config.checkpoint.mode),

@@ -178,6 +178,16 @@ impl TrainingCoordinator {
         }
         let device = &devices[plan.devices[0]];
 
+        // A multi-node run: node 0 keeps the books (store, checkpoints, files); the
+        // others train and write nothing (docs/multi-node.md).
+        let leader = config.node.node_rank == 0 || config.num_nodes == 1;
+        let link = match config.num_nodes > 1 {
+            true => Some(crate::collective::Link::open(
+                config.num_nodes,
+                &config.node,
+            )?),
+            false => None,
+        };
         let signatures = Signatures {
             task: serde_json::to_string(&task.kind).unwrap_or_default(),
             model: checkpoint::model_signature::<B, M>(&model),
@@ -187,23 +197,30 @@ impl TrainingCoordinator {
         // everything about the checkpoint is checked before anything is written.
         let resume = match &config.ckpt_path {
             Some(which) => {
-                let dir = checkpoint::locate(config, which)?;
+                let dir = checkpoint::locate(config, which, leader)?;
                 Some(checkpoint::load(&dir, &signatures)?)
             }
             None => None,
         };
-        let run_dir = match &resume {
-            Some(loaded) => RunDir::open_for(&loaded.dir)?,
-            None => RunDir::create(
+        let run_dir = match (&resume, leader) {
+            (_, false) => None,
+            (Some(loaded), true) => Some(RunDir::open_for(&loaded.dir)?),
+            (None, true) => Some(RunDir::create(
                 &config.default_root_dir,
                 &config.experiment,
                 config.run_name.as_deref(),
                 &task.name,
-            )?,
+            )?),
         };
         let record = serde_json::json!({ "task": task, "config": config, "plan": plan });
-        let (mut metrics, attempt) = match &resume {
-            None => {
+        // Nodes other than 0 keep the store only to end the run if node 0 died.
+        let (experiment_db, mut follower_db) = match leader {
+            true => (experiment_db, None),
+            false => (None, experiment_db),
+        };
+        let (mut metrics, attempt) = match (&resume, &run_dir) {
+            (_, None) => (Metrics::detached(), 1),
+            (None, Some(run_dir)) => {
                 run_dir.write_json("config.json", &record)?;
                 let new_run = NewRun {
                     experiment: config.experiment.clone(),
@@ -216,43 +233,64 @@ impl TrainingCoordinator {
                 };
                 (Metrics::start(experiment_db, &new_run)?, 1)
             }
-            Some(loaded) => {
+            (Some(loaded), Some(_)) => {
                 let s = &loaded.state;
                 let (metrics, attempt) =
                     Metrics::resume(experiment_db, s.run_id, s.step, s.summaries.clone())?;
                 (metrics, attempt.unwrap_or(s.attempt + 1))
             }
         };
-        tracing::info!(run = %run_dir.name, dir = %run_dir.path.display(), %plan, "training");
+        let node = match config.num_nodes {
+            1 => String::new(),
+            n => format!("node {} of {n}: ", config.node.node_rank),
+        };
+        if let Some(run_dir) = &run_dir {
+            tracing::info!(run = %run_dir.name, dir = %run_dir.path.display(), %plan, "training");
+        } else {
+            tracing::info!(%plan, "training (node {} writes no files)", config.node.node_rank);
+        }
         if config.progress != ProgressMode::Off {
-            eprintln!("kiln: run {} in {}", run_dir.name, run_dir.path.display());
+            match &run_dir {
+                Some(run_dir) => eprintln!(
+                    "kiln: {node}run {} in {}",
+                    run_dir.name,
+                    run_dir.path.display()
+                ),
+                None => eprintln!("kiln: {node}training; node 0 keeps the run's records"),
+            }
             if let Some(loaded) = &resume {
                 eprintln!(
-                    "kiln: resuming from {} (step {}, attempt {attempt})",
+                    "kiln: {node}resuming from {} (step {}, attempt {attempt})",
                     loaded.dir.display(),
                     loaded.state.step
                 );
             }
-            eprintln!("kiln: plan {plan}");
+            eprintln!("kiln: {node}plan {plan}");
             for warning in &plan.warnings {
-                eprintln!("kiln: warning: {warning}");
+                eprintln!("kiln: {node}warning: {warning}");
             }
         }
 
         let total = run::total_steps(config, data.len(Split::Train), n_epochs, plan.world_size);
         let workers: Vec<B::Device> = plan.devices.iter().map(|&i| devices[i].clone()).collect();
-        let mut progress = Progress::new(config.progress, total);
+        let progress_mode = match leader {
+            true => config.progress,
+            false => ProgressMode::Off,
+        };
+        let mut progress = Progress::new(progress_mode, total);
         let mut stats = LoopStats::default();
+        let no_dir = std::path::PathBuf::new();
+        let run_path = run_dir.as_ref().map_or(&no_dir, |d| &d.path);
         let inputs = LoopInputs {
             config,
-            run_dir: &run_dir.path,
+            run_dir: run_path,
             stop: &self.stop,
             task,
             data,
             device,
             n_epochs,
-            checkpoints: config.enable_checkpointing.then(|| CheckpointCtx {
-                run_dir: &run_dir.path,
+            checkpoints: (config.enable_checkpointing && leader).then(|| CheckpointCtx {
+                run_dir: run_path,
                 policy: &config.checkpoint,
                 signatures: signatures.clone(),
                 run_id: metrics.run_id(),
@@ -285,8 +323,13 @@ impl TrainingCoordinator {
                 &workers,
                 model,
                 resume.as_ref(),
-                plan.strategy == Strategy::Fsdp,
-                plan.precision,
+                &native::GroupPlan {
+                    sharded: plan.strategy == Strategy::Fsdp,
+                    precision: plan.precision,
+                    first_rank: config.node.node_rank as usize * workers.len(),
+                    world: plan.world_size,
+                    link: link.as_ref(),
+                },
                 &mut metrics,
                 &mut progress,
                 &mut stats,
@@ -296,7 +339,7 @@ impl TrainingCoordinator {
         progress.finish();
 
         let outcome = outcome.and_then(|model| {
-            if config.enable_checkpointing {
+            if let (true, Some(run_dir)) = (config.enable_checkpointing, &run_dir) {
                 run_dir.save_model::<B, M>(&model)?;
             }
             Ok(model)
@@ -342,24 +385,42 @@ impl TrainingCoordinator {
                 samples_per_s: stats.samples as f64 / seconds,
             },
             wall_time_s: started.elapsed().as_secs_f64(),
-            run_dir: Some(run_dir.path.clone()),
-            run_id: metrics.run_id(),
+            run_dir: run_dir.as_ref().map(|d| d.path.clone()),
+            run_id: metrics.run_id().or(stats.run_id),
             optimizer_state_bytes: stats.optimizer_state_bytes,
             skipped_steps: stats.skipped_steps,
             collective_s: stats.collective_seconds,
+            weights_sha256: model.as_ref().map(checkpoint::weights_sha256::<B, M>),
         };
-        run_dir.write_json("report.json", &report)?;
-        // The files go into the store before the run is closed; whatever fails here,
-        // the run is still closed with its status.
-        let saved_model = model.is_some() && config.enable_checkpointing;
-        let artifacts = metrics
-            .artifact(&run_dir.path, "report", "report.json")
-            .and_then(|()| match saved_model {
-                true => metrics.artifact(&run_dir.path, "model", "model.mpk"),
-                false => Ok(()),
-            });
-        metrics.finish(end_status, reason.as_deref())?;
-        artifacts?;
+        match &run_dir {
+            Some(run_dir) => {
+                run_dir.write_json("report.json", &report)?;
+                // The files go into the store before the run is closed; whatever
+                // fails here, the run is still closed with its status.
+                let saved_model = model.is_some() && config.enable_checkpointing;
+                let artifacts = metrics
+                    .artifact(&run_dir.path, "report", "report.json")
+                    .and_then(|()| match saved_model {
+                        true => metrics.artifact(&run_dir.path, "model", "model.mpk"),
+                        false => Ok(()),
+                    });
+                let ended = metrics.finish(end_status, reason.as_deref());
+                match (ended, &reason) {
+                    // The run's own failure is the error to return; another node
+                    // may have ended the run FAILED already (multi-node runs).
+                    (Err(e), Some(_)) => tracing::warn!("could not end the failed run: {e}"),
+                    (ended, _) => ended?,
+                }
+                artifacts?;
+            }
+            None => {
+                if let (Some(db), Some(run), Some(reason)) =
+                    (follower_db.as_mut(), stats.run_id, &reason)
+                {
+                    end_for_node0(&mut **db, run, config.node.node_rank, reason);
+                }
+            }
+        }
         match (model, reason) {
             (Some(model), _) => Ok(Trained { model, report }),
             (None, None) => Err(CoordinatorError::Stopped {
@@ -370,6 +431,21 @@ impl TrainingCoordinator {
                 report: Box::new(report),
             }),
         }
+    }
+}
+
+/// A node other than 0 that failed ends the run FAILED in the store, unless node 0
+/// (alive, and told of the failure in the same exchange) did first: node 0 is given
+/// a moment, then the store refuses to end a run twice.
+fn end_for_node0(db: &mut dyn RunTracker, run: i64, node: u32, reason: &str) {
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let reason = match reason.contains(&format!("node {node}")) {
+        true => reason.to_string(),
+        false => format!("node {node}: {reason}"),
+    };
+    match db.finish_run(run, EndStatus::Failed, Some(&reason)) {
+        Ok(()) => tracing::warn!(run, "node {node} ended the run FAILED (node 0 did not)"),
+        Err(e) => tracing::debug!(run, "node 0 ended the run: {e}"),
     }
 }
 

@@ -21,7 +21,7 @@ use kiln_core::{CoordinatorConfig, DataModule, Split, TaskModel};
 
 use crate::CoordinatorError;
 use crate::checkpoint::{Loaded, Snapshot};
-use crate::collective::{Peer, Status};
+use crate::collective::{Link, Peer, Status};
 use crate::grad::{self, clip_global_norm, clip_to, global_norm};
 use crate::objective::{self, EvalSums};
 use crate::precision::{self, LossScaler};
@@ -68,10 +68,15 @@ pub(crate) fn restore_stats(loaded: &Loaded, stats: &mut LoopStats) {
 /// This worker's place in a data-parallel group; [`Replica::single`] for a run on
 /// one device.
 pub(crate) struct Replica<'g, B: AutodiffBackend, M: AutodiffModule<B>> {
-    /// Rank of this worker (0 keeps the books and writes checkpoints).
+    /// Rank of this worker among every worker of every node (0 keeps the books
+    /// and writes checkpoints).
     pub rank: usize,
-    /// Workers in the group.
+    /// Workers in the group, every node's.
     pub world: usize,
+    /// Workers of the group in this process.
+    pub local: usize,
+    /// How this process reaches the other nodes' workers (multi-node runs).
+    pub link: Option<&'g Link>,
     /// fsdp: each worker keeps the optimizer state of, and updates, only its share
     /// of the parameters (ZeRO stage 1).
     pub sharded: bool,
@@ -86,6 +91,8 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Replica<'_, B, M> {
         Self {
             rank: 0,
             world: 1,
+            local: 1,
+            link: None,
             sharded: false,
             group: None,
             precision,
@@ -211,6 +218,10 @@ where
     } = inputs;
     let (config, task, data, device, n_epochs) = (*config, *task, *data, *device, *n_epochs);
     let (rank, world) = (replica.rank, replica.world);
+    let _worker = (world > 1).then(|| {
+        let node = replica.link.map_or(0, Link::node_rank);
+        tracing::info_span!("worker", node, rank).entered()
+    });
     let RunShape {
         n_train,
         per_epoch,
@@ -254,15 +265,30 @@ where
     // cloned (Burn 0.21, #5040: clones of lazy params initialise independently).
     let mut model = model.fork(device);
     let peer = match replica.group {
-        Some(_) => Some(Peer::<B>::register(rank, world, device)?),
+        Some(_) => Some(Peer::<B>::register(
+            rank,
+            world,
+            replica.local,
+            device,
+            replica.link,
+        )?),
         None => None,
+    };
+    // An exchange that fails after this worker was asked to stop ends the run as
+    // stopped (node 0's orchestrator may have stopped on the same signal).
+    let exchanged = |e: CoordinatorError| match stop.is_stopped() {
+        true => Failure::Stopped,
+        false => Failure::Error(e),
     };
     let outcome = (|| -> Result<M, Failure> {
         if let Some(peer) = &peer {
-            // Replicas copied in one process are identical; a float sum over the
-            // group is not exact, hence the tolerance (independent initialisations
-            // differ by the weights' own scale).
-            let (spread, scale) = peer.replica_spread(&model)?;
+            // Replicas copied in one process are identical, and so are those of
+            // every node (kiln's seeded initialisation); a float sum over the group
+            // is not exact, hence the tolerance (independent initialisations differ
+            // by the weights' own scale). Rank 0 tells its run id to the others.
+            let run = checkpoints.as_ref().and_then(|c| c.run_id);
+            let (spread, scale, run) = peer.replica_spread(&model, run).map_err(exchanged)?;
+            stats.run_id = run;
             if spread > 1e-6 * scale.max(1e-6) {
                 return Err(Failure::Error(CoordinatorError::Collective(format!(
                     "the replicas differ at start (largest difference {spread:e}): every \
@@ -363,9 +389,12 @@ where
                             stop: f64::from(u8::from(stopped || stop.is_stopped())),
                             failed: f64::from(u8::from(failed_here || deferred.is_some())),
                             save_due: f64::from(u8::from(time_due)),
+                            ..Status::default()
                         };
                         let exchange = Instant::now();
-                        let (summed, all) = peer.sum_step(&model, grads, status)?;
+                        let (summed, all) = peer
+                            .sum_step(&model, grads, status, &format!("step {step}"))
+                            .map_err(exchanged)?;
                         stats.collective_seconds += exchange.elapsed().as_secs_f64();
                         if all.failed > 0.0 {
                             return Err(match (local, deferred.take()) {
@@ -423,7 +452,9 @@ where
                     model = optim.step(lr, model, grads);
                     if let (Some(peer), true) = (&peer, replica.sharded) {
                         let exchange = Instant::now();
-                        model = peer.gather_params(model, &|i| replica.owns(i))?;
+                        model = peer
+                            .gather_params(model, &|i| replica.owns(i))
+                            .map_err(exchanged)?;
                         stats.collective_seconds += exchange.elapsed().as_secs_f64();
                     }
                 }
@@ -509,7 +540,9 @@ where
                 failed: f64::from(u8::from(failed)),
                 ..Status::default()
             };
-            let (_, all) = peer.sum_step(&model, None, status)?;
+            let (_, all) = peer
+                .sum_step(&model, None, status, "the end")
+                .map_err(exchanged)?;
             if all.failed > 0.0 {
                 return Err(deferred.take().unwrap_or_else(|| {
                     replica
@@ -530,17 +563,31 @@ where
     outcome
 }
 
-/// Trains with one worker per device of `devices` (ranks in that order): rank 0 on
-/// this thread (it keeps the books), the others on their own threads. Returns rank
-/// 0's model; every worker ends with the same weights.
+/// The shape of a data-parallel group as seen from this process.
+pub(crate) struct GroupPlan<'l> {
+    /// fsdp (optimizer state sharded) rather than ddp.
+    pub sharded: bool,
+    /// The precision that runs.
+    pub precision: kiln_core::Precision,
+    /// Global rank of this process's first worker (node rank × local workers).
+    pub first_rank: usize,
+    /// Workers of every node.
+    pub world: usize,
+    /// How to reach the other nodes (multi-node runs).
+    pub link: Option<&'l Link>,
+}
+
+/// Trains with one worker per device of `devices` (ranks `plan.first_rank..` in
+/// that order): the first on this thread (it keeps the books on node 0), the others
+/// on their own threads. Returns the first worker's model; every worker ends with
+/// the same weights.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fit_group<B, M, D>(
     inputs: &LoopInputs<'_, B, D>,
     devices: &[B::Device],
     model: M,
     resume: Option<&Loaded>,
-    sharded: bool,
-    precision: kiln_core::Precision,
+    plan: &GroupPlan<'_>,
     metrics: &mut Metrics<'_>,
     progress: &mut Progress,
     stats: &mut LoopStats,
@@ -555,16 +602,26 @@ where
     // group at a time (memo §4.1).
     static ONE_GROUP: Mutex<()> = Mutex::new(());
     let _only_group = ONE_GROUP.lock().unwrap_or_else(|p| p.into_inner());
-    let world = devices.len();
+    let local = devices.len();
+    let replica = |rank: usize, group| Replica {
+        rank: plan.first_rank + rank,
+        world: plan.world,
+        local,
+        link: plan.link,
+        sharded: plan.sharded,
+        group: Some(group),
+        precision: plan.precision,
+    };
     // Materialised once, then copied: every replica starts from the same weights.
     let model = model.fork(&devices[0]);
     let group = Group::<B, M>::new();
     std::thread::scope(|scope| {
-        let workers: Vec<_> = (1..world)
+        let workers: Vec<_> = (1..local)
             .map(|rank| {
                 let replica_model = model.clone().fork(&devices[rank]);
                 let group = &group;
                 let device = &devices[rank];
+                let replica = &replica;
                 scope.spawn(move || {
                     let inputs = LoopInputs {
                         device,
@@ -577,18 +634,11 @@ where
                         }),
                         ..*inputs
                     };
-                    let replica = Replica {
-                        rank,
-                        world,
-                        sharded,
-                        group: Some(group),
-                        precision,
-                    };
                     fit(
                         &inputs,
                         replica_model,
                         resume,
-                        &replica,
+                        &replica(rank, group),
                         &mut Metrics::detached(),
                         &mut Progress::new(kiln_core::ProgressMode::Off, 0),
                         &mut LoopStats::default(),
@@ -597,16 +647,18 @@ where
                 })
             })
             .collect();
-        let replica = Replica {
-            rank: 0,
-            world,
-            sharded,
-            group: Some(&group),
-            precision,
-        };
-        let outcome = fit(inputs, model, resume, &replica, metrics, progress, stats);
+        let outcome = fit(
+            inputs,
+            model,
+            resume,
+            &replica(0, &group),
+            metrics,
+            progress,
+            stats,
+        );
         let mut others = Vec::new();
-        for (rank, worker) in (1..world).zip(workers) {
+        for (rank, worker) in (1..local).zip(workers) {
+            let rank = plan.first_rank + rank;
             match worker.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(failure)) => others.push((rank, failure)),

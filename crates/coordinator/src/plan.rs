@@ -15,7 +15,9 @@ use crate::{CoordinatorError, Result};
 /// | `ddp_spawn` | > 1 | `ddp`, with a warning (threads need no spawn) |
 /// | `fsdp` | > 1 | `fsdp` (optimizer state sharded, ZeRO-1) on the native loop |
 /// | `single`, `vanilla` | > 1 | error: these run on one device |
-/// | any, `num_nodes > 1` | | not available yet (multi-node issue) |
+/// | `auto`, `ddp`, `ddp_spawn`, `num_nodes > 1` | any | `ddp` on the native loop across every worker of every node (`docs/multi-node.md`) |
+/// | `fsdp`, `num_nodes > 1` | | not available: its checkpoints gather the optimizer shards in one process |
+/// | `single`, `vanilla`, `num_nodes > 1` | | error: these run on one device |
 /// | precision | | as asked here; the coordinator then checks it against the backend's dtypes (`precision.rs`) |
 ///
 /// `progress = tui` (burn-train's dashboard) needs the Learner engine and the
@@ -28,8 +30,9 @@ pub fn resolve_plan(
     config.validate()?;
     let selection = config.devices.select(available_devices)?;
     let n = selection.indices.len();
+    let nodes = config.num_nodes as usize;
     let mut warnings = Vec::new();
-    let strategy = match (config.strategy, n) {
+    let strategy = match (config.strategy, n * nodes) {
         (Strategy::Auto | Strategy::Single | Strategy::Vanilla, 1) => Strategy::Single,
         (Strategy::Ddp | Strategy::DdpSpawn | Strategy::Fsdp, 1) => {
             warnings.push(format!(
@@ -37,6 +40,16 @@ pub fn resolve_plan(
                 config.strategy
             ));
             Strategy::Single
+        }
+        (Strategy::Single | Strategy::Vanilla, _) if nodes > 1 => {
+            return Err(kiln_core::Error::invalid(
+                "strategy",
+                config.strategy,
+                format!(
+                    "ddp or auto with num_nodes {nodes} (single and vanilla run on one device)"
+                ),
+            )
+            .into());
         }
         (Strategy::Single | Strategy::Vanilla, _) => {
             return Err(kiln_core::Error::invalid(
@@ -49,6 +62,13 @@ pub fn resolve_plan(
             )
             .into());
         }
+        (Strategy::Fsdp, _) if nodes > 1 => {
+            return Err(CoordinatorError::NotAvailable {
+                what: format!("strategy fsdp with num_nodes {nodes}"),
+                reason: "kiln's fsdp (optimizer state sharded across workers) gathers a                          checkpoint's shards inside one process; across nodes use ddp"
+                    .into(),
+            });
+        }
         (Strategy::Fsdp, _) => Strategy::Fsdp,
         (Strategy::DdpSpawn, _) => {
             warnings.push(
@@ -60,18 +80,10 @@ pub fn resolve_plan(
         }
         _ => Strategy::Ddp,
     };
-    if config.num_nodes > 1 {
-        return Err(CoordinatorError::NotAvailable {
-            what: format!("num_nodes {}", config.num_nodes),
-            reason: "multi-node training is not implemented in this version of kiln yet \
-                     (tracked by the multi-node issue)"
-                .into(),
-        });
-    }
     let engine = match config.strategy {
         Strategy::Vanilla => Engine::Native,
         // Data-parallel groups run on the native loop (see docs/strategies.md).
-        _ if n > 1 => Engine::Native,
+        _ if n * nodes > 1 => Engine::Native,
         _ if cfg!(feature = "learner") => Engine::Learner,
         _ => {
             warnings.push(
@@ -106,7 +118,8 @@ pub fn resolve_plan(
         strategy,
         devices: selection.indices,
         num_nodes: config.num_nodes,
-        world_size: n * config.num_nodes as usize,
+        node_rank: config.node.node_rank,
+        world_size: n * nodes,
         precision: config.precision,
         backend: backend.to_string(),
         warnings,
@@ -157,23 +170,48 @@ mod tests {
         );
     }
 
+    fn nodes(strategy: &str, devices: &str, num_nodes: u32) -> CoordinatorConfig {
+        CoordinatorConfig {
+            num_nodes,
+            node: kiln_core::launch::NodeSettings {
+                node_rank: num_nodes - 1,
+                ..Default::default()
+            },
+            ..cfg(strategy, devices)
+        }
+    }
+
     #[rstest]
-    #[case::nodes(CoordinatorConfig { num_nodes: 2, ..Default::default() }, 1, "num_nodes 2")]
-    fn what_this_version_cannot_run_says_so(
-        #[case] config: CoordinatorConfig,
-        #[case] available: usize,
-        #[case] needle: &str,
+    #[case("auto", "1", 2, 2)]
+    #[case("ddp", "2", 2, 4)]
+    #[case("ddp_spawn", "auto", 3, 3)]
+    fn several_nodes_resolve_to_ddp(
+        #[case] strategy: &str,
+        #[case] devices: &str,
+        #[case] num_nodes: u32,
+        #[case] world: usize,
     ) {
-        let err = resolve_plan(&config, "ndarray", available).unwrap_err();
-        assert!(
-            matches!(err, CoordinatorError::NotAvailable { .. }),
-            "{err}"
+        let plan = resolve_plan(&nodes(strategy, devices, num_nodes), "flex", 2).unwrap();
+        assert_eq!(
+            (plan.strategy, plan.engine),
+            (Strategy::Ddp, Engine::Native)
         );
-        let msg = err.to_string();
+        assert_eq!((plan.world_size, plan.node_rank), (world, num_nodes - 1));
         assert!(
-            msg.contains(needle) && msg.contains("not available"),
-            "{msg}"
+            plan.to_string()
+                .contains(&format!("node_rank={}", num_nodes - 1))
         );
+    }
+
+    #[rstest]
+    #[case("single", "invalid strategy \"single\"")]
+    #[case("vanilla", "ddp or auto with num_nodes 2")]
+    #[case("fsdp", "not available")]
+    fn what_cannot_run_on_several_nodes_says_so(#[case] strategy: &str, #[case] needle: &str) {
+        let err = resolve_plan(&nodes(strategy, "1", 2), "flex", 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{err}");
     }
 
     #[rstest]

@@ -10,6 +10,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::launch::NodeSettings;
 use crate::{Error, Result};
 
 macro_rules! string_serde {
@@ -545,6 +546,9 @@ pub struct CoordinatorConfig {
     pub devices: Devices,
     /// Number of machines (`>= 1`).
     pub num_nodes: u32,
+    /// This node's rank and the rendezvous of a multi-node run (unused with one
+    /// node; see [`crate::launch`]).
+    pub node: NodeSettings,
     /// Whether checkpoints are written.
     pub enable_checkpointing: bool,
     /// When checkpoints are written and which are kept.
@@ -588,6 +592,7 @@ impl Default for CoordinatorConfig {
             loss_scaling: LossScaling::default(),
             devices: Devices::Auto,
             num_nodes: 1,
+            node: NodeSettings::default(),
             enable_checkpointing: true,
             checkpoint: CheckpointPolicy::default(),
             ckpt_path: None,
@@ -619,6 +624,7 @@ impl CoordinatorConfig {
             }
         };
         positive("num_nodes", self.num_nodes as u64)?;
+        self.node.validate(self.num_nodes)?;
         positive("log_every_n_steps", self.log_every_n_steps)?;
         positive(
             "accumulate_grad_batches",

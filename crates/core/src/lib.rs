@@ -9,6 +9,8 @@
 //! - [`TaskModel`] and [`DataModule`]: what a model and a data source implement to be
 //!   trained, generic over the Burn backend.
 //! - [`TrainReport`]: what a run returns.
+//! - [`launch`]: a node's place in a multi-node run, from torchrun's or SLURM's
+//!   environment or from flags.
 //! - [`Error`]: the one error type of this crate.
 //!
 //! `kiln-core` names no concrete backend: it depends on Burn's traits only.
@@ -16,6 +18,7 @@
 mod config;
 mod data;
 mod error;
+pub mod launch;
 mod model;
 mod report;
 pub mod rng;

@@ -39,6 +39,9 @@ pub struct ResolvedPlan {
     pub devices: Vec<usize>,
     /// Number of nodes.
     pub num_nodes: u32,
+    /// This node's rank (0 with one node).
+    #[serde(default)]
+    pub node_rank: u32,
     /// Workers in total (devices × nodes).
     pub world_size: usize,
     /// Precision actually used.
@@ -61,7 +64,11 @@ impl fmt::Display for ResolvedPlan {
             self.num_nodes,
             self.world_size,
             self.precision
-        )
+        )?;
+        if self.num_nodes > 1 {
+            write!(f, " node_rank={}", self.node_rank)?;
+        }
+        Ok(())
     }
 }
 
@@ -153,4 +160,10 @@ pub struct TrainReport {
     /// optimizer step, waiting for the slowest worker included); 0 on one device.
     #[serde(default)]
     pub collective_s: f64,
+    /// SHA-256 of the final weights (every parameter's f32 values in visiting
+    /// order, little-endian): equal on every worker and node of a data-parallel run,
+    /// and between two runs that trained bit for bit alike. Absent when training
+    /// did not finish.
+    #[serde(default)]
+    pub weights_sha256: Option<String>,
 }
