@@ -328,3 +328,53 @@ fn a_node_with_a_wrong_setup_gets_a_clear_error(
     }
     assert!(errors.contains(needle), "{errors}");
 }
+
+/// Runs `kiln launch` with `args` for every node; the two nodes' reports.
+fn launch(args: &[String]) -> [Value; 2] {
+    let port = free_ports(3);
+    let mut launch = Command::new(KILN)
+        .args(["launch", "--nodes", "2", "--master-port", &port.to_string(), "--"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = collect(launch.stdout.take().unwrap());
+    let stderr = collect(launch.stderr.take().unwrap());
+    let status = wait_within(&mut launch, Duration::from_secs(240), "kiln launch");
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    assert!(status.success(), "{stderr}");
+    [report(&stdout, Some(0)), report(&stdout, Some(1))]
+}
+
+#[test]
+fn a_multi_node_run_resumes_from_its_checkpoint_to_the_uninterrupted_result() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().to_str().unwrap();
+    let args = |steps: u32, name: &str, extra: &[&str]| {
+        let mut args = train_args(out_dir, steps);
+        args.retain(|a| a != "--no-db");
+        args.extend(
+            ["--batch-size", "8", "--run-name", name]
+                .iter()
+                .chain(extra)
+                .map(|s| s.to_string()),
+        );
+        args
+    };
+    // A constant learning rate: the 8-step run takes the 16-step run's first steps.
+    let straight = launch(&args(16, "straight", &[]));
+    let first = launch(&args(8, "resumed", &["--checkpoint-every-n-steps", "4"]));
+    assert_eq!(losses(&first[0]).len(), 8);
+    let resumed = launch(&args(16, "resumed", &["--resume", "last"]));
+    for node in &resumed {
+        // The resumed report holds every step, those before the checkpoint included.
+        assert_eq!(losses(node), losses(&straight[0]));
+    }
+    let sha = |r: &Value| r["weights_sha256"].as_str().unwrap().to_string();
+    assert_eq!(sha(&resumed[0]), sha(&straight[0]));
+    assert_eq!(sha(&resumed[1]), sha(&straight[0]));
+    // Node 0 continued the same run in the store.
+    assert_eq!(resumed[0]["run_id"], first[0]["run_id"]);
+}

@@ -627,3 +627,38 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Replace<'_, B> {
         Param::from_mapped_value(id, value, mapper)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    #[rstest]
+    #[case(None)]
+    #[case(Some(0))]
+    #[case(Some(41))]
+    #[case(Some(HALF - 1))]
+    #[case(Some(HALF * 1000 + 7))]
+    fn the_run_id_travels_exactly_in_f32(#[case] id: Option<i64>) {
+        let status = Status::default().with_run(id);
+        let sent = status.to_vec();
+        // What arrives is the sum over workers: rank 0's numbers plus zeros.
+        let summed: Vec<f32> = sent.iter().map(|v| v + 0.0).collect();
+        assert_eq!(Status::from_slice(&summed).run_id(), id);
+    }
+
+    #[test]
+    fn the_other_nodes_are_named() {
+        let link = |num_nodes, node_rank| Link {
+            num_nodes,
+            node_rank,
+            orchestrator: ws("h:1"),
+            node_address: ws("h:2"),
+            data_port: 2,
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(link(2, 0).others(), "node 1");
+        assert_eq!(link(2, 1).others(), "node 0");
+        assert_eq!(link(4, 2).others(), "one of nodes 0, 1 and 3");
+    }
+}
