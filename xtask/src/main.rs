@@ -7,6 +7,9 @@
 //!   interleaved with the PyTorch reference of `../shared/bench/` when asked and
 //!   torch is installed, prints JSON lines and medians, and rewrites the generated
 //!   section of `docs/benchmarks.md`.
+//! - `cargo xtask launch [--nodes N] [--master-port P] -- [TRAIN ARGS...]`: builds
+//!   the release binary and runs `kiln launch`: a multi-node run on this machine,
+//!   one `kiln train` process per node on the loopback interface.
 //! - `cargo xtask gpu-check [ARGS...]`: builds the release binary with the `cuda`
 //!   feature and runs `kiln gpu-check ARGS...` (200 steps of the tiny GPT and of a
 //!   d 768 / 12-layer / T 256 GPT in 32-true and bf16-mixed on the first GPU; JSON
@@ -24,11 +27,15 @@ type Result<T> = std::result::Result<T, String>;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some(command @ ("train" | "runs")) => run_kiln(command, &args[1..], &[]),
+        Some(command @ ("train" | "runs" | "launch")) => run_kiln(command, &args[1..], &[]),
         Some("gpu-check") => run_kiln("gpu-check", &args[1..], &["cuda"]),
+        Some("bench") if args.get(1).map(String::as_str) == Some("--summarise") => {
+            resummarise(args.get(2).map_or("", String::as_str))
+        }
         Some("bench") => bench(&args[1..]),
         _ => Err(
-            "usage: cargo xtask train [ARGS...] | cargo xtask bench [--rounds N] \
+            "usage: cargo xtask train [ARGS...] | cargo xtask launch [--nodes N] \
+                  [--master-port P] -- [TRAIN ARGS...] | cargo xtask bench [--rounds N] \
                   [--config tiny|small|all] [--compare-pytorch] [--no-write] | cargo xtask \
                   gpu-check [ARGS...]"
                 .into(),
@@ -184,6 +191,17 @@ fn bench(args: &[String]) -> Result<()> {
             println!("{v}");
             kiln_lines.push(v);
         }
+        if opts.config != "small" {
+            // A failed two-node round is recorded, not fatal (docs/multi-node.md:
+            // burn-collective 0.21 can stall an exchange; kiln's timeout ends it).
+            let mut v = nodes_round(&kiln).unwrap_or_else(|e| {
+                eprintln!("xtask: the two-node round failed: {e}");
+                serde_json::json!({ "kind": "nodes", "config": "tiny", "failed": e })
+            });
+            v["round"] = round.into();
+            println!("{v}");
+            kiln_lines.push(v);
+        }
         if torch {
             let configs: &[&str] = match opts.config.as_str() {
                 "tiny" => &["tiny"],
@@ -225,16 +243,46 @@ fn bench(args: &[String]) -> Result<()> {
             }
         }
     }
+    let cmd = format!("cargo xtask bench {}", args.join(" "));
+    summarise_and_write(
+        kiln_lines,
+        &torch_lines,
+        opts.write.then_some(cmd.trim_end()),
+    )
+}
+
+/// `cargo xtask bench --summarise FILE`: the summary and `docs/benchmarks.md` of the
+/// JSON lines a bench printed (kept when a later round failed).
+fn resummarise(file: &str) -> Result<()> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["summary"] != true)
+        .collect();
+    let (torch, kiln): (Vec<Value>, Vec<Value>) =
+        lines.into_iter().partition(|v| v["backend"] == "pytorch");
+    let cmd = format!("cargo xtask bench --summarise {file}");
+    summarise_and_write(kiln, &torch, Some(&cmd))
+}
+
+fn summarise_and_write(
+    kiln_lines: Vec<Value>,
+    torch_lines: &[Value],
+    write: Option<&str>,
+) -> Result<()> {
     let (store_lines, kiln_lines): (Vec<Value>, Vec<Value>) =
         kiln_lines.into_iter().partition(|v| v["kind"] == "store");
-    let mut summary = summarise(&kiln_lines, &torch_lines);
+    let (node_lines, kiln_lines): (Vec<Value>, Vec<Value>) =
+        kiln_lines.into_iter().partition(|v| v["kind"] == "nodes");
+    let mut summary = summarise(&kiln_lines, torch_lines);
+    summary.extend(summarise_nodes(&node_lines, &kiln_lines, torch_lines));
     summary.extend(summarise_store(&store_lines));
     for s in &summary {
         println!("{s}");
     }
-    if opts.write {
-        let cmd = format!("cargo xtask bench {}", args.join(" "));
-        write_benchmarks_md(cmd.trim_end(), &summary)?;
+    if let Some(cmd) = write {
+        write_benchmarks_md(cmd, &summary)?;
     }
     Ok(())
 }
@@ -320,6 +368,131 @@ fn summarise(kiln: &[Value], torch: &[Value]) -> Vec<Value> {
     out
 }
 
+/// Steps of the tiny GPT timed by the multi-node measurement.
+const NODE_STEPS: &str = "60";
+
+/// One round of the multi-node measurement on the tiny GPT (global batch 32):
+/// `kiln launch --nodes 2` (two processes of one worker, exchanging through
+/// burn-collective's orchestrator on loopback) against one process with two workers
+/// (`--strategy ddp --devices 2`), both through `kiln train`.
+fn nodes_round(kiln: &Path) -> Result<Value> {
+    let dir = std::env::temp_dir().join(format!("kiln-xtask-nodes-{}", std::process::id()));
+    let out_dir = dir.to_string_lossy().to_string();
+    let train = [
+        "--max-steps",
+        NODE_STEPS,
+        "--batch-size",
+        "16",
+        "--limit-val-batches",
+        "1",
+        "--json",
+        "--no-db",
+        "--no-checkpointing",
+        "--progress",
+        "off",
+        "--output-dir",
+        &out_dir,
+    ];
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port()
+        .min(65_000);
+    let report = |args: &[&str], prefix: &str| -> Result<Value> {
+        let out = Command::new(kiln)
+            .args(args)
+            .args(train)
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot run kiln: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "kiln {} exited with {}",
+                args.join(" "),
+                out.status
+            ));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .skip_while(|l| *l != "{")
+            .collect();
+        serde_json::from_str(&json.join("\n")).map_err(|e| format!("no report from kiln: {e}"))
+    };
+    let port = port.to_string();
+    let nodes = report(
+        &["launch", "--nodes", "2", "--master-port", &port, "--"],
+        "[node 0] ",
+    )?;
+    let group = report(&["train", "--strategy", "ddp", "--devices", "2"], "")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let per_step = |r: &Value, k: &str| {
+        let steps = field(r, "optimizer_steps").unwrap_or(f64::NAN);
+        // Two exchanges besides the steps' own: the start and the end.
+        field(r, k).map(|s| s * 1e3 / (steps + 2.0))
+    };
+    Ok(serde_json::json!({
+        "kind": "nodes",
+        "config": "tiny",
+        "nodes2_tokens_per_s": r_tps(&nodes),
+        "ddp2_tokens_per_s": r_tps(&group),
+        "nodes2_exchange_ms_per_step": per_step(&nodes, "collective_s"),
+        "ddp2_exchange_ms_per_step": per_step(&group, "collective_s"),
+    }))
+}
+
+fn r_tps(report: &Value) -> Option<f64> {
+    report["throughput"]["items_per_s"].as_f64()
+}
+
+/// Medians of the multi-node rounds, with the gradient size of `kiln bench` and
+/// PyTorch's `--ddp 2` of the same sitting.
+fn summarise_nodes(lines: &[Value], kiln: &[Value], torch: &[Value]) -> Vec<Value> {
+    if lines.is_empty() {
+        return Vec::new();
+    }
+    let failed = lines.iter().filter(|v| v.get("failed").is_some()).count();
+    let med = |rows: &[Value], k: &str| median(rows.iter().filter_map(|v| field(v, k)).collect());
+    let tiny: Vec<Value> = kiln
+        .iter()
+        .filter(|v| v["config"] == "tiny")
+        .cloned()
+        .collect();
+    let torch_ddp: Vec<Value> = torch
+        .iter()
+        .filter(|v| v["config"] == "tiny" && v["ddp"] == 2)
+        .cloned()
+        .collect();
+    let (nodes, group) = (
+        med(lines, "nodes2_tokens_per_s"),
+        med(lines, "ddp2_tokens_per_s"),
+    );
+    let torch_ddp = med(&torch_ddp, "tokens_per_s");
+    let finite = |x: f64| {
+        if x.is_finite() {
+            Value::from(x)
+        } else {
+            Value::Null
+        }
+    };
+    vec![serde_json::json!({
+        "summary": true,
+        "kind": "nodes",
+        "config": "tiny",
+        "rounds": lines.len() - failed,
+        "failed_rounds": failed,
+        "nodes2_tokens_per_s": nodes,
+        "ddp2_tokens_per_s": group,
+        "ratio_nodes2_to_ddp2": nodes / group,
+        "nodes2_exchange_ms_per_step": med(lines, "nodes2_exchange_ms_per_step"),
+        "ddp2_exchange_ms_per_step": med(lines, "ddp2_exchange_ms_per_step"),
+        "grad_mb": finite(med(&tiny, "grad_bytes") / 1e6),
+        "pytorch_ddp2_tokens_per_s": finite(torch_ddp),
+        "ratio_nodes2_to_pytorch_ddp2": finite(nodes / torch_ddp),
+    })]
+}
+
 /// Medians of the store measurements, by measure.
 fn summarise_store(lines: &[Value]) -> Vec<Value> {
     let mut measures: Vec<String> = lines
@@ -364,7 +537,10 @@ fn write_benchmarks_md(command: &str, summary: &[Value]) -> Result<()> {
          | config | backend | rounds | hand loop tokens/s | coordinator tokens/s | coordinator overhead | PyTorch tokens/s | coordinator / PyTorch |\n\
          | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
-    let rows: Vec<&Value> = summary.iter().filter(|v| v["kind"] != "store").collect();
+    let rows: Vec<&Value> = summary
+        .iter()
+        .filter(|v| v["kind"] != "store" && v["kind"] != "nodes")
+        .collect();
     for v in &rows {
         table.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
@@ -396,6 +572,30 @@ fn write_benchmarks_md(command: &str, summary: &[Value]) -> Result<()> {
             fmt(v, "pytorch_ddp2_tokens_per_s"),
             fmt(v, "ratio_ddp2_to_pytorch_ddp2"),
             fmt(v, "ratio_best_to_pytorch"),
+        ));
+    }
+    for v in summary.iter().filter(|v| v["kind"] == "nodes") {
+        let ms = |k: &str| field(v, k).map_or("—".into(), |x| format!("{x:.1}"));
+        let mb = field(v, "grad_mb").map_or("—".into(), |x| format!("{x:.2}"));
+        table.push_str(&format!(
+            "\nTwo nodes on loopback (`kiln launch --nodes 2`, one worker each, exchanging \
+             through burn-collective's orchestrator and websockets) against one process \
+             with two workers, both `kiln train` on the tiny GPT, global batch 32, \
+             {NODE_STEPS} steps, {} rounds ({} failed: an exchange stalled):\n\n\
+             | | tokens/s | exchange ms/step | gradient MB |\n| --- | ---: | ---: | ---: |\n\
+             | 2 nodes × 1 worker | {} | {} | {mb} |\n\
+             | 1 process × 2 workers | {} | {} | {mb} |\n\
+             | PyTorch `--ddp 2` (gloo) | {} | | |\n\n\
+             2 nodes / 1 process: {}; 2 nodes / PyTorch ddp×2: {}.\n",
+            v["rounds"],
+            v["failed_rounds"],
+            fmt(v, "nodes2_tokens_per_s"),
+            ms("nodes2_exchange_ms_per_step"),
+            fmt(v, "ddp2_tokens_per_s"),
+            ms("ddp2_exchange_ms_per_step"),
+            fmt(v, "pytorch_ddp2_tokens_per_s"),
+            fmt(v, "ratio_nodes2_to_ddp2"),
+            fmt(v, "ratio_nodes2_to_pytorch_ddp2"),
         ));
     }
     let store: Vec<&Value> = summary.iter().filter(|v| v["kind"] == "store").collect();

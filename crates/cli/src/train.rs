@@ -1,5 +1,6 @@
 //! `kiln train`.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -79,6 +80,9 @@ pub struct TrainArgs {
     /// Train on at most this many batches per epoch.
     #[arg(long)]
     limit_train_batches: Option<usize>,
+    /// Validate on at most this many batches per epoch.
+    #[arg(long)]
+    limit_val_batches: Option<usize>,
     /// Examples per batch.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -173,6 +177,7 @@ impl TrainArgs {
             log_every_n_steps: self.log_every_n_steps,
             max_steps: self.max_steps,
             limit_train_batches: self.limit_train_batches,
+            limit_val_batches: self.limit_val_batches,
             accumulate_grad_batches: self.accumulate_grad_batches,
             gradient_clip_val: self.gradient_clip_val,
             batch_size: self.batch_size,
@@ -225,6 +230,10 @@ fn train(args: &TrainArgs, coordinator: &TrainingCoordinator) -> Result<()> {
         anyhow::bail!("invalid epochs 0: expected an integer >= 1");
     }
     let task = TaskSpec::preset(&args.task)?;
+    let mut stdout = match coordinator.config().num_nodes > 1 {
+        true => quiet_stdout()?,
+        false => Box::new(std::io::stdout()),
+    };
     stop_on_signals(coordinator);
     let mut db = if args.no_db {
         None
@@ -257,7 +266,12 @@ fn train(args: &TrainArgs, coordinator: &TrainingCoordinator) -> Result<()> {
             )?
         }
     };
-    print_summary(&report, db.as_ref().map(ExperimentDb::path), args.json)
+    print_summary(
+        &mut stdout,
+        &report,
+        db.as_ref().map(ExperimentDb::path),
+        args.json,
+    )
 }
 
 /// The backend `--backend` names.
@@ -407,14 +421,39 @@ where
     }
 }
 
-#[allow(clippy::print_stdout)] // printing the result is this command's job
-fn print_summary(report: &TrainReport, db: Option<&Path>, json: bool) -> Result<()> {
+/// burn-collective 0.21 prints `Connecting to ws://...` on stdout at every exchange
+/// of a multi-node run. For the run, the process's stdout goes to /dev/null and kiln
+/// writes its own output (the summary, `--json`) to the returned copy of it.
+#[cfg(unix)]
+fn quiet_stdout() -> Result<Box<dyn Write>> {
+    std::io::stdout().flush()?;
+    let saved = nix::unistd::dup(std::io::stdout()).context("cannot copy stdout")?;
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .context("cannot open /dev/null")?;
+    nix::unistd::dup2_stdout(&null).context("cannot redirect stdout")?;
+    Ok(Box::new(std::fs::File::from(saved)))
+}
+
+#[cfg(not(unix))]
+fn quiet_stdout() -> Result<Box<dyn Write>> {
+    Ok(Box::new(std::io::stdout()))
+}
+
+fn print_summary(
+    out: &mut dyn Write,
+    report: &TrainReport,
+    db: Option<&Path>,
+    json: bool,
+) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(report)?)?;
         return Ok(());
     }
     let get = |k: &str| report.final_metrics.get(k).copied();
-    println!(
+    writeln!(
+        out,
         "kiln: {} after {} epoch(s), {} optimizer steps in {:.1} s ({:.0} items/s, {})",
         report.status.label(),
         report.epochs,
@@ -422,7 +461,7 @@ fn print_summary(report: &TrainReport, db: Option<&Path>, json: bool) -> Result<
         report.wall_time_s,
         report.throughput.items_per_s,
         report.plan
-    );
+    )?;
     if let Some(loss) = get("valid/loss") {
         let mut line = format!("kiln: final validation loss {loss:.4}");
         if let Some(ppl) = get("valid/perplexity") {
@@ -431,16 +470,17 @@ fn print_summary(report: &TrainReport, db: Option<&Path>, json: bool) -> Result<
         if let Some(acc) = get("valid/accuracy") {
             line.push_str(&format!(", accuracy {:.2}%", acc * 100.0));
         }
-        println!("{line}");
+        writeln!(out, "{line}")?;
     }
     if let Some(dir) = &report.run_dir {
-        println!("kiln: run outputs in {}", dir.display());
+        writeln!(out, "kiln: run outputs in {}", dir.display())?;
     }
     if let (Some(db), Some(id)) = (db, report.run_id) {
-        println!(
+        writeln!(
+            out,
             "kiln: recorded as run {id} in {} (see `kiln runs`)",
             db.display()
-        );
+        )?;
     }
     Ok(())
 }

@@ -333,7 +333,14 @@ fn a_node_with_a_wrong_setup_gets_a_clear_error(
 fn launch(args: &[String]) -> [Value; 2] {
     let port = free_ports(3);
     let mut launch = Command::new(KILN)
-        .args(["launch", "--nodes", "2", "--master-port", &port.to_string(), "--"])
+        .args([
+            "launch",
+            "--nodes",
+            "2",
+            "--master-port",
+            &port.to_string(),
+            "--",
+        ])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -95,6 +95,14 @@ impl CoordinatorBuilder {
         self
     }
 
+    /// This node's rank and the rendezvous of a multi-node run
+    /// (`docs/multi-node.md`; `kiln_core::launch::NodeLaunch::from_env` reads them
+    /// from torchrun's or SLURM's environment).
+    pub fn node(mut self, node: kiln_core::launch::NodeSettings) -> Self {
+        self.config.node = node;
+        self
+    }
+
     /// Whether the run's weights are saved.
     pub fn enable_checkpointing(mut self, on: bool) -> Self {
         self.config.enable_checkpointing = on;
