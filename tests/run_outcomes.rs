@@ -214,8 +214,10 @@ fn ddp_on_one_device_runs_single_and_says_so() {
     );
 }
 
+/// A node whose master never answers fails within its timeout, naming the master
+/// and what to check, before any training (the rest: `crates/cli/tests/multi_node.rs`).
 #[test]
-fn several_nodes_are_not_available_yet_and_say_which_issue() {
+fn a_node_that_cannot_reach_its_master_fails_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let data = TabularDataModule::blobs(2, 16, 64, 16, 3);
     let task = TaskSpec::cls_tiny();
@@ -223,18 +225,39 @@ fn several_nodes_are_not_available_yet_and_say_which_issue() {
         .unwrap()
         .init::<B>(1, &Default::default())
         .unwrap();
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = std::time::Instant::now();
     let err = quiet(dir.path())
         .strategy("ddp")
         .num_nodes(2)
+        .node(kiln_core::launch::NodeSettings {
+            node_rank: 1,
+            master_port: port.min(65_000),
+            timeout_s: 1.0,
+            ..Default::default()
+        })
         .build()
         .unwrap()
         .train::<B, _, _>(model, &data, &task, None, 1)
         .unwrap_err();
+    let msg = err.to_string();
     assert!(
-        matches!(err, CoordinatorError::NotAvailable { .. }),
-        "{err}"
+        msg.contains("node 1: cannot reach the master at 127.0.0.1:")
+            && msg.contains("within 1 s")
+            && msg.contains("MASTER_ADDR/--master-addr"),
+        "{msg}"
     );
-    assert!(err.to_string().contains("multi-node"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{msg}"
+    );
+    // Nothing was written: node 1 keeps no books.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
 #[test]

@@ -323,7 +323,9 @@ fn a_node_with_a_wrong_setup_gets_a_clear_error(
         let status = wait_within(child, Duration::from_secs(60), "a misconfigured node");
         let err = err.join().unwrap();
         assert!(!status.success(), "{err}");
-        assert!(!err.contains("panicked"), "{err}");
+        // kiln's own error ends every node's output (burn-collective's threads may
+        // print a panic of theirs before it).
+        assert!(err.contains("kiln: error: node "), "{err}");
         errors.push_str(&err);
     }
     assert!(errors.contains(needle), "{errors}");

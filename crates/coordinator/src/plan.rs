@@ -184,7 +184,7 @@ mod tests {
     #[rstest]
     #[case("auto", "1", 2, 2)]
     #[case("ddp", "2", 2, 4)]
-    #[case("ddp_spawn", "auto", 3, 3)]
+    #[case("ddp_spawn", "1", 3, 3)]
     fn several_nodes_resolve_to_ddp(
         #[case] strategy: &str,
         #[case] devices: &str,

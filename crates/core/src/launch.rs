@@ -51,6 +51,9 @@ impl NodeSettings {
 
     /// Checks the settings for a run of `num_nodes` nodes.
     pub fn validate(&self, num_nodes: u32) -> Result<()> {
+        if num_nodes == 0 {
+            return Err(Error::invalid("num_nodes", 0, "an integer >= 1"));
+        }
         if self.node_rank >= num_nodes {
             return Err(Error::invalid(
                 "node_rank",
@@ -511,7 +514,8 @@ mod tests {
     #[case::several_processes(NodeFlags::default(), &[("WORLD_SIZE", "2"), ("NODE_RANK", "0"), ("LOCAL_WORLD_SIZE", "8")], &["LOCAL_WORLD_SIZE", "--nproc-per-node 1"])]
     #[case::not_a_number(NodeFlags::default(), &[("WORLD_SIZE", "two"), ("NODE_RANK", "0")], &["WORLD_SIZE \"two\""])]
     #[case::slurm_tasks(NodeFlags::default(), &[("SLURM_NNODES", "2"), ("SLURM_NODEID", "0"), ("SLURM_NTASKS", "16")], &["SLURM_NTASKS", "--ntasks-per-node=1"])]
-    #[case::flag_rank(NodeFlags { num_nodes: Some(2), node_rank: Some(2), ..NodeFlags::default() }, &[], &["node_rank 2", "0..2"])]
+    #[case::no_nodes(NodeFlags { num_nodes: Some(0), ..NodeFlags::default() }, &[], &["invalid num_nodes \"0\"", ">= 1"])]
+    #[case::flag_rank(NodeFlags { num_nodes: Some(2), node_rank: Some(2), ..NodeFlags::default() }, &[], &["node_rank \"2\"", "0..2"])]
     #[case::bad_addr(NodeFlags { num_nodes: Some(2), master_addr: Some("ws://h:1".into()), ..NodeFlags::default() }, &[], &["master_addr", "without scheme"])]
     fn a_bad_launch_is_named(
         #[case] flags: NodeFlags,
