@@ -136,29 +136,14 @@ fn two_nodes_train_as_one_process_with_the_same_global_batch(
     assert!(single.status.success(), "{stderr}");
     let single = report(&stdout, None);
 
-    let port = free_ports(3);
-    let mut launch = Command::new(KILN)
-        .args([
-            "launch",
-            "--nodes",
-            "2",
-            "--master-port",
-            &port.to_string(),
-            "--",
-        ])
-        .args(train_args(out_dir, steps))
-        .args(["--node-timeout", "60"])
-        .args(per_node)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = collect(launch.stdout.take().unwrap());
-    let stderr = collect(launch.stderr.take().unwrap());
-    let status = wait_within(&mut launch, Duration::from_secs(240), "kiln launch");
-    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
-    assert!(status.success(), "{stderr}");
-    let nodes = [report(&stdout, Some(0)), report(&stdout, Some(1))];
+    let mut args = train_args(out_dir, steps);
+    args.extend(
+        ["--node-timeout", "60"]
+            .iter()
+            .chain(per_node)
+            .map(|s| s.to_string()),
+    );
+    let nodes = launch(&args);
 
     let want = losses(&single);
     assert_eq!(want.len(), steps as usize);
