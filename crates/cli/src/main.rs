@@ -60,7 +60,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if err.downcast_ref::<train::Interrupted>().is_some() => {
-            eprintln!("kiln: {err}");
+            eprintln!("kiln: {err:#}");
             ExitCode::from(130)
         }
         Err(err) => {

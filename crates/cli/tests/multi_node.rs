@@ -137,13 +137,8 @@ fn two_nodes_train_as_one_process_with_the_same_global_batch(
     let single = report(&stdout, None);
 
     let mut args = train_args(out_dir, steps);
-    args.extend(
-        ["--node-timeout", "60"]
-            .iter()
-            .chain(per_node)
-            .map(|s| s.to_string()),
-    );
-    let nodes = launch(&args);
+    args.extend(per_node.iter().map(|s| s.to_string()));
+    let nodes = launch(&args, &|| {});
 
     let want = losses(&single);
     assert_eq!(want.len(), steps as usize);
@@ -194,7 +189,7 @@ fn a_node_killed_mid_run_makes_the_other_fail_within_the_timeout(#[case] victim:
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().to_str().unwrap();
-    let port = free_ports(3);
+    let port = free_ports(5);
     let timeout_s = 10;
     let args = |progress| {
         vec![
@@ -284,7 +279,7 @@ fn a_node_with_a_wrong_setup_gets_a_clear_error(
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().to_str().unwrap();
-    let port = free_ports(4);
+    let port = free_ports(5);
     let args = [
         "--max-steps",
         "5",
@@ -317,28 +312,44 @@ fn a_node_with_a_wrong_setup_gets_a_clear_error(
 }
 
 /// Runs `kiln launch` with `args` for every node; the two nodes' reports.
-fn launch(args: &[String]) -> [Value; 2] {
-    let port = free_ports(3);
-    let mut launch = Command::new(KILN)
-        .args([
-            "launch",
-            "--nodes",
-            "2",
-            "--master-port",
-            &port.to_string(),
-            "--",
-        ])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = collect(launch.stdout.take().unwrap());
-    let stderr = collect(launch.stderr.take().unwrap());
-    let status = wait_within(&mut launch, Duration::from_secs(240), "kiln launch");
-    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
-    assert!(status.success(), "{stderr}");
-    [report(&stdout, Some(0)), report(&stdout, Some(1))]
+///
+/// burn-collective 0.21 can, rarely (about once in a few thousand exchanges here),
+/// stall or break off an exchange (docs/multi-node.md); kiln then ends both nodes
+/// with an error naming the exchange, which is what it must do. Such a run is tried once
+/// more (after `tidy`, which removes what the failed attempt wrote that the next
+/// would refuse, e.g. a named run's directory), so that the engine's defect does not
+/// make this suite flaky; any other failure fails the test.
+fn launch(args: &[String], tidy: &dyn Fn()) -> [Value; 2] {
+    for attempt in 1..=2 {
+        let port = free_ports(5);
+        let mut launch = Command::new(KILN)
+            .args([
+                "launch",
+                "--nodes",
+                "2",
+                "--master-port",
+                &port.to_string(),
+                "--",
+            ])
+            .args(args)
+            .args(["--node-timeout", "30"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = collect(launch.stdout.take().unwrap());
+        let stderr = collect(launch.stderr.take().unwrap());
+        let status = wait_within(&mut launch, Duration::from_secs(240), "kiln launch");
+        let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+        if !status.success() && attempt == 1 && stderr.contains("the exchange of ") {
+            eprintln!("an exchange stalled inside burn-collective; trying again:\n{stderr}");
+            tidy();
+            continue;
+        }
+        assert!(status.success(), "{stderr}");
+        return [report(&stdout, Some(0)), report(&stdout, Some(1))];
+    }
+    unreachable!("the loop returns or panics")
 }
 
 #[test]
@@ -358,10 +369,17 @@ fn a_multi_node_run_resumes_from_its_checkpoint_to_the_uninterrupted_result() {
         args
     };
     // A constant learning rate: the 8-step run takes the 16-step run's first steps.
-    let straight = launch(&args(16, "straight", &[]));
-    let first = launch(&args(8, "resumed", &["--checkpoint-every-n-steps", "4"]));
+    let remove = |name: &'static str| {
+        let run = dir.path().join("default").join(name);
+        move || drop(std::fs::remove_dir_all(&run))
+    };
+    let straight = launch(&args(16, "straight", &[]), &remove("straight"));
+    let first = launch(
+        &args(8, "resumed", &["--checkpoint-every-n-steps", "4"]),
+        &remove("resumed"),
+    );
     assert_eq!(losses(&first[0]).len(), 8);
-    let resumed = launch(&args(16, "resumed", &["--resume", "last"]));
+    let resumed = launch(&args(16, "resumed", &["--resume", "last"]), &|| {});
     for node in &resumed {
         // The resumed report holds every step, those before the checkpoint included.
         assert_eq!(losses(node), losses(&straight[0]));

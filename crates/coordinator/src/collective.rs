@@ -113,8 +113,9 @@ pub(crate) struct Link {
     num_nodes: u32,
     node_rank: u32,
     orchestrator: Address,
-    node_address: Address,
-    data_port: u16,
+    /// This node's two data addresses (even and odd exchanges) and their ports.
+    node_addresses: [Address; 2],
+    data_ports: [u16; 2],
     timeout: Duration,
 }
 
@@ -125,18 +126,20 @@ impl Link {
     pub fn open(num_nodes: u32, node: &NodeSettings) -> Result<Self, CoordinatorError> {
         node.validate(num_nodes)?;
         let timeout = Duration::from_secs_f64(node.timeout_s);
-        let data_port = node.data_port(node.node_rank);
+        let data_ports = node.data_ports(node.node_rank, num_nodes);
         let master = format!("{}:{}", node.master_addr, node.master_port);
         if node.node_rank == 0 {
             start_orchestrator(node.master_port)?;
         }
-        free_port(
-            data_port,
-            format!(
-                "the data port of node {} (master_port + 1 + node_rank)",
-                node.node_rank
-            ),
-        )?;
+        for port in data_ports {
+            free_port(
+                port,
+                format!(
+                    "a data port of node {} (master_port + 1 + node_rank, and + num_nodes)",
+                    node.node_rank
+                ),
+            )?;
+        }
         let addrs: Vec<_> = master
             .to_socket_addrs()
             .map_err(|e| {
@@ -188,8 +191,8 @@ impl Link {
             num_nodes,
             node_rank: node.node_rank,
             orchestrator: ws(&master),
-            node_address: ws(&format!("{host}:{data_port}")),
-            data_port,
+            node_addresses: data_ports.map(|port| ws(&format!("{host}:{port}"))),
+            data_ports,
             timeout,
         })
     }
@@ -292,6 +295,8 @@ pub(crate) struct Peer<B: AutodiffBackend> {
     device: B::Device,
     config: CollectiveConfig,
     link: Option<Link>,
+    /// Exchanges across nodes so far (their parity picks the data port).
+    exchanges: std::cell::Cell<u64>,
     backend: PhantomData<B>,
 }
 
@@ -312,8 +317,6 @@ impl<B: AutodiffBackend> Peer<B> {
             config = config
                 .with_num_nodes(link.num_nodes)
                 .with_global_address(link.orchestrator.clone())
-                .with_node_address(link.node_address.clone())
-                .with_data_service_port(link.data_port)
                 .with_global_all_reduce_strategy(AllReduceStrategy::Ring);
         } else {
             register::<B::InnerBackend>(id, device.clone(), config.clone())
@@ -325,6 +328,7 @@ impl<B: AutodiffBackend> Peer<B> {
             device: device.clone(),
             config,
             link: link.cloned(),
+            exchanges: std::cell::Cell::new(0),
             backend: PhantomData,
         })
     }
@@ -481,7 +485,15 @@ impl<B: AutodiffBackend> Peer<B> {
         const FINISHING: u8 = 2;
         let phase = Arc::new(AtomicU8::new(REGISTERING));
         let (tx, rx) = mpsc::channel();
-        let (id, device, config) = (self.id, self.device.clone(), self.config.clone());
+        // Every worker of a node is at the same exchange, so they agree on the port.
+        let parity = (self.exchanges.get() % 2) as usize;
+        self.exchanges.set(self.exchanges.get() + 1);
+        let config = self
+            .config
+            .clone()
+            .with_node_address(link.node_addresses[parity].clone())
+            .with_data_service_port(link.data_ports[parity]);
+        let (id, device) = (self.id, self.device.clone());
         let rank = id.0 as usize;
         let helper_phase = phase.clone();
         std::thread::Builder::new()
@@ -521,7 +533,7 @@ impl<B: AutodiffBackend> Peer<B> {
                 Err(CoordinatorError::Collective(format!(
                     "node {node}: another node registered this node's address {} at {at}: \
                      two nodes were given the same node rank? ({what}: {e})",
-                    link.node_address
+                    link.node_addresses[parity]
                 )))
             }
             Ok(Err((what, e))) => Err(CoordinatorError::Collective(format!(
@@ -529,7 +541,14 @@ impl<B: AutodiffBackend> Peer<B> {
                  (is {} still running?)",
                 link.others()
             ))),
-            Err(_) => {
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(CoordinatorError::Collective(format!(
+                    "node {node}: the exchange of {at} broke off inside burn-collective (a \
+                 connection to {} failed; its message is above): every node ends the run",
+                    link.others()
+                )))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 let waiting = match phase.load(Ordering::SeqCst) {
                     REGISTERING => "to join it at the orchestrator",
                     REDUCING => "to send its part of the all-reduce",
@@ -653,8 +672,8 @@ mod tests {
             num_nodes,
             node_rank,
             orchestrator: ws("h:1"),
-            node_address: ws("h:2"),
-            data_port: 2,
+            node_addresses: [ws("h:2"), ws("h:3")],
+            data_ports: [2, 3],
             timeout: Duration::from_secs(1),
         };
         assert_eq!(link(2, 0).others(), "node 1");

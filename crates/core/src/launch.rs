@@ -22,8 +22,9 @@ use crate::{Error, Result};
 /// The rendezvous settings of one node of a multi-node run. Unused when
 /// `num_nodes` is 1.
 ///
-/// Node 0 hosts burn-collective's orchestrator on `master_port`; node `k` serves
-/// its gradients to the other nodes on `master_port + 1 + k`.
+/// Node 0 hosts burn-collective's orchestrator on `master_port`; node `k` of `n`
+/// serves its gradients to the other nodes on `master_port + 1 + k` and
+/// `master_port + 1 + n + k` (alternate exchanges).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct NodeSettings {
@@ -62,14 +63,15 @@ impl NodeSettings {
             ));
         }
         if num_nodes > 1 {
-            let last = self.master_port as u32 + num_nodes;
+            let last = self.master_port as u32 + 2 * num_nodes;
             if self.master_port == 0 || last > u16::MAX as u32 {
                 return Err(Error::invalid(
                     "master_port",
                     self.master_port,
                     format!(
-                        "a port in 1..={} (nodes listen on master_port + 1 + node_rank)",
-                        u16::MAX as u32 - num_nodes
+                        "a port in 1..={} (node k also listens on master_port + 1 + k and \
+                         master_port + 1 + num_nodes + k)",
+                        u16::MAX as u32 - 2 * num_nodes
                     ),
                 ));
             }
@@ -98,9 +100,13 @@ impl NodeSettings {
         Ok(())
     }
 
-    /// The port node `rank` serves its data on.
-    pub fn data_port(&self, rank: u32) -> u16 {
-        (self.master_port as u32 + 1 + rank).min(u16::MAX as u32) as u16
+    /// The two ports node `rank` of `num_nodes` serves its data on, one for even
+    /// exchanges and one for odd ones: `master_port + 1 + rank` and
+    /// `master_port + 1 + num_nodes + rank`. Alternating spares an exchange from
+    /// binding the port the previous one is still releasing.
+    pub fn data_ports(&self, rank: u32, num_nodes: u32) -> [u16; 2] {
+        let port = |offset: u32| (self.master_port as u32 + 1 + offset).min(u16::MAX as u32) as u16;
+        [port(rank), port(num_nodes + rank)]
     }
 
     /// Whether the master is this machine's loopback interface.
@@ -543,7 +549,8 @@ mod tests {
     #[test]
     fn ports_and_loopback() {
         let s = NodeSettings::default();
-        assert_eq!((s.data_port(0), s.data_port(3)), (29501, 29504));
+        assert_eq!(s.data_ports(0, 4), [29501, 29505]);
+        assert_eq!(s.data_ports(3, 4), [29504, 29508]);
         assert!(s.master_is_loopback());
         assert!(
             !NodeSettings {
