@@ -17,7 +17,8 @@ pub struct LaunchArgs {
     /// Number of node processes.
     #[arg(long, default_value_t = 2)]
     nodes: u32,
-    /// Rendezvous port (node k also listens on master-port + 1 + k).
+    /// `MASTER_PORT` given to the nodes: kiln's orchestrator listens on the next
+    /// port, and node k of N on the two after it + k and + N + k.
     #[arg(long, default_value_t = kiln_core::launch::NodeSettings::DEFAULT_PORT)]
     master_port: u16,
     /// Arguments of `kiln train`, after `--`.

@@ -23,7 +23,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
-/// A port `p` such that `p..=p + n` can all be listened on now.
+/// A port `p` such that `p..=p + n` can all be listened on now (under torchrun's
+/// variables kiln listens on `MASTER_PORT + 1` and the 2 × nodes ports after it).
 fn free_ports(n: u16) -> u16 {
     for _ in 0..100 {
         let base = TcpListener::bind("127.0.0.1:0")
@@ -189,7 +190,7 @@ fn a_node_killed_mid_run_makes_the_other_fail_within_the_timeout(#[case] victim:
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().to_str().unwrap();
-    let port = free_ports(5);
+    let port = free_ports(7);
     let timeout_s = 10;
     let args = |progress| {
         vec![
@@ -279,7 +280,7 @@ fn a_node_with_a_wrong_setup_gets_a_clear_error(
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().to_str().unwrap();
-    let port = free_ports(5);
+    let port = free_ports(7);
     let args = [
         "--max-steps",
         "5",
@@ -321,7 +322,7 @@ fn a_node_with_a_wrong_setup_gets_a_clear_error(
 /// make this suite flaky; any other failure fails the test.
 fn launch(args: &[String], tidy: &dyn Fn()) -> [Value; 2] {
     for attempt in 1..=2 {
-        let port = free_ports(5);
+        let port = free_ports(7);
         let mut launch = Command::new(KILN)
             .args([
                 "launch",

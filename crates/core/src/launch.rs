@@ -6,7 +6,8 @@
 //! `docs/multi-node.md`:
 //!
 //! 1. torchrun's variables (`WORLD_SIZE` with `GROUP_RANK` or `NODE_RANK`,
-//!    `MASTER_ADDR`, `MASTER_PORT`), also what `cargo xtask launch` sets;
+//!    `MASTER_ADDR`, `MASTER_PORT`), also what `kiln launch` sets; torchrun's agent
+//!    already listens on `MASTER_PORT`, so kiln's `master_port` is `MASTER_PORT + 1`;
 //! 2. SLURM's (`SLURM_NNODES`, `SLURM_NODEID`, the first host of
 //!    `SLURM_NODELIST`, a port derived from `SLURM_JOB_ID` unless `MASTER_PORT`
 //!    is set);
@@ -202,7 +203,8 @@ impl NodeLaunch {
     /// let launch = NodeLaunch::resolve(&NodeFlags::default(), env).unwrap();
     /// assert_eq!(launch.source, LaunchSource::Torchrun);
     /// assert_eq!((launch.num_nodes, launch.settings.node_rank), (2, 1));
-    /// assert_eq!(launch.settings.master_port, 29400);
+    /// // torchrun's agent listens on MASTER_PORT; kiln takes the next port.
+    /// assert_eq!(launch.settings.master_port, 29401);
     /// ```
     pub fn resolve(flags: &NodeFlags, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let env = if let Some(env) = torchrun(&var)? {
@@ -285,10 +287,16 @@ impl NodeLaunch {
         }
         match env.master_port {
             Some(port) => {
+                // The flag names the same port as the variable (torchrun's, before
+                // kiln's + 1).
+                let given = match source {
+                    LaunchSource::Torchrun => port - 1,
+                    _ => port,
+                };
                 agree(
                     "master_port",
                     flags.master_port.map(|v| v.to_string()),
-                    port.to_string(),
+                    given.to_string(),
                     vars[3],
                 )?;
                 settings.master_port = port;
@@ -365,7 +373,19 @@ fn torchrun(var: &impl Fn(&str) -> Option<String>) -> Result<Option<EnvLaunch>> 
         num_nodes,
         node_rank,
         master_addr: var("MASTER_ADDR").filter(|a| !a.trim().is_empty()),
-        master_port: number(var, "MASTER_PORT", "a port number 1..=65535")?,
+        // torchrun's agent on node 0 already listens on MASTER_PORT (its rendezvous
+        // store): kiln's orchestrator takes the next port.
+        master_port: number::<u16>(var, "MASTER_PORT", "a port number 1..=65534")?
+            .map(|port| {
+                port.checked_add(1).ok_or_else(|| {
+                    Error::invalid(
+                        "MASTER_PORT",
+                        port,
+                        "a port number 1..=65534 (kiln listens on MASTER_PORT + 1 under torchrun)",
+                    )
+                })
+            })
+            .transpose()?,
     }))
 }
 
@@ -460,7 +480,7 @@ mod tests {
 
     #[rstest]
     #[case::nothing(&[], LaunchSource::Flags, 1, 0, "127.0.0.1", 29500)]
-    #[case::torchrun(&[("WORLD_SIZE", "2"), ("GROUP_RANK", "1"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "1234")], LaunchSource::Torchrun, 2, 1, "10.0.0.1", 1234)]
+    #[case::torchrun(&[("WORLD_SIZE", "2"), ("GROUP_RANK", "1"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "1234")], LaunchSource::Torchrun, 2, 1, "10.0.0.1", 1235)]
     #[case::node_rank(&[("WORLD_SIZE", "3"), ("NODE_RANK", "2")], LaunchSource::Torchrun, 3, 2, "127.0.0.1", 29500)]
     #[case::world_alone_is_not_torchrun(&[("WORLD_SIZE", "4")], LaunchSource::Flags, 1, 0, "127.0.0.1", 29500)]
     #[case::slurm(&[("SLURM_NNODES", "4"), ("SLURM_NODEID", "3"), ("SLURM_NTASKS", "4"), ("SLURM_NODELIST", "gpu[07-09,12]"), ("SLURM_JOB_ID", "4242917")], LaunchSource::Slurm, 4, 3, "gpu07", 17917)]
