@@ -1,5 +1,7 @@
 //! Data-parallel training on CPU worker threads: DDP and fsdp give what one device
-//! gives with the same global batch, stop together, fail together, resume exactly.
+//! gives with the same global batch, stop together, fail together, resume exactly —
+//! on both engines (burn-train's Learner through kiln's group strategy, and kiln's
+//! native loop).
 
 use std::path::Path;
 
@@ -22,6 +24,7 @@ fn model(vocab: usize) -> TinyGpt<B> {
 fn builder(root: &Path, strategy: &str, devices: &str, batch_size: usize) -> CoordinatorBuilder {
     quiet(root)
         .run_name("r")
+        .engine("auto")
         .strategy(strategy)
         .devices(devices)
         .seed(9)
@@ -58,23 +61,36 @@ fn floats(bits: &[u32]) -> Vec<f32> {
 }
 
 /// The data-parallel issue's equivalence: 2 workers × batch b against one device
-/// with batch 2b, 20 steps; and fsdp against ddp. The corpus size leaves a short
-/// last global batch that only one worker gets a part of.
-#[test]
-fn two_workers_give_what_one_device_gives_with_the_same_global_batch() {
+/// with batch 2b, 20 steps; and fsdp against ddp; on each engine. The corpus size
+/// leaves a short last global batch that only one worker gets a part of.
+#[rstest]
+fn two_workers_give_what_one_device_gives_with_the_same_global_batch(
+    #[values("learner", "native")] engine: &str,
+) {
     let (data, task) = corpus_data(21_000, 32);
     let single_dir = tempfile::tempdir().unwrap();
     let (single, single_w) = train(builder(single_dir.path(), "vanilla", "1", 16), &data, &task);
     let ddp_dir = tempfile::tempdir().unwrap();
-    let (ddp, ddp_w) = train(builder(ddp_dir.path(), "ddp", "2", 8), &data, &task);
+    let (ddp, ddp_w) = train(
+        builder(ddp_dir.path(), "ddp", "2", 8).engine(engine),
+        &data,
+        &task,
+    );
     let fsdp_dir = tempfile::tempdir().unwrap();
-    let (fsdp, fsdp_w) = train(builder(fsdp_dir.path(), "fsdp", "2", 8), &data, &task);
+    let (fsdp, fsdp_w) = train(
+        builder(fsdp_dir.path(), "fsdp", "2", 8).engine(engine),
+        &data,
+        &task,
+    );
 
     assert_eq!(ddp.plan.strategy, Strategy::Ddp);
     assert_eq!(fsdp.plan.strategy, Strategy::Fsdp);
+    assert_eq!(ddp.plan.engine.to_string(), engine);
+    assert_eq!(fsdp.plan.engine.to_string(), engine);
     assert_eq!((ddp.plan.world_size, fsdp.plan.world_size), (2, 2));
     assert_eq!(single.optimizer_steps, 20);
     assert_eq!(ddp.optimizer_steps, 20);
+    assert_eq!(fsdp.optimizer_steps, 20);
     close(
         "ddp vs single, step loss",
         &ddp.step_losses,
@@ -111,11 +127,13 @@ fn two_workers_give_what_one_device_gives_with_the_same_global_batch() {
 }
 
 /// Uneven data never deadlocks: whole epochs with a short last global batch.
-#[test]
-fn uneven_epochs_end_together() {
+#[rstest]
+#[timeout(std::time::Duration::from_secs(600))]
+fn uneven_epochs_end_together(#[values("learner", "native")] engine: &str) {
     let (data, task) = corpus_data(6_000, 32);
     let dir = tempfile::tempdir().unwrap();
     let b = quiet(dir.path())
+        .engine(engine)
         .strategy("ddp")
         .devices("3")
         .batch_size(7)
@@ -126,15 +144,21 @@ fn uneven_epochs_end_together() {
         .train::<B, _, _>(model(data.vocab_size()), &data, &task, None, 2)
         .unwrap();
     let r = trained.report;
+    assert_eq!(r.plan.engine.to_string(), engine);
     let n = data.len(Split::Train);
     assert_eq!(r.optimizer_steps as usize, 2 * n.div_ceil(21));
     assert_eq!(r.epochs, 2);
 }
 
-/// Rank 0 trains on the calling (test) thread, the other ranks on unnamed threads:
-/// whether this batch is built for a worker other than rank 0.
+/// Whether this batch is built for a worker other than rank 0: the native loop
+/// trains rank k > 0 on a thread named `kiln-worker-k`, the Learner engine builds
+/// rank k's batches on `kiln-worker-k-data`; rank 0 is the calling thread or
+/// `kiln-worker-0-data`.
 fn on_another_worker() -> bool {
-    std::thread::current().name().is_none()
+    std::thread::current()
+        .name()
+        .and_then(|name| name.strip_prefix("kiln-worker-"))
+        .is_some_and(|rest| !rest.starts_with("0"))
 }
 
 /// Stops the run when a worker other than rank 0 asks for its batch number
@@ -149,8 +173,11 @@ fn stop_on_worker(stop: StopHandle, after: usize) -> impl Fn(usize) -> kiln_core
     }
 }
 
-#[test]
-fn an_error_on_one_worker_ends_the_run_with_its_message_not_a_hang() {
+#[rstest]
+#[timeout(std::time::Duration::from_secs(600))]
+fn an_error_on_one_worker_ends_the_run_with_its_message_not_a_hang(
+    #[values("learner", "native")] engine: &str,
+) {
     let (data, task) = corpus_data(20_000, 32);
     let dir = tempfile::tempdir().unwrap();
     let seen = std::sync::atomic::AtomicUsize::new(0);
@@ -163,6 +190,7 @@ fn an_error_on_one_worker_ends_the_run_with_its_message_not_a_hang() {
         Ok(())
     });
     let err = builder(dir.path(), "ddp", "2", 8)
+        .engine(engine)
         .build()
         .unwrap()
         .train::<B, _, _>(model(data.vocab_size()), &failing, &task, None, 5)
@@ -178,11 +206,15 @@ fn an_error_on_one_worker_ends_the_run_with_its_message_not_a_hang() {
     assert_eq!(report.optimizer_steps, 3);
 }
 
-#[test]
-fn a_stop_seen_by_one_worker_stops_them_all() {
+#[rstest]
+#[timeout(std::time::Duration::from_secs(600))]
+fn a_stop_seen_by_one_worker_stops_them_all(#[values("learner", "native")] engine: &str) {
     let (data, task) = corpus_data(20_000, 32);
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = builder(dir.path(), "fsdp", "2", 8).build().unwrap();
+    let coordinator = builder(dir.path(), "fsdp", "2", 8)
+        .engine(engine)
+        .build()
+        .unwrap();
     let stopping = Hooked::new(&data, stop_on_worker(coordinator.stop_handle(), 4));
     let err = coordinator
         .train::<B, _, _>(model(data.vocab_size()), &stopping, &task, None, 5)
@@ -198,16 +230,21 @@ fn a_stop_seen_by_one_worker_stops_them_all() {
 /// optimizer shard), every worker loads; the resumed run ends with the weights of the
 /// uninterrupted one, bit for bit.
 #[rstest]
-#[case::ddp("ddp")]
-#[case::fsdp("fsdp")]
-fn two_workers_resume_to_the_same_weights_bit_for_bit(#[case] strategy: &str) {
+fn two_workers_resume_to_the_same_weights_bit_for_bit(
+    #[values("ddp", "fsdp")] strategy: &str,
+    #[values("learner", "native")] engine: &str,
+) {
     let (data, task) = corpus_data(20_000, 32);
     let straight_dir = tempfile::tempdir().unwrap();
-    let (straight, straight_w) =
-        train(builder(straight_dir.path(), strategy, "2", 8), &data, &task);
+    let (straight, straight_w) = train(
+        builder(straight_dir.path(), strategy, "2", 8).engine(engine),
+        &data,
+        &task,
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let first = builder(dir.path(), strategy, "2", 8)
+        .engine(engine)
         .checkpoint_every_n_steps(5)
         .build()
         .unwrap();
@@ -217,7 +254,9 @@ fn two_workers_resume_to_the_same_weights_bit_for_bit(#[case] strategy: &str) {
         .unwrap_err();
     assert!(matches!(err, CoordinatorError::Stopped { .. }), "{err}");
     let (resumed, resumed_w) = train(
-        builder(dir.path(), strategy, "2", 8).ckpt_path("last"),
+        builder(dir.path(), strategy, "2", 8)
+            .engine(engine)
+            .ckpt_path("last"),
         &data,
         &task,
     );

@@ -39,6 +39,10 @@ pub struct TrainArgs {
     /// auto, single, vanilla, ddp, ddp_spawn or fsdp (Lightning's `strategy`).
     #[arg(long, default_value = "auto")]
     strategy: String,
+    /// auto, learner (burn-train's Learner) or native (kiln's own loop): the
+    /// engine that runs the loop; auto picks the Learner engine where it can run.
+    #[arg(long, default_value = "auto")]
+    engine: String,
     /// 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true (Lightning's `precision`).
     #[arg(long, default_value = "32-true")]
     precision: String,
@@ -201,6 +205,7 @@ impl TrainArgs {
         config.optimizer.schedule = schedule;
         Ok(CoordinatorBuilder::from_config(config)
             .strategy(&self.strategy)
+            .engine(&self.engine)
             .precision(&self.precision)
             .strict_precision(self.strict_precision)
             .devices(&self.devices)

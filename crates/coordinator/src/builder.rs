@@ -17,7 +17,8 @@ use crate::{Result, TrainingCoordinator};
 ///
 /// | kiln | Lightning `Trainer` | burn-train 0.21 (Learner engine) |
 /// | --- | --- | --- |
-/// | `strategy("auto"\|"single")` | `strategy` | `ExecutionStrategy::SingleDevice`; `vanilla` selects kiln's native loop instead; `ddp`/`fsdp` on several devices run kiln's data-parallel groups (burn-train's DDP is NCCL-only) |
+/// | `strategy("auto"\|"single")` | `strategy` | `ExecutionStrategy::SingleDevice`; `vanilla` selects kiln's native loop instead; `ddp`/`fsdp` on several devices run kiln's data-parallel groups, as a custom training strategy (`TrainingStrategy::Custom`) on the Learner engine (burn-train's own DDP is NCCL-only) |
+/// | `engine("native"\|"learner")` | — | the Learner engine (`SupervisedTraining`) or kiln's native loop; `auto` picks the Learner engine where it can run |
 /// | `precision("32-true"\|"bf16-mixed"\|...)` | `precision` | 32-true only; other modes run on the native loop (`docs/precision.md`) |
 /// | `devices("auto"\|"2"\|"-1"\|"0,2")` | `devices` | the device of `SingleDevice` |
 /// | `num_nodes(n)` | `num_nodes` | (burn-collective nodes) |
@@ -44,6 +45,7 @@ use crate::{Result, TrainingCoordinator};
 pub struct CoordinatorBuilder {
     config: CoordinatorConfig,
     strategy: Option<String>,
+    engine: Option<String>,
     precision: Option<String>,
     devices: Option<String>,
     ckpt_path: Option<String>,
@@ -61,6 +63,14 @@ impl CoordinatorBuilder {
     /// `auto`, `single`, `vanilla`, `ddp`, `ddp_spawn` or `fsdp`.
     pub fn strategy(mut self, s: impl Into<String>) -> Self {
         self.strategy = Some(s.into());
+        self
+    }
+
+    /// The engine that runs the loop: `auto` (default: the Learner engine when it
+    /// is compiled in and can run the plan), `learner` (burn-train) or `native`
+    /// (kiln's own loop). See `docs/strategies.md`.
+    pub fn engine(mut self, s: impl Into<String>) -> Self {
+        self.engine = Some(s.into());
         self
     }
 
@@ -224,6 +234,9 @@ impl CoordinatorBuilder {
         let mut config = self.config;
         if let Some(s) = self.strategy {
             config.strategy = s.parse()?;
+        }
+        if let Some(s) = self.engine {
+            config.engine = kiln_core::Engine::parse_choice(&s)?;
         }
         if let Some(s) = self.precision {
             config.precision = s.parse()?;

@@ -236,18 +236,45 @@ impl Snapshot {
         model: &M,
         optim: R,
     ) -> Result<Self, CoordinatorError> {
-        let encode_error =
-            |what: &str, e: burn::record::RecorderError| CoordinatorError::Checkpoint {
-                path: PathBuf::from(what),
-                reason: format!("cannot encode it: {e}"),
-            };
+        Self::with_optim(model, encode_record::<BR, R>(optim)?)
+    }
+
+    /// Encodes `model`, with an optimizer record encoded already.
+    pub fn with_optim<BM: Backend, M: Module<BM>>(
+        model: &M,
+        optim: Vec<u8>,
+    ) -> Result<Self, CoordinatorError> {
         Ok(Self {
             model: Recorder::<BM>::record(&Bytes::default(), model.clone().into_record(), ())
                 .map_err(|e| encode_error(MODEL, e))?,
-            optim: Recorder::<BR>::record(&Bytes::default(), optim, ())
-                .map_err(|e| encode_error(OPTIM, e))?,
+            optim,
         })
     }
+}
+
+fn encode_error(what: &str, e: burn::record::RecorderError) -> CoordinatorError {
+    CoordinatorError::Checkpoint {
+        path: PathBuf::from(what),
+        reason: format!("cannot encode it: {e}"),
+    }
+}
+
+/// Encodes an optimizer record as a checkpoint stores it.
+pub(crate) fn encode_record<B: Backend, R: Record<B>>(record: R) -> Result<Vec<u8>, CoordinatorError> {
+    Recorder::<B>::record(&Bytes::default(), record, ()).map_err(|e| encode_error(OPTIM, e))
+}
+
+/// Decodes an optimizer record [`encode_record`] encoded.
+pub(crate) fn decode_record<B: Backend, R: Record<B>>(
+    bytes: Vec<u8>,
+    device: &B::Device,
+) -> Result<R, CoordinatorError> {
+    Bytes::default()
+        .load::<R>(bytes, device)
+        .map_err(|e| CoordinatorError::Checkpoint {
+            path: PathBuf::from(OPTIM),
+            reason: format!("cannot decode an optimizer shard: {e}"),
+        })
 }
 
 /// Size of `record` encoded as a checkpoint stores it (0 if it cannot be encoded).

@@ -296,7 +296,7 @@ pub(crate) struct Peer<B: AutodiffBackend> {
     config: CollectiveConfig,
     link: Option<Link>,
     /// Exchanges across nodes so far (their parity picks the data port).
-    exchanges: std::cell::Cell<u64>,
+    exchanges: std::sync::atomic::AtomicU64,
     backend: PhantomData<B>,
 }
 
@@ -328,13 +328,13 @@ impl<B: AutodiffBackend> Peer<B> {
             device: device.clone(),
             config,
             link: link.cloned(),
-            exchanges: std::cell::Cell::new(0),
+            exchanges: std::sync::atomic::AtomicU64::new(0),
             backend: PhantomData,
         })
     }
 
     /// Leaves the group.
-    pub fn finish(self) -> Result<(), CoordinatorError> {
+    pub fn finish(&self) -> Result<(), CoordinatorError> {
         if self.link.is_some() {
             // Each exchange already finished its registration.
             return Ok(());
@@ -486,8 +486,10 @@ impl<B: AutodiffBackend> Peer<B> {
         let phase = Arc::new(AtomicU8::new(REGISTERING));
         let (tx, rx) = mpsc::channel();
         // Every worker of a node is at the same exchange, so they agree on the port.
-        let parity = (self.exchanges.get() % 2) as usize;
-        self.exchanges.set(self.exchanges.get() + 1);
+        let parity = (self
+            .exchanges
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % 2) as usize;
         let config = self
             .config
             .clone()

@@ -167,6 +167,17 @@ impl TrainingCoordinator {
             .into());
         }
         if precision != kiln_core::Precision::F32 && plan.engine == kiln_core::Engine::Learner {
+            if config.engine.is_some() {
+                return Err(kiln_core::Error::invalid(
+                    "engine",
+                    "learner",
+                    format!(
+                        "auto or native with precision {precision} (the Learner engine \
+                         trains in 32-true)"
+                    ),
+                )
+                .into());
+            }
             plan.engine = kiln_core::Engine::Native;
             plan.warnings.push(format!(
                 "precision {precision} runs on kiln's native loop (the Learner engine \
@@ -303,8 +314,10 @@ impl TrainingCoordinator {
             #[cfg(feature = "learner")]
             kiln_core::Engine::Learner => crate::learner::fit::<B, M, D>(
                 &inputs,
+                &workers,
                 model,
                 resume.as_ref(),
+                plan.strategy == Strategy::Fsdp,
                 &mut metrics,
                 &mut progress,
                 &mut stats,

@@ -34,6 +34,7 @@ mod collective;
 mod coordinator;
 mod error;
 mod grad;
+mod group;
 #[cfg(feature = "learner")]
 mod learner;
 mod native;

@@ -8,10 +8,9 @@
 //! reproducible bit for bit on CPU.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
@@ -21,7 +20,11 @@ use kiln_core::{CoordinatorConfig, DataModule, Split, TaskModel};
 
 use crate::CoordinatorError;
 use crate::checkpoint::{Loaded, Snapshot};
-use crate::collective::{Link, Peer, Status};
+use crate::collective::{Link, Peer};
+use crate::group::{
+    AdamWRecord, Group, Offer, exchange_failure, exchange_step, failure_text, micro_loss,
+    gather_shards, retain_owned, shard_of,
+};
 use crate::grad::{self, clip_global_norm, clip_to, global_norm};
 use crate::objective::{self, EvalSums};
 use crate::precision::{self, LossScaler};
@@ -81,7 +84,7 @@ pub(crate) struct Replica<'g, B: AutodiffBackend, M: AutodiffModule<B>> {
     /// of the parameters (ZeRO stage 1).
     pub sharded: bool,
     /// What the group's workers share in this process.
-    pub group: Option<&'g Group<B, M>>,
+    pub group: Option<&'g Group<AdamWRecord<B, M>>>,
     /// The precision that runs (resolved against the backend).
     pub precision: kiln_core::Precision,
 }
@@ -102,75 +105,6 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Replica<'_, B, M> {
     /// Whether this worker owns the parameter at `index` (visiting order).
     fn owns(&self, index: usize) -> bool {
         !self.sharded || index % self.world == self.rank
-    }
-}
-
-/// The optimizer record of kiln's AdamW for model `M` on backend `B`.
-pub(crate) type AdamWRecord<B, M> = <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record;
-
-/// What the workers of a group share in this process: the first failure (so every
-/// worker reports the one that started it), and, for fsdp, the optimizer shards
-/// handed to rank 0 when it writes a checkpoint.
-pub(crate) struct Group<B: AutodiffBackend, M: AutodiffModule<B>> {
-    failure: Mutex<Option<(usize, String)>>,
-    shards: Mutex<Vec<AdamWRecord<B, M>>>,
-    shards_ready: Condvar,
-}
-
-impl<B: AutodiffBackend, M: AutodiffModule<B>> Group<B, M> {
-    pub fn new() -> Self {
-        Self {
-            failure: Mutex::new(None),
-            shards: Mutex::new(Vec::new()),
-            shards_ready: Condvar::new(),
-        }
-    }
-
-    fn note_failure(&self, rank: usize, failure: &Failure) {
-        let mut first = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        if first.is_none() {
-            *first = Some((rank, failure_text(failure)));
-        }
-    }
-
-    /// The failure another worker reported, as this worker's error.
-    fn failure_elsewhere(&self) -> Failure {
-        let first = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        match first.as_ref() {
-            Some((rank, text)) => Failure::Error(CoordinatorError::Collective(format!(
-                "worker {rank} failed: {text}"
-            ))),
-            None => Failure::Error(CoordinatorError::Collective("another worker failed".into())),
-        }
-    }
-
-    /// Hands a worker's optimizer shard to rank 0.
-    fn deposit(&self, shard: AdamWRecord<B, M>) {
-        self.shards
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(shard);
-        self.shards_ready.notify_all();
-    }
-
-    /// Rank 0: waits for the `n` other workers' shards.
-    fn collect(&self, n: usize) -> Vec<AdamWRecord<B, M>> {
-        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
-        while shards.len() < n {
-            shards = self
-                .shards_ready
-                .wait(shards)
-                .unwrap_or_else(|p| p.into_inner());
-        }
-        std::mem::take(&mut *shards)
-    }
-}
-
-fn failure_text(failure: &Failure) -> String {
-    match failure {
-        Failure::Diverged(reason) | Failure::Panicked(reason) => reason.clone(),
-        Failure::Error(e) => e.to_string(),
-        Failure::Stopped => "stopped".into(),
     }
 }
 
@@ -251,7 +185,10 @@ where
         if let Some(dtype) = stored {
             record = precision::optim_record_as::<B, M>(&model, record, dtype);
         }
-        optim = optim.load_record(shard_of(&model, record, replica));
+        if replica.sharded {
+            record = shard_of(&model, record, &|i| replica.owns(i));
+        }
+        optim = optim.load_record(record);
         restore_stats(loaded, stats);
     }
     let mut scaler = (replica.precision == kiln_core::Precision::F16Mixed).then(|| {
@@ -274,12 +211,7 @@ where
         )?),
         None => None,
     };
-    // An exchange that fails after this worker was asked to stop ends the run as
-    // stopped (node 0's orchestrator may have stopped on the same signal).
-    let exchanged = |e: CoordinatorError| match stop.is_stopped() {
-        true => Failure::Stopped,
-        false => Failure::Error(e),
-    };
+    let exchanged = |e| exchange_failure(stop, e);
     let outcome = (|| -> Result<M, Failure> {
         if let Some(peer) = &peer {
             // Replicas copied in one process are identical, and so are those of
@@ -371,43 +303,23 @@ where
                     (None, Err(failure)) => return Err(failure),
                     (Some(peer), local) => {
                         let stopped = matches!(local, Err(Failure::Stopped));
-                        let failed_here = local.is_err() && !stopped;
-                        if let (Err(f), Some(g), false) = (&local, replica.group, stopped) {
-                            g.note_failure(rank, f);
-                        }
-                        let (grads, mine_loss, samples) = match &local {
-                            Ok(l) => (l.grads.as_ref(), l.loss, l.samples),
-                            Err(_) => (None, 0.0, 0),
+                        let (grads, mine_loss, samples, own) = match local {
+                            Ok(l) => (l.grads, l.loss, l.samples, deferred.take()),
+                            Err(Failure::Stopped) => (None, 0.0, 0, deferred.take()),
+                            Err(f) => (None, 0.0, 0, Some(f)),
                         };
-                        if let Some(f) = &deferred
-                            && let Some(g) = replica.group
-                        {
-                            g.note_failure(rank, f);
-                        }
-                        let status = Status {
+                        let offer = Offer {
+                            grads: grads.as_ref(),
                             loss: mine_loss,
-                            stop: f64::from(u8::from(stopped || stop.is_stopped())),
-                            failed: f64::from(u8::from(failed_here || deferred.is_some())),
-                            save_due: f64::from(u8::from(time_due)),
-                            ..Status::default()
+                            stopped: stopped || stop.is_stopped(),
+                            failure: own,
+                            time_due,
                         };
                         let exchange = Instant::now();
-                        let (summed, all) = peer
-                            .sum_step(&model, grads, status, &format!("step {step}"))
-                            .map_err(exchanged)?;
+                        let group = replica.group.expect("a peer belongs to a group");
+                        let (summed, all) =
+                            exchange_step(peer, group, rank, &model, offer, stop, &format!("step {step}"))?;
                         stats.collective_seconds += exchange.elapsed().as_secs_f64();
-                        if all.failed > 0.0 {
-                            return Err(match (local, deferred.take()) {
-                                (Err(own), _) if !stopped => own,
-                                (_, Some(own)) => own,
-                                _ => replica
-                                    .group
-                                    .map_or(Failure::Stopped, Group::failure_elsewhere),
-                            });
-                        }
-                        if all.stop > 0.0 {
-                            return Err(Failure::Stopped);
-                        }
                         // Rank 0's clock decides time-based checkpoints for all.
                         (summed, all.loss, samples, all.save_due > 0.0)
                     }
@@ -447,7 +359,7 @@ where
                         epoch,
                     )?;
                     if replica.sharded {
-                        retain_owned::<B, M>(&model, &mut grads, replica);
+                        retain_owned::<B, M>(&model, &mut grads, &|i| replica.owns(i));
                     }
                     model = optim.step(lr, model, grads);
                     if let (Some(peer), true) = (&peer, replica.sharded) {
@@ -531,25 +443,12 @@ where
         }
         // Every worker ends here after the same steps; one last exchange tells each
         // whether another failed after the last step.
-        if let Some(peer) = &peer {
-            let failed = deferred.is_some();
-            if let (Some(f), Some(g)) = (&deferred, replica.group) {
-                g.note_failure(rank, f);
-            }
-            let status = Status {
-                failed: f64::from(u8::from(failed)),
-                ..Status::default()
+        if let (Some(peer), Some(group)) = (&peer, replica.group) {
+            let offer = Offer {
+                failure: deferred.take(),
+                ..Offer::default()
             };
-            let (_, all) = peer
-                .sum_step(&model, None, status, "the end")
-                .map_err(exchanged)?;
-            if all.failed > 0.0 {
-                return Err(deferred.take().unwrap_or_else(|| {
-                    replica
-                        .group
-                        .map_or(Failure::Stopped, Group::failure_elsewhere)
-                }));
-            }
+            exchange_step(peer, group, rank, &model, offer, stop, "the end")?;
         }
         stats.optimizer_state_bytes = crate::checkpoint::encoded_len::<B, _>(optim.to_record());
         match deferred {
@@ -598,10 +497,7 @@ where
     M::InnerModule: TaskModel<B::InnerBackend>,
     D: DataModule,
 {
-    // burn-collective 0.21 keeps one local server per backend type in a process: one
-    // group at a time (memo §4.1).
-    static ONE_GROUP: Mutex<()> = Mutex::new(());
-    let _only_group = ONE_GROUP.lock().unwrap_or_else(|p| p.into_inner());
+    let _only_group = crate::group::one_at_a_time();
     let local = devices.len();
     let replica = |rank: usize, group| Replica {
         rank: plan.first_rank + rank,
@@ -614,7 +510,7 @@ where
     };
     // Materialised once, then copied: every replica starts from the same weights.
     let model = model.fork(&devices[0]);
-    let group = Group::<B, M>::new();
+    let group = Group::<AdamWRecord<B, M>>::new();
     std::thread::scope(|scope| {
         let workers: Vec<_> = (1..local)
             .map(|rank| {
@@ -622,7 +518,8 @@ where
                 let group = &group;
                 let device = &devices[rank];
                 let replica = &replica;
-                scope.spawn(move || {
+                let name = format!("kiln-worker-{}", plan.first_rank + rank);
+                let spawned = std::thread::Builder::new().name(name).spawn_scoped(scope, move || {
                     let inputs = LoopInputs {
                         device,
                         checkpoints: inputs.checkpoints.as_ref().map(|c| CheckpointCtx {
@@ -644,7 +541,8 @@ where
                         &mut LoopStats::default(),
                     )
                     .map(|_| ())
-                })
+                });
+                spawned.expect("cannot start a worker thread")
             })
             .collect();
         let outcome = fit(
@@ -763,11 +661,7 @@ where
         // This worker's share of the micro-batch, and of the group.
         let share = mine.len() as f64 / chunk.len() as f64;
         local.loss += value * share;
-        let loss = match (world > 1, group > 1) {
-            (false, false) => loss,
-            (false, true) => loss.div_scalar(group as f64),
-            (true, _) => loss.mul_scalar(share / group as f64),
-        };
+        let loss = micro_loss(loss, world > 1, group, share);
         // 16-mixed: scaled so that small f16 gradients do not underflow.
         let loss = match loss_scale {
             Some(scale) => loss.mul_scalar(scale),
@@ -785,65 +679,6 @@ where
     Ok(local)
 }
 
-/// Drops the gradients of the parameters this worker does not own (fsdp): its
-/// optimizer then neither keeps state for them nor updates them.
-fn retain_owned<B: AutodiffBackend, M: AutodiffModule<B>>(
-    model: &M,
-    grads: &mut GradientsParams,
-    replica: &Replica<'_, B, M>,
-) {
-    struct Retain<'a, 'r, B: AutodiffBackend, M: AutodiffModule<B>> {
-        grads: &'a mut GradientsParams,
-        replica: &'a Replica<'r, B, M>,
-        index: usize,
-    }
-    impl<B: AutodiffBackend, M: AutodiffModule<B>> ModuleVisitor<B> for Retain<'_, '_, B, M> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if !self.replica.owns(self.index) {
-                self.grads.remove::<B::InnerBackend, D>(param.id);
-            }
-            self.index += 1;
-        }
-    }
-    model.visit(&mut Retain {
-        grads,
-        replica,
-        index: 0,
-    });
-}
-
-/// The part of a full optimizer record this worker keeps (all of it unless fsdp).
-fn shard_of<B: AutodiffBackend, M: AutodiffModule<B>>(
-    model: &M,
-    mut record: AdamWRecord<B, M>,
-    replica: &Replica<'_, B, M>,
-) -> AdamWRecord<B, M> {
-    if !replica.sharded {
-        return record;
-    }
-    struct Owned<'a, 'r, B: AutodiffBackend, M: AutodiffModule<B>> {
-        keep: Vec<ParamId>,
-        replica: &'a Replica<'r, B, M>,
-        index: usize,
-    }
-    impl<B: AutodiffBackend, M: AutodiffModule<B>> ModuleVisitor<B> for Owned<'_, '_, B, M> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if self.replica.owns(self.index) {
-                self.keep.push(param.id);
-            }
-            self.index += 1;
-        }
-    }
-    let mut owned = Owned {
-        keep: Vec::new(),
-        replica,
-        index: 0,
-    };
-    model.visit(&mut owned);
-    record.retain(|id, _| owned.keep.contains(id));
-    record
-}
-
 /// Writes a checkpoint (rank 0), gathering the optimizer shards first under fsdp.
 #[allow(clippy::too_many_arguments)]
 fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
@@ -858,19 +693,18 @@ fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
     epoch: usize,
     b: usize,
 ) -> Result<(), Failure> {
-    let mut record: AdamWRecord<B, M> = optim.to_record();
-    match (replica.rank, replica.sharded, replica.group) {
-        (0, true, Some(group)) => {
-            for shard in group.collect(replica.world - 1) {
-                record.extend(shard);
-            }
-        }
-        (_, true, Some(group)) => {
-            group.deposit(record);
-            return Ok(());
-        }
-        (0, ..) => {}
-        _ => return Ok(()),
+    let shards = gather_shards(
+        replica.group,
+        replica.rank,
+        replica.sharded,
+        replica.world,
+        optim.to_record(),
+    );
+    let Some((mut record, others)) = shards else {
+        return Ok(());
+    };
+    for shard in others {
+        record.extend(shard);
     }
     let snapshot = Snapshot::take::<B, M, B, _>(model, record)?;
     let mut state = trainer_state(ctx, stats, metrics, seed, epoch, b);

@@ -11,14 +11,18 @@ use crate::{CoordinatorError, Result};
 /// | `auto`, `single` | 1 | `single`: the Learner engine (burn-train), or the native loop with a warning when the `learner` feature is not compiled in |
 /// | `vanilla` | 1 | `single` on kiln's native loop, in any build |
 /// | `ddp`, `ddp_spawn`, `fsdp` | 1 | as `auto`, with a warning (nothing to distribute) |
-/// | `auto`, `ddp` | > 1 | `ddp` on the native loop: one worker per device |
+/// | `auto`, `ddp` | > 1 | `ddp`: one worker per device, on the Learner engine (burn-train, through kiln's custom training strategy) or the native loop |
 /// | `ddp_spawn` | > 1 | `ddp`, with a warning (threads need no spawn) |
-/// | `fsdp` | > 1 | `fsdp` (optimizer state sharded, ZeRO-1) on the native loop |
+/// | `fsdp` | > 1 | `fsdp` (optimizer state sharded, ZeRO-1), on either engine |
 /// | `single`, `vanilla` | > 1 | error: these run on one device |
 /// | `auto`, `ddp`, `ddp_spawn`, `num_nodes > 1` | any | `ddp` on the native loop across every worker of every node (`docs/multi-node.md`) |
 /// | `fsdp`, `num_nodes > 1` | | not available: its checkpoints gather the optimizer shards in one process |
 /// | `single`, `vanilla`, `num_nodes > 1` | | error: these run on one device |
 /// | precision | | as asked here; the coordinator then checks it against the backend's dtypes (`precision.rs`) |
+///
+/// The engine: `engine` when set (`learner` is refused for `vanilla`, across nodes
+/// and in a build without the `learner` feature), else the Learner engine when it
+/// is compiled in, except for `vanilla` and multi-node runs (native loop).
 ///
 /// `progress = tui` (burn-train's dashboard) needs the Learner engine and the
 /// `tui` feature; otherwise it is an error naming what is missing.
@@ -80,20 +84,7 @@ pub fn resolve_plan(
         }
         _ => Strategy::Ddp,
     };
-    let engine = match config.strategy {
-        Strategy::Vanilla => Engine::Native,
-        // Data-parallel groups run on the native loop (see docs/strategies.md).
-        _ if n * nodes > 1 => Engine::Native,
-        _ if cfg!(feature = "learner") => Engine::Learner,
-        _ => {
-            warnings.push(
-                "the Learner engine is not compiled in (cargo feature `learner` of \
-                 kiln-coordinator): kiln's native loop runs instead"
-                    .to_string(),
-            );
-            Engine::Native
-        }
-    };
+    let engine = resolve_engine(config, &mut warnings)?;
     if config.progress == ProgressMode::Tui {
         if engine != Engine::Learner {
             return Err(kiln_core::Error::invalid(
@@ -124,6 +115,43 @@ pub fn resolve_plan(
         backend: backend.to_string(),
         warnings,
     })
+}
+
+/// The engine of the plan: the one asked for, if it can run it, or kiln's choice.
+fn resolve_engine(config: &CoordinatorConfig, warnings: &mut Vec<String>) -> Result<Engine> {
+    let nodes = config.num_nodes;
+    let learner_compiled = cfg!(feature = "learner");
+    match (config.engine, config.strategy) {
+        (Some(Engine::Learner), Strategy::Vanilla) => Err(kiln_core::Error::invalid(
+            "engine",
+            "learner",
+            "auto or native with strategy vanilla (vanilla is kiln's native loop)",
+        )
+        .into()),
+        (Some(Engine::Learner), _) if !learner_compiled => Err(CoordinatorError::NotAvailable {
+            what: "engine learner".into(),
+            reason: "this build of kiln-coordinator lacks its `learner` feature".into(),
+        }),
+        (Some(Engine::Learner), _) if nodes > 1 => Err(CoordinatorError::NotAvailable {
+            what: format!("engine learner with num_nodes {nodes}"),
+            reason: "the Learner engine runs its workers in one process; across nodes \
+                     kiln's native loop runs (engine auto or native)"
+                .into(),
+        }),
+        (Some(engine), _) => Ok(engine),
+        (None, Strategy::Vanilla) => Ok(Engine::Native),
+        // Across nodes the group runs on the native loop (docs/multi-node.md).
+        (None, _) if nodes > 1 => Ok(Engine::Native),
+        (None, _) if learner_compiled => Ok(Engine::Learner),
+        (None, _) => {
+            warnings.push(
+                "the Learner engine is not compiled in (cargo feature `learner` of \
+                 kiln-coordinator): kiln's native loop runs instead"
+                    .to_string(),
+            );
+            Ok(Engine::Native)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -227,9 +255,51 @@ mod tests {
     ) {
         let plan = resolve_plan(&cfg(strategy, devices), "ndarray", 2).unwrap();
         assert_eq!(plan.strategy, want);
-        assert_eq!(plan.engine, Engine::Native);
+        let learner = cfg!(feature = "learner");
+        assert_eq!(plan.engine == Engine::Learner, learner, "{plan}");
         assert_eq!((plan.world_size, plan.devices.clone()), (2, vec![0, 1]));
-        assert_eq!(plan.warnings.len(), n_warnings, "{:?}", plan.warnings);
+        let fallback = usize::from(!learner);
+        assert_eq!(
+            plan.warnings.len(),
+            n_warnings + fallback,
+            "{:?}",
+            plan.warnings
+        );
+    }
+
+    #[rstest]
+    #[case::native_ddp("ddp", "2", 1, "native", Ok(Engine::Native))]
+    #[case::native_single("auto", "1", 1, "native", Ok(Engine::Native))]
+    #[case::learner_vanilla("vanilla", "1", 1, "learner", Err("auto or native with strategy vanilla"))]
+    #[case::learner_nodes("ddp", "1", 2, "learner", Err("engine learner with num_nodes 2"))]
+    #[case::auto_nodes("ddp", "1", 2, "auto", Ok(Engine::Native))]
+    fn an_engine_asked_for_runs_or_is_refused_by_name(
+        #[case] strategy: &str,
+        #[case] devices: &str,
+        #[case] num_nodes: u32,
+        #[case] engine: &str,
+        #[case] want: std::result::Result<Engine, &str>,
+    ) {
+        let config = CoordinatorConfig {
+            engine: Engine::parse_choice(engine).unwrap(),
+            ..nodes(strategy, devices, num_nodes)
+        };
+        match (resolve_plan(&config, "flex", 2), want) {
+            (Ok(plan), Ok(engine)) => assert_eq!(plan.engine, engine, "{plan}"),
+            (Err(e), Err(needle)) => assert!(e.to_string().contains(needle), "{e}"),
+            (got, want) => panic!("{got:?} vs {want:?}"),
+        }
+    }
+
+    #[cfg(feature = "learner")]
+    #[test]
+    fn the_learner_engine_runs_a_group_when_asked() {
+        let config = CoordinatorConfig {
+            engine: Some(Engine::Learner),
+            ..cfg("fsdp", "2")
+        };
+        let plan = resolve_plan(&config, "flex", 2).unwrap();
+        assert_eq!((plan.engine, plan.strategy), (Engine::Learner, Strategy::Fsdp));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::launch::NodeSettings;
-use crate::{Error, Result};
+use crate::{Engine, Error, Result};
 
 macro_rules! string_serde {
     ($t:ty) => {
@@ -535,6 +535,10 @@ impl Default for OptimizerConfig {
 pub struct CoordinatorConfig {
     /// How training is distributed.
     pub strategy: Strategy,
+    /// The engine that runs the loop: `None` lets kiln choose (the Learner engine
+    /// when it is compiled in and can run the plan, else the native loop; see
+    /// `docs/strategies.md`). Asking for one that cannot run the plan is an error.
+    pub engine: Option<Engine>,
     /// Numeric precision.
     pub precision: Precision,
     /// When the backend lacks the precision's dtype: an error instead of falling back
@@ -587,6 +591,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             strategy: Strategy::Auto,
+            engine: None,
             precision: Precision::F32,
             strict_precision: false,
             loss_scaling: LossScaling::default(),

@@ -18,6 +18,28 @@ pub enum Engine {
     Learner,
 }
 
+impl Engine {
+    /// Every accepted spelling, for error messages.
+    pub const ACCEPTED: &'static str = "auto, learner, native";
+
+    /// Parses an engine choice: `auto` (kiln chooses) is `None`.
+    ///
+    /// ```
+    /// use kiln_core::Engine;
+    /// assert_eq!(Engine::parse_choice("native").unwrap(), Some(Engine::Native));
+    /// assert_eq!(Engine::parse_choice("auto").unwrap(), None);
+    /// assert!(Engine::parse_choice("lightning").is_err());
+    /// ```
+    pub fn parse_choice(s: &str) -> crate::Result<Option<Engine>> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => None,
+            "learner" | "burn-train" => Some(Engine::Learner),
+            "native" | "vanilla" => Some(Engine::Native),
+            _ => return Err(crate::Error::invalid("engine", s, Engine::ACCEPTED)),
+        })
+    }
+}
+
 impl fmt::Display for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

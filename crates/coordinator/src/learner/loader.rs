@@ -5,6 +5,8 @@
 //! borrows the data module, for each batch by index, one batch ahead of training.
 //! The order is kiln's (a permutation per `(seed, epoch)`), so both engines see the
 //! same batches, and a resumed run starts at the micro-batch its checkpoint names.
+//! In a group of workers each worker's loader serves its shard of every global
+//! batch, exactly as the native loop cuts it.
 
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
@@ -61,20 +63,35 @@ pub(crate) fn produce<B: AutodiffBackend, D: DataModule>(data: &D, requests: Rec
     }
 }
 
-/// The training loader: one epoch of kiln's order per `iter()`.
+/// One micro-batch as the training step gets it.
+pub(crate) struct Micro<B: Backend> {
+    /// This worker's examples; none when it has no share of a short global batch,
+    /// or once it failed or was asked to stop (in a group it still takes part in
+    /// the step's exchange).
+    pub batch: Option<Batch<B>>,
+    /// This worker's share of the global micro-batch (1 on one device).
+    pub share: f64,
+}
+
+/// The training loader: one epoch of kiln's order per `iter()`, this worker's
+/// shard of it.
 pub(crate) struct TrainLoader<B: AutodiffBackend> {
     pub requests: Sender<Request<B>>,
     pub device: B::Device,
     pub shared: Arc<Shared>,
     pub seed: u64,
     pub n_items: usize,
+    /// Examples per worker and micro-batch.
     pub batch_size: usize,
+    /// This worker's rank and the number of workers.
+    pub rank: usize,
+    pub world: usize,
     /// Kiln epoch of the next `iter()` and the micro-batch it starts at.
     pub next: Arc<Mutex<(usize, usize)>>,
 }
 
-impl<B: AutodiffBackend> DataLoader<B, Batch<B>> for TrainLoader<B> {
-    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<Batch<B>> + 'a> {
+impl<B: AutodiffBackend> DataLoader<B, Micro<B>> for TrainLoader<B> {
+    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<Micro<B>> + 'a> {
         let (epoch, from) = {
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
             let current = *next;
@@ -100,12 +117,20 @@ impl<B: AutodiffBackend> DataLoader<B, Batch<B>> for TrainLoader<B> {
             &mut SplitMix64::derived(self.seed, epoch as u64),
         );
         let (n, size) = (self.n_items, self.batch_size);
+        let global = size * self.world;
         let batches = (from..stop)
-            .map(|b| order[b * size..((b + 1) * size).min(n)].to_vec())
+            .map(|b| {
+                let chunk = &order[b * global..((b + 1) * global).min(n)];
+                let len = chunk.len();
+                let mine = &chunk[(self.rank * size).min(len)..((self.rank + 1) * size).min(len)];
+                (mine.to_vec(), len)
+            })
             .collect();
-        Box::new(Batches::<B, B> {
+        Box::new(Batches::<B, B, Micro<B>> {
             requests: self.requests.clone(),
             wrap: Request::Train,
+            finish: |batch, share| Some(Micro { batch, share }),
+            in_group: self.shared.member.is_some(),
             split: Split::Train,
             device: self.device.clone(),
             shared: self.shared.clone(),
@@ -120,7 +145,7 @@ impl<B: AutodiffBackend> DataLoader<B, Batch<B>> for TrainLoader<B> {
         self.n_items
     }
 
-    fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, Batch<B>>> {
+    fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, Micro<B>>> {
         Arc::new(Self {
             requests: self.requests.clone(),
             device: device.clone(),
@@ -128,13 +153,15 @@ impl<B: AutodiffBackend> DataLoader<B, Batch<B>> for TrainLoader<B> {
             seed: self.seed,
             n_items: self.n_items,
             batch_size: self.batch_size,
+            rank: self.rank,
+            world: self.world,
             next: self.next.clone(),
         })
     }
 
-    fn slice(&self, _start: usize, _end: usize) -> Arc<dyn DataLoader<B, Batch<B>>> {
-        // Only burn-train's multi-device strategies slice a loader; kiln runs the
-        // Learner engine on one device, and its order is global by design.
+    fn slice(&self, _start: usize, _end: usize) -> Arc<dyn DataLoader<B, Micro<B>>> {
+        // Only burn-train's own multi-device strategies slice a loader; kiln's
+        // group strategy gives each worker its own loader over the global order.
         tracing::warn!("kiln's training loader is not sliced: it keeps the global order");
         self.to_device(&self.device)
     }
@@ -153,14 +180,16 @@ pub(crate) struct ValidLoader<B: AutodiffBackend> {
 impl<B: AutodiffBackend> DataLoader<B::InnerBackend, Batch<B::InnerBackend>> for ValidLoader<B> {
     fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<Batch<B::InnerBackend>> + 'a> {
         let all: Vec<usize> = self.items.clone().collect();
-        let batches: Vec<Vec<usize>> = all
+        let batches = all
             .chunks(self.batch_size.max(1))
             .take(self.limit_batches.unwrap_or(usize::MAX))
-            .map(<[usize]>::to_vec)
+            .map(|chunk| (chunk.to_vec(), chunk.len()))
             .collect();
-        Box::new(Batches::<B, B::InnerBackend> {
+        Box::new(Batches::<B, B::InnerBackend, Batch<B::InnerBackend>> {
             requests: self.requests.clone(),
             wrap: Request::Valid,
+            finish: |batch, _| batch,
+            in_group: false,
             split: Split::Valid,
             device: self.device.clone(),
             shared: self.shared.clone(),
@@ -208,22 +237,32 @@ impl<B: AutodiffBackend> DataLoader<B::InnerBackend, Batch<B::InnerBackend>> for
 }
 
 /// The batches of one pass, asked of the producer one ahead.
-struct Batches<B: AutodiffBackend, BB: Backend> {
+struct Batches<B: AutodiffBackend, BB: Backend, O> {
     requests: Sender<Request<B>>,
     wrap: fn(Job<BB>) -> Request<B>,
+    /// What the iterator yields for a batch (or for none) and this worker's share.
+    finish: fn(Option<Batch<BB>>, f64) -> Option<O>,
+    /// A group's training pass: a worker that failed, was asked to stop or has no
+    /// share goes on yielding empty micro-batches until the group ends the run,
+    /// so that it meets the others at every exchange.
+    in_group: bool,
     split: Split,
     device: BB::Device,
     shared: Arc<Shared>,
-    batches: Vec<Vec<usize>>,
+    /// This worker's examples of each micro-batch, and the global micro-batch's size.
+    batches: Vec<(Vec<usize>, usize)>,
     next: usize,
     ahead: Option<Receiver<Result<Batch<BB>, Failure>>>,
     /// For a validation pass: when it started; its end is reported once.
     on_end: Option<Instant>,
 }
 
-impl<B: AutodiffBackend, BB: Backend> Batches<B, BB> {
+impl<B: AutodiffBackend, BB: Backend, O> Batches<B, BB, O> {
     fn ask(&self, i: usize) -> Option<Receiver<Result<Batch<BB>, Failure>>> {
-        let indices = self.batches.get(i)?.clone();
+        let indices = self.batches.get(i)?.0.clone();
+        if indices.is_empty() {
+            return None;
+        }
         let (reply, answer) = sync_channel(1);
         let job = Job {
             indices,
@@ -235,7 +274,7 @@ impl<B: AutodiffBackend, BB: Backend> Batches<B, BB> {
         Some(answer)
     }
 
-    fn end(&mut self) -> Option<Batch<BB>> {
+    fn end(&mut self) -> Option<O> {
         if let Some(started) = self.on_end.take() {
             let epoch = {
                 let mut p = self.shared.position();
@@ -248,52 +287,78 @@ impl<B: AutodiffBackend, BB: Backend> Batches<B, BB> {
         }
         None
     }
+
+    /// After a failure or a stop: an empty micro-batch in a group, the end of the
+    /// pass otherwise.
+    fn nothing(&mut self) -> Option<O> {
+        match self.in_group {
+            true => (self.finish)(None, 0.0),
+            false => self.end(),
+        }
+    }
 }
 
-impl<B: AutodiffBackend, BB: Backend> Iterator for Batches<B, BB> {
-    type Item = Batch<BB>;
+impl<B: AutodiffBackend, BB: Backend, O> Iterator for Batches<B, BB, O> {
+    type Item = O;
 
-    fn next(&mut self) -> Option<Batch<BB>> {
-        if self.shared.failed() || self.next >= self.batches.len() {
+    fn next(&mut self) -> Option<O> {
+        if self.shared.ended() || self.next >= self.batches.len() {
             return self.end();
         }
-        let answer = match self.ahead.take() {
+        let i = self.next;
+        let (mine, global) = (self.batches[i].0.len(), self.batches[i].1);
+        if self.shared.failed() {
+            self.next += 1;
+            self.ahead = None;
+            return self.nothing();
+        }
+        if mine == 0 {
+            // A short last global batch: this worker sends zero gradients.
+            self.next += 1;
+            self.shared.position().samples += global as u64;
+            return (self.finish)(None, 0.0);
+        }
+        let answer = match self.ahead.take().or_else(|| self.ask(i)) {
             Some(answer) => answer,
-            None => self.ask(self.next)?,
+            None => {
+                self.shared.fail(Failure::Panicked(
+                    "the data producer thread ended (a data module panicked)".into(),
+                ));
+                return self.nothing();
+            }
         };
         let received = answer.recv();
-        let size = self.batches[self.next].len() as u64;
         self.next += 1;
         // Checked once the batch is here (and before the next one is asked for), like
         // the native loop: a stop asked while it was built ends the run before it is
         // trained on.
         if self.shared.stop.is_stopped() {
             self.shared.fail(Failure::Stopped);
-            return None;
+            return self.nothing();
         }
         self.ahead = self.ask(self.next);
         match received {
             Ok(Ok(batch)) => {
                 if self.split == Split::Train {
-                    self.shared.position().samples += size;
+                    self.shared.position().samples += global as u64;
                 }
-                Some(batch)
+                (self.finish)(Some(batch), mine as f64 / global as f64)
             }
             Ok(Err(failure)) => {
                 self.shared.fail(failure);
-                None
+                self.nothing()
             }
             Err(_) => {
                 self.shared.fail(Failure::Panicked(
                     "the data producer thread ended (a data module panicked)".into(),
                 ));
-                None
+                self.nothing()
             }
         }
     }
 }
 
-impl<B: AutodiffBackend, BB: Backend> DataLoaderIterator<Batch<BB>> for Batches<B, BB> {
+impl<B: AutodiffBackend, BB: Backend, O> DataLoaderIterator<O> for Batches<B, BB, O> {
     fn progress(&self) -> Progress {
         Progress::new(self.next, self.batches.len())
     }

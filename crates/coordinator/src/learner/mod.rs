@@ -5,7 +5,7 @@
 //! - the **training thread** runs `SupervisedTraining::launch`: burn-train's epoch
 //!   loop, validation and event processing, calling kiln's [`Stepper`] for each
 //!   micro-batch;
-//! - the **producer thread** builds batches from the borrowed data module when the
+//! - the **producer threads** (one per worker) build batches from the borrowed data module when the
 //!   loaders ask (burn-train needs `'static` loaders);
 //! - the **calling thread** keeps the books: it receives [`Event`]s in order and
 //!   logs metrics, shows progress and writes checkpoints, exactly as the native loop
@@ -14,13 +14,15 @@
 //! What burn-train would do differently is kept out (see [`stepper`]): the run takes
 //! the same optimizer steps as the native loop, and writes the same checkpoints.
 
+mod group;
 mod loader;
 mod shared;
 mod stepper;
 
+use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
@@ -35,10 +37,13 @@ use burn::train::renderer::{
     EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
     MetricsRendererTraining, ProgressType, TrainingProgress,
 };
-use burn::train::{ExecutionStrategy, Interrupter, Learner, SupervisedTraining};
+use burn::train::{
+    ExecutionStrategy, Interrupter, Learner, SupervisedTraining, TrainingStrategy,
+};
 use kiln_core::{DataModule, Split, TaskModel};
 
 use crate::checkpoint::Loaded;
+use crate::group::{AdamWRecord, shard_of};
 use crate::native::{adamw, restore_stats, resume_position};
 use crate::objective::EvalSums;
 use crate::progress::Progress;
@@ -47,16 +52,22 @@ use crate::run::{
     trainer_state, write_checkpoint,
 };
 use crate::tracking::Metrics;
+use group::{Components, GroupStrategy, Member, Worker};
 use loader::{TrainLoader, ValidLoader, produce};
 use shared::{Event, Position, Settings, Shared, SharedRef};
 use stepper::Stepper;
 
-/// Trains `model` through burn-train; the counterpart of [`crate::native::fit`],
-/// with the same inputs, books and result.
+/// Trains `model` through burn-train on `devices`; the counterpart of
+/// [`crate::native::fit`] (one device) and [`crate::native::fit_group`] (several:
+/// kiln's [`group::GroupStrategy`], `sharded` for fsdp), with the same inputs,
+/// books and result.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn fit<B, M, D>(
     inputs: &LoopInputs<'_, B, D>,
+    devices: &[B::Device],
     model: M,
     resume: Option<&Loaded>,
+    sharded: bool,
     metrics: &mut Metrics<'_>,
     progress: &mut Progress,
     stats: &mut LoopStats,
@@ -75,21 +86,20 @@ where
         n_epochs,
         ..
     } = *inputs;
+    let world = devices.len().max(1);
     let RunShape {
         n_train,
         per_epoch,
         accumulate,
         total,
         items_per_example,
-    } = RunShape::of(config, data, n_epochs, 1);
+    } = RunShape::of(config, data, n_epochs, world);
 
     B::seed(device, config.seed);
-    let mut optim = adamw(config).init::<B, Stepper<B, M>>();
     let mut model = model;
     let (start_epoch, start_batch) = resume_position(resume, per_epoch);
     if let Some(loaded) = resume {
         model = loaded.model::<B, M>(model, device)?;
-        optim = optim.load_record(loaded.optim::<B, _>(device)?);
         restore_stats(loaded, stats);
     }
     let epochs = epochs_left(
@@ -105,80 +115,151 @@ where
         return Ok(model);
     }
 
+    let _only_group = (world > 1).then(crate::group::one_at_a_time);
+
     let (events, received) = mpsc::channel();
-    let (requests, asked) = mpsc::channel();
+    // One producer thread per worker, named after it (`kiln-worker-<rank>-data`).
+    let mut asked = Vec::with_capacity(world);
+    let mut valid_requests = None;
     let interrupter = Interrupter::new();
-    let shared = Shared::new(
-        Settings {
-            kind: task.kind.clone(),
-            per_epoch,
-            accumulate,
-            total,
-            log_every_n_steps: config.log_every_n_steps,
-            gradient_clip_val: config.gradient_clip_val,
-            base_lr: config.optimizer.lr,
-            schedule: config.optimizer.schedule,
-            checkpoints: inputs.checkpoints.as_ref().map(|c| c.policy.clone()),
-        },
-        inputs.stop.clone(),
-        interrupter.clone(),
-        events,
-        Position {
-            epoch: start_epoch,
-            batch: start_batch,
-            steps: stats.steps,
-            samples: stats.samples,
-            group_losses: Vec::new(),
-            pending: None,
-            ready: None,
-            previous_seconds: stats.train_seconds,
-            started: Instant::now(),
-            validation_seconds: 0.0,
-            clock: SaveClock::new(stats.steps),
-            failure: None,
-            optimizer_state_bytes: 0,
-        },
-    );
-    let train_loader = Arc::new(TrainLoader::<B> {
-        requests: requests.clone(),
-        device: device.clone(),
-        shared: shared.clone(),
-        seed: config.seed,
-        n_items: n_train,
-        batch_size: config.batch_size,
-        next: Arc::new(Mutex::new((start_epoch, start_batch))),
+    let settings = Settings {
+        kind: task.kind.clone(),
+        per_epoch,
+        accumulate,
+        total,
+        log_every_n_steps: config.log_every_n_steps,
+        gradient_clip_val: config.gradient_clip_val,
+        base_lr: config.optimizer.lr,
+        schedule: config.optimizer.schedule,
+        checkpoints: inputs.checkpoints.as_ref().map(|c| c.policy.clone()),
+    };
+    let group = Arc::new(crate::group::Group::<Vec<u8>>::new());
+    // Each worker: its state shared with the loader and the scheduler, its loader,
+    // and its learner (model replica and optimizer, the shard of it under fsdp).
+    let mut workers = Vec::with_capacity(world);
+    for (rank, worker_device) in devices.iter().enumerate().take(world) {
+        let member = (world > 1).then(|| {
+            Arc::new(Member::<B, M> {
+                rank,
+                world,
+                sharded,
+                device: worker_device.clone(),
+                group: group.clone(),
+                peer: OnceLock::new(),
+                model: PhantomData,
+            })
+        });
+        // Only rank 0's events reach the books.
+        let events = match rank {
+            0 => events.clone(),
+            _ => mpsc::channel().0,
+        };
+        let shared = Shared::new(
+            settings.clone(),
+            member.clone().map(|m| m as Arc<dyn std::any::Any + Send + Sync>),
+            inputs.stop.clone(),
+            interrupter.clone(),
+            events,
+            Position {
+                epoch: start_epoch,
+                batch: start_batch,
+                steps: stats.steps,
+                samples: stats.samples,
+                group_losses: Vec::new(),
+                pending: None,
+                ready: false,
+                previous_seconds: stats.train_seconds,
+                started: Instant::now(),
+                validation_seconds: 0.0,
+                clock: SaveClock::new(stats.steps),
+                failure: None,
+                ended: false,
+                collective_seconds: 0.0,
+                optimizer_state_bytes: 0,
+            },
+        );
+        let (requests, to_serve) = mpsc::channel();
+        asked.push(to_serve);
+        if rank == 0 {
+            valid_requests = Some(requests.clone());
+        }
+        let loader = Arc::new(TrainLoader::<B> {
+            requests,
+            device: worker_device.clone(),
+            shared: shared.clone(),
+            seed: config.seed,
+            n_items: n_train,
+            batch_size: config.batch_size,
+            rank,
+            world,
+            next: Arc::new(Mutex::new((start_epoch, start_batch))),
+        });
+        let replica = match rank {
+            0 => model.clone(),
+            _ => model.clone().fork(worker_device),
+        };
+        let mut optim = adamw(config).init::<B, Stepper<B, M>>();
+        if let Some(loaded) = resume {
+            let mut record: AdamWRecord<B, M> = loaded.optim::<B, _>(worker_device)?;
+            if let Some(member) = member.as_ref().filter(|m| m.sharded) {
+                record = shard_of(&replica, record, &|i| member.owns(i));
+            }
+            optim = optim.load_record(record);
+        }
+        let learner = Learner::new(
+            Stepper::new(replica, SharedRef(shared.clone())),
+            optim,
+            KilnLr(shared.clone()),
+        );
+        workers.push((learner, loader, shared, member));
+    }
+    drop(events);
+    let (learner, train_loader, shared, first_member) = workers.remove(0);
+    let strategy = first_member.map(|member| GroupStrategy {
+        first: (shared.clone(), member),
+        others: Mutex::new(
+            workers
+                .into_iter()
+                .filter_map(|(learner, loader, shared, member)| {
+                    Some(Worker {
+                        learner,
+                        loader,
+                        shared,
+                        member: member?,
+                    })
+                })
+                .collect(),
+        ),
     });
     let device = device.clone();
     let valid_loader = Arc::new(ValidLoader::<B> {
-        requests,
+        requests: valid_requests.expect("rank 0 exists"),
         device: device.clone(),
         shared: shared.clone(),
         items: 0..data.len(Split::Valid),
         batch_size: config.batch_size,
         limit_batches: config.limit_val_batches,
     });
-    let learner = Learner::new(
-        Stepper::new(model, SharedRef(shared.clone())),
-        optim,
-        KilnLr(shared.clone()),
-    );
     let run_dir = inputs.run_dir.to_path_buf();
     let tui_asked = config.progress == kiln_core::ProgressMode::Tui;
     // `SupervisedTraining` is not `Send`: it is put together on the thread it runs on.
     let launch = move || {
+        let execution: TrainingStrategy<Components<B, M>> = match strategy {
+            Some(group) => TrainingStrategy::Custom(Arc::new(group)),
+            None => ExecutionStrategy::SingleDevice(device).into(),
+        };
         let training = SupervisedTraining::new(run_dir, train_loader, valid_loader)
             .with_metric_logger(Discard)
             .with_application_logger(None)
             .with_interrupter(interrupter.clone())
             .num_epochs(epochs)
-            .with_training_strategy(ExecutionStrategy::SingleDevice(device).into());
+            .with_training_strategy(execution);
         let training = match tui_asked {
             true => tui::<B, M>(training, interrupter),
             false => training.renderer(Quiet),
         };
         training.launch(learner).model
     };
-
     let mut books = Books {
         inputs,
         metrics,
@@ -189,7 +270,16 @@ where
         after_validation: None,
     };
     let trained = std::thread::scope(|scope| {
-        let producer = scope.spawn(|| produce::<B, D>(data, asked));
+        let producers: Vec<_> = asked
+            .into_iter()
+            .enumerate()
+            .map(|(rank, asked)| {
+                std::thread::Builder::new()
+                    .name(format!("kiln-worker-{rank}-data"))
+                    .spawn_scoped(scope, move || produce::<B, D>(data, asked))
+                    .expect("cannot start a data producer thread")
+            })
+            .collect();
         let closer = shared.clone();
         let trainer = scope.spawn(move || {
             let result = std::panic::catch_unwind(AssertUnwindSafe(launch));
@@ -202,7 +292,9 @@ where
             }
         }
         let trained = trainer.join();
-        let _ = producer.join();
+        for producer in producers {
+            let _ = producer.join();
+        }
         trained
     });
     let trained = match trained {
@@ -215,6 +307,7 @@ where
     };
     let mut position = shared.position();
     stats.optimizer_state_bytes = position.optimizer_state_bytes;
+    stats.collective_seconds += position.collective_seconds;
     if let Some(failure) = position.failure.take() {
         return Err(failure);
     }
@@ -308,7 +401,7 @@ impl<B: Backend, D> Books<'_, '_, '_, B, D> {
 
 /// kiln's schedule as burn-train's scheduler: the rate of the next optimizer step.
 #[derive(Clone)]
-struct KilnLr(Arc<Shared>);
+pub(crate) struct KilnLr(Arc<Shared>);
 
 impl LrScheduler for KilnLr {
     type Record<B: Backend> = u64;
@@ -369,14 +462,7 @@ impl MetricsRenderer for Quiet {
     fn register_metric(&mut self, _: MetricDefinition) {}
 }
 
-type Training<B, M> = SupervisedTraining<
-    burn::train::LearningComponentsMarker<
-        B,
-        KilnLr,
-        Stepper<B, M>,
-        burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, Stepper<B, M>, B>,
-    >,
->;
+type Training<B, M> = SupervisedTraining<Components<B, M>>;
 
 /// burn-train's terminal dashboard, showing the loss.
 #[cfg(feature = "tui")]

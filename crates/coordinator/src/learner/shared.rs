@@ -2,6 +2,7 @@
 //! the run's fixed settings, the step counters, and the events sent from one to the
 //! other.
 
+use std::any::Any;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -60,17 +61,23 @@ pub(crate) struct Position {
     pub samples: u64,
     /// Micro-batch losses of the current accumulation group.
     pub group_losses: Vec<f64>,
-    /// Gradients summed over the current group so far.
+    /// Gradients summed over the current accumulation group so far (none yet, or
+    /// none of this worker's in a short global batch).
     pub pending: Option<GradientsParams>,
-    /// The group's gradients, complete and waiting for the optimizer step.
-    pub ready: Option<GradientsParams>,
+    /// The accumulation group is complete: the optimizer step is next.
+    pub ready: bool,
     /// Training seconds before this attempt (resume).
     pub previous_seconds: f64,
     pub started: Instant,
     pub validation_seconds: f64,
     pub clock: SaveClock,
-    /// Why the run must end, once known.
+    /// Why the run must end, once known (in a group of workers: this worker's
+    /// failure, told to the others at the next exchange, until the run ends).
     pub failure: Option<Failure>,
+    /// The run is ending: the loaders give nothing more.
+    pub ended: bool,
+    /// Seconds spent in the group's exchanges.
+    pub collective_seconds: f64,
     /// Encoded size of the optimizer state after the last step.
     pub optimizer_state_bytes: u64,
 }
@@ -91,6 +98,9 @@ impl Position {
 /// Shared by every clone of the model wrapper, the data loaders and the scheduler.
 pub(crate) struct Shared {
     pub settings: Settings,
+    /// This worker's place in a data-parallel group (a `group::Member<B, M>`,
+    /// typed where it is used); `None` on one device.
+    pub member: Option<Arc<dyn Any + Send + Sync>>,
     pub stop: StopHandle,
     pub interrupter: Interrupter,
     events: Mutex<Option<Sender<Event>>>,
@@ -100,6 +110,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn new(
         settings: Settings,
+        member: Option<Arc<dyn Any + Send + Sync>>,
         stop: StopHandle,
         interrupter: Interrupter,
         events: Sender<Event>,
@@ -107,6 +118,7 @@ impl Shared {
     ) -> Arc<Self> {
         Arc::new(Self {
             settings,
+            member,
             stop,
             interrupter,
             events: Mutex::new(Some(events)),
@@ -133,24 +145,45 @@ impl Shared {
         self.events.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    /// Ends the run with `failure` (the first one wins) and asks burn-train to stop.
+    /// Records `failure` (the first one wins). On one device the run ends here and
+    /// burn-train is asked to stop; in a group the failure waits for the next
+    /// exchange, which ends the run on every worker at the same step.
     pub fn fail(&self, failure: Failure) {
-        let reason = match &failure {
-            Failure::Stopped => "stopped".to_string(),
-            other => format!("{other:?}"),
-        };
         {
             let mut position = self.position();
             if position.failure.is_none() {
                 position.failure = Some(failure);
             }
         }
+        if self.member.is_none() {
+            self.end_with(None);
+        }
+    }
+
+    /// Ends the run (the group decided it: `failure` is this worker's outcome).
+    pub fn end_with(&self, failure: Option<Failure>) {
+        let reason = {
+            let mut position = self.position();
+            if let Some(failure) = failure {
+                position.failure = Some(failure);
+            }
+            position.ended = true;
+            match &position.failure {
+                Some(Failure::Stopped) | None => "stopped".to_string(),
+                Some(other) => format!("{other:?}"),
+            }
+        };
         self.interrupter.stop(Some(&reason));
     }
 
-    /// Whether the run is ending.
+    /// Whether this worker failed (it skips its work from then on).
     pub fn failed(&self) -> bool {
         self.position().failure.is_some()
+    }
+
+    /// Whether the run is ending.
+    pub fn ended(&self) -> bool {
+        self.position().ended
     }
 }
 

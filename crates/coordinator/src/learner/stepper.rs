@@ -8,6 +8,7 @@
 //! evaluated per optimizer step, and checkpoints taken between steps.
 
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 
 use burn::module::{AutodiffModule, Devices, Module, ModuleMapper, ModuleVisitor};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
@@ -17,8 +18,11 @@ use burn::train::metric::{Adaptor, ItemLazy, LossInput};
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use kiln_core::{Batch, TaskModel};
 
+use super::group::Member;
+use super::loader::Micro;
 use super::shared::{Event, SharedRef};
 use crate::checkpoint::Snapshot;
+use crate::group::{micro_loss, retain_owned};
 use crate::native::post_process;
 use crate::objective;
 use crate::run::{Failure, SaveAt, StepRecord};
@@ -116,73 +120,80 @@ impl<B: Backend> Adaptor<LossInput<B>> for StepItem {
 impl<B, M> TrainStep for Stepper<B, M>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TaskModel<B>,
+    M: AutodiffModule<B> + TaskModel<B> + 'static,
 {
-    type Input = Batch<B>;
+    type Input = Micro<B>;
     type Output = StepItem;
 
-    fn step(&self, batch: Batch<B>) -> TrainOutput<StepItem> {
+    fn step(&self, micro: Micro<B>) -> TrainOutput<StepItem> {
         let shared = &self.shared.0;
-        let nothing = |loss| TrainOutput {
-            grads: GradientsParams::new(),
-            item: StepItem { loss },
-        };
-        if shared.failed() {
-            return nothing(f64::NAN);
-        }
-        let (epoch, batch_index, group, steps) = {
+        let in_group = shared.member.is_some();
+        let (epoch, batch_index, group, steps, failed) = {
             let p = shared.position();
-            (p.epoch, p.batch, p.group_len(&shared.settings), p.steps)
+            let group = p.group_len(&shared.settings);
+            (p.epoch, p.batch, group, p.steps, p.failure.is_some())
         };
-        let forward = || -> Result<_, Failure> {
-            let prediction = self.model.forward(batch.inputs)?;
-            Ok(objective::loss(
-                &shared.settings.kind,
-                prediction,
-                batch.targets,
-            )?)
+        // Forward and backward of this worker's examples; none once it failed (in
+        // a group it still completes the accumulation group, to meet the others at
+        // the exchange).
+        let work = match (failed, micro.batch) {
+            (false, Some(batch)) => {
+                let forward = || -> Result<_, Failure> {
+                    let prediction = self.model.forward(batch.inputs)?;
+                    let loss = objective::loss(&shared.settings.kind, prediction, batch.targets)?;
+                    let value = loss.clone().into_scalar().elem::<f64>();
+                    if !value.is_finite() {
+                        return Err(Failure::Diverged(format!(
+                            "training loss is {value} at step {} (epoch {epoch}, batch {batch_index})",
+                            steps + 1
+                        )));
+                    }
+                    let loss = micro_loss(loss, in_group, group, micro.share);
+                    let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+                    Ok(Some((value, grads)))
+                };
+                std::panic::catch_unwind(AssertUnwindSafe(forward)).unwrap_or_else(|panic| {
+                    Err(Failure::Panicked(crate::coordinator::panic_message(
+                        panic.as_ref(),
+                    )))
+                })
+            }
+            _ => Ok(None),
         };
-        let loss = match forward() {
-            Ok(loss) => loss,
+        let (value, grads) = match work {
+            Ok(Some((value, grads))) => (value, Some(grads)),
+            Ok(None) => (0.0, None),
             Err(failure) => {
+                let value = match &failure {
+                    Failure::Diverged(_) => f64::NAN,
+                    _ => 0.0,
+                };
                 shared.fail(failure);
-                return nothing(f64::NAN);
+                (value, None)
             }
         };
-        let value = loss.clone().into_scalar().elem::<f64>();
-        if !value.is_finite() {
-            shared.fail(Failure::Diverged(format!(
-                "training loss is {value} at step {} (epoch {epoch}, batch {batch_index})",
-                steps + 1
-            )));
-            return nothing(value);
-        }
-        let loss = if group > 1 {
-            loss.div_scalar(group as f64)
-        } else {
-            loss
-        };
-        let grads = GradientsParams::from_grads(loss.backward(), &self.model);
         let mut p = shared.position();
-        p.group_losses.push(value);
-        let grads = match p.pending.take() {
-            None => grads,
-            Some(previous) => {
-                let mut sum = GradientsAccumulator::<M>::new();
-                sum.accumulate(&self.model, previous);
-                sum.accumulate(&self.model, grads);
-                sum.grads()
-            }
-        };
-        p.batch += 1;
-        if p.group_losses.len() == group {
-            p.ready = Some(grads);
-        } else {
-            p.pending = Some(grads);
+        // This worker's share of the step's loss (the whole of it on one device).
+        p.group_losses.push(value * micro.share);
+        if let Some(grads) = grads {
+            p.pending = Some(match p.pending.take() {
+                None => grads,
+                Some(previous) => {
+                    let mut sum = GradientsAccumulator::<M>::new();
+                    sum.accumulate(&self.model, previous);
+                    sum.accumulate(&self.model, grads);
+                    sum.grads()
+                }
+            });
         }
+        p.batch += 1;
+        p.ready = p.group_losses.len() == group;
         // burn-train gets no gradients from kiln: the step happens in `optimize`,
         // with the group's gradients, once the group is complete.
-        nothing(value)
+        TrainOutput {
+            grads: GradientsParams::new(),
+            item: StepItem { loss: value },
+        }
     }
 
     fn optimize<BO, O>(self, optim: &mut O, _lr: f64, _grads: GradientsParams) -> Self
@@ -193,36 +204,73 @@ where
     {
         let shared = self.shared.0.clone();
         let settings = &shared.settings;
-        let (mut grads, losses, epoch, batch, steps) = {
+        let member = shared
+            .member
+            .as_ref()
+            .and_then(|m| m.downcast_ref::<Member<B, M>>());
+        let (grads, losses, epoch, batch, steps) = {
             let mut p = shared.position();
-            let Some(grads) = p.ready.take() else {
+            // On one device a failure ends the run at once: no step.
+            if !p.ready || (member.is_none() && p.failure.is_some()) {
                 return self;
-            };
+            }
+            p.ready = false;
             let losses = std::mem::take(&mut p.group_losses);
-            (grads, losses, p.epoch, p.batch, p.steps)
+            (p.pending.take(), losses, p.epoch, p.batch, p.steps)
         };
         let step = steps + 1;
         let logging = step.is_multiple_of(settings.log_every_n_steps) || step == settings.total;
+        let loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+        let time_due = |rank: usize| {
+            rank == 0
+                && settings
+                    .checkpoints
+                    .as_ref()
+                    .is_some_and(|policy| shared.position().clock.time_due(policy))
+        };
+        let (mut grads, loss, time_due) = match member {
+            None => (grads.unwrap_or_default(), loss, time_due(0)),
+            Some(member) => match member.exchange(&shared, &self.model, grads.as_ref(), loss, time_due(member.rank), step) {
+                Ok(summed) => summed,
+                Err(failure) => {
+                    shared.end_with(Some(failure));
+                    return self;
+                }
+            },
+        };
         let clip = settings.gradient_clip_val;
         let norm =
             match post_process::<B, M>(clip, &self.model, &mut grads, logging, None, step, epoch) {
                 Ok(norm) => norm,
                 Err(failure) => {
-                    shared.fail(failure);
+                    // Every worker holds the same summed gradients: all end here.
+                    shared.end_with(Some(failure));
                     return self;
                 }
             };
+        if let Some(member) = member.filter(|m| m.sharded) {
+            retain_owned::<B, M>(&self.model, &mut grads, &|i| member.owns(i));
+        }
         let lr = settings
             .schedule
             .lr_at(settings.base_lr, steps, settings.total);
-        let stepped = optim.step(lr, self, grads);
+        let mut stepped = optim.step(lr, self, grads);
+        if let Some(member) = member.filter(|m| m.sharded) {
+            match member.gather(&shared, stepped.model.clone()) {
+                Ok(model) => stepped.model = model,
+                Err(failure) => {
+                    shared.end_with(Some(failure));
+                    return stepped;
+                }
+            }
+        }
 
         let mut p = shared.position();
         p.steps = step;
         let record = StepRecord {
             step,
             epoch,
-            loss: losses.iter().sum::<f64>() / losses.len().max(1) as f64,
+            loss,
             lr,
             grad_norm: norm,
             logging,
@@ -237,26 +285,29 @@ where
         }
         if let Some(policy) = &settings.checkpoints {
             let epoch_done = batch == settings.per_epoch;
-            let time_due = p.clock.time_due(policy);
             if let Some(when) = p
                 .clock
                 .due_at(policy, step, epoch, epoch_done, last, time_due)
             {
-                match Snapshot::take::<B, M, BO, _>(&stepped.model, optim.to_record()) {
-                    Ok(snapshot) => {
-                        p.clock.saved(step);
-                        drop(p);
-                        shared.send(Event::Save {
-                            snapshot,
-                            epoch,
-                            batch,
-                            after_validation: when == SaveAt::AfterValidation,
-                        });
-                    }
-                    Err(e) => {
-                        drop(p);
-                        shared.fail(Failure::Error(e));
-                    }
+                p.clock.saved(step);
+                drop(p);
+                let snapshot = match member {
+                    // fsdp: every worker hands its optimizer shard to rank 0.
+                    Some(member) if member.sharded => member
+                        .whole_record::<BO, _>(optim.to_record())
+                        .map(|record| record.and_then(|r| Snapshot::with_optim(&stepped.model, r))),
+                    Some(member) if member.rank != 0 => None,
+                    _ => Some(Snapshot::take::<B, M, BO, _>(&stepped.model, optim.to_record())),
+                };
+                match snapshot {
+                    Some(Ok(snapshot)) => shared.send(Event::Save {
+                        snapshot,
+                        epoch,
+                        batch,
+                        after_validation: when == SaveAt::AfterValidation,
+                    }),
+                    Some(Err(e)) => shared.fail(Failure::Error(e)),
+                    None => {}
                 }
             }
         }

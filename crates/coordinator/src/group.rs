@@ -1,0 +1,247 @@
+//! What the workers of a data-parallel group share, whichever engine runs them:
+//! the group's first failure, fsdp's optimizer shards, the exchange of one step
+//! and the rules that make every worker take the same decision from it.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::collective::{Peer, Status};
+use crate::run::Failure;
+use crate::{CoordinatorError, StopHandle};
+
+/// The optimizer record of kiln's AdamW for model `M` on backend `B`.
+pub(crate) type AdamWRecord<B, M> = <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record;
+
+/// What the workers of a group share in this process: the first failure (so every
+/// worker reports the one that started it), and, for fsdp, the optimizer shards `S`
+/// handed to rank 0 when it writes a checkpoint.
+pub(crate) struct Group<S> {
+    failure: Mutex<Option<(usize, String)>>,
+    shards: Mutex<Vec<S>>,
+    shards_ready: Condvar,
+}
+
+impl<S> Group<S> {
+    pub fn new() -> Self {
+        Self {
+            failure: Mutex::new(None),
+            shards: Mutex::new(Vec::new()),
+            shards_ready: Condvar::new(),
+        }
+    }
+
+    pub fn note_failure(&self, rank: usize, failure: &Failure) {
+        let mut first = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some((rank, failure_text(failure)));
+        }
+    }
+
+    /// The failure another worker reported, as this worker's error.
+    pub fn failure_elsewhere(&self) -> Failure {
+        let first = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        match first.as_ref() {
+            Some((rank, text)) => Failure::Error(CoordinatorError::Collective(format!(
+                "worker {rank} failed: {text}"
+            ))),
+            None => Failure::Error(CoordinatorError::Collective("another worker failed".into())),
+        }
+    }
+
+    /// Hands a worker's optimizer shard to rank 0.
+    pub fn deposit(&self, shard: S) {
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(shard);
+        self.shards_ready.notify_all();
+    }
+
+    /// Rank 0: waits for the `n` other workers' shards.
+    pub fn collect(&self, n: usize) -> Vec<S> {
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        while shards.len() < n {
+            shards = self
+                .shards_ready
+                .wait(shards)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        std::mem::take(&mut *shards)
+    }
+}
+
+pub(crate) fn failure_text(failure: &Failure) -> String {
+    match failure {
+        Failure::Diverged(reason) | Failure::Panicked(reason) => reason.clone(),
+        Failure::Error(e) => e.to_string(),
+        Failure::Stopped => "stopped".into(),
+    }
+}
+
+
+/// Drops the gradients of the parameters this worker does not own (fsdp; `owns`
+/// takes a parameter's index in visiting order): its optimizer then neither keeps
+/// state for them nor updates them.
+pub(crate) fn retain_owned<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    owns: &dyn Fn(usize) -> bool,
+) {
+    struct Retain<'a> {
+        grads: &'a mut GradientsParams,
+        owns: &'a dyn Fn(usize) -> bool,
+        index: usize,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Retain<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if !(self.owns)(self.index) {
+                self.grads.remove::<B::InnerBackend, D>(param.id);
+            }
+            self.index += 1;
+        }
+    }
+    model.visit(&mut Retain {
+        grads,
+        owns,
+        index: 0,
+    });
+}
+
+/// The part of a full optimizer record that a worker owning `owns` keeps (fsdp).
+pub(crate) fn shard_of<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    mut record: AdamWRecord<B, M>,
+    owns: &dyn Fn(usize) -> bool,
+) -> AdamWRecord<B, M> {
+    struct Owned<'a> {
+        keep: Vec<ParamId>,
+        owns: &'a dyn Fn(usize) -> bool,
+        index: usize,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Owned<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if (self.owns)(self.index) {
+                self.keep.push(param.id);
+            }
+            self.index += 1;
+        }
+    }
+    let mut owned = Owned {
+        keep: Vec::new(),
+        owns,
+        index: 0,
+    };
+    model.visit(&mut owned);
+    record.retain(|id, _| owned.keep.contains(id));
+    record
+}
+
+
+/// Waits until no other group trains in this process: burn-collective 0.21 keeps
+/// one local server per backend type in a process (memo §4.1).
+pub(crate) fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static ONE_GROUP: Mutex<()> = Mutex::new(());
+    ONE_GROUP.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a worker brings to the exchange of a step.
+#[derive(Default)]
+pub(crate) struct Offer<'a> {
+    /// This worker's gradients (none: zeros, e.g. no share of a short batch).
+    pub grads: Option<&'a GradientsParams>,
+    /// This worker's share-weighted loss (summed over the group: the step's loss).
+    pub loss: f64,
+    /// This worker was asked to stop.
+    pub stopped: bool,
+    /// This worker's failure, in the step or since the last exchange.
+    pub failure: Option<Failure>,
+    /// A time-based checkpoint is due by this worker's clock (rank 0's decides).
+    pub time_due: bool,
+}
+
+/// Sums one step over the group. Every worker gets the same sums, so every
+/// worker takes the same decision: when any failed, each ends with its own
+/// failure or the first one's ("worker 1 failed: ..."); when any was asked to
+/// stop, all stop after this step's exchange.
+pub(crate) fn exchange_step<B: AutodiffBackend, M: AutodiffModule<B>, S>(
+    peer: &Peer<B>,
+    group: &Group<S>,
+    rank: usize,
+    model: &M,
+    offer: Offer<'_>,
+    stop: &StopHandle,
+    at: &str,
+) -> Result<(GradientsParams, Status), Failure> {
+    if let Some(failure) = &offer.failure {
+        group.note_failure(rank, failure);
+    }
+    let status = Status {
+        loss: offer.loss,
+        stop: f64::from(u8::from(offer.stopped)),
+        failed: f64::from(u8::from(offer.failure.is_some())),
+        save_due: f64::from(u8::from(offer.time_due)),
+        ..Status::default()
+    };
+    let (summed, all) = peer
+        .sum_step(model, offer.grads, status, at)
+        .map_err(|e| exchange_failure(stop, e))?;
+    if all.failed > 0.0 {
+        return Err(offer.failure.unwrap_or_else(|| group.failure_elsewhere()));
+    }
+    if all.stop > 0.0 {
+        return Err(Failure::Stopped);
+    }
+    Ok((summed, all))
+}
+
+/// An exchange that fails after this worker was asked to stop ends the run as
+/// stopped (node 0's orchestrator may have stopped on the same signal).
+pub(crate) fn exchange_failure(stop: &StopHandle, e: CoordinatorError) -> Failure {
+    match stop.is_stopped() {
+        true => Failure::Stopped,
+        false => Failure::Error(e),
+    }
+}
+
+/// The loss of one micro-batch as it enters backward: averaged over the
+/// accumulation group of `group` micro-batches and, in a group of workers,
+/// weighted by this worker's `share` of the global micro-batch (so that the sum
+/// over workers is the mean loss of the global batch).
+pub(crate) fn micro_loss<B: Backend>(
+    loss: Tensor<B, 1>,
+    in_group: bool,
+    group: usize,
+    share: f64,
+) -> Tensor<B, 1> {
+    match (in_group, group > 1) {
+        (false, false) => loss,
+        (false, true) => loss.div_scalar(group as f64),
+        (true, _) => loss.mul_scalar(share / group as f64),
+    }
+}
+
+/// The optimizer shards a checkpoint gathers: on rank 0, its own and every other
+/// worker's under fsdp (they hand theirs over here and get `None`, as does any
+/// rank but 0 under ddp, where rank 0's record is whole).
+pub(crate) fn gather_shards<S>(
+    group: Option<&Group<S>>,
+    rank: usize,
+    sharded: bool,
+    world: usize,
+    mine: S,
+) -> Option<(S, Vec<S>)> {
+    match (rank, sharded, group) {
+        (0, true, Some(group)) => Some((mine, group.collect(world - 1))),
+        (_, true, Some(group)) => {
+            group.deposit(mine);
+            None
+        }
+        (0, ..) => Some((mine, Vec::new())),
+        _ => None,
+    }
+}

@@ -1,0 +1,353 @@
+//! The Learner engine's data-parallel mode (`ddp`, `fsdp`): a burn-train custom
+//! training strategy ([`GroupStrategy`]) running one `Learner` per device.
+//!
+//! Each worker runs burn-train's own step calls (`lr_step`, `train_step`,
+//! `optimizer_step`) on its shard of every global batch; kiln's [`Stepper`] makes
+//! each optimizer step one exchange of the group (`crate::group`, the same rules as
+//! the native loop's), so every worker takes the same step, and stops or fails at
+//! the same one. Rank 0 runs on burn-train's training thread: it feeds burn-train's
+//! event processor (its dashboard), validates, and its events keep the run's books.
+//! The other workers run on threads of their own and write nothing.
+//!
+//! burn-train's own `MultiDevice` strategy is not used: it sums gradients (no
+//! average), slices the dataset in contiguous blocks instead of sharding each global
+//! batch, and steps one optimizer on the main device.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn::data::dataloader::{DataLoader, Progress};
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::train::{
+    EventProcessorTraining, InferenceStep, Learner, LearnerEvent, LearningComponentsMarker,
+    SupervisedLearningStrategy, SupervisedTrainingEventProcessor, TrainingComponents,
+    TrainingItem,
+};
+use kiln_core::{Batch, TaskModel};
+
+use super::KilnLr;
+use super::loader::Micro;
+use super::shared::Shared;
+use super::stepper::Stepper;
+use crate::checkpoint::{decode_record, encode_record};
+use crate::collective::Peer;
+use crate::group::{AdamWRecord, Group, Offer, exchange_step, gather_shards};
+use crate::run::Failure;
+use crate::CoordinatorError;
+
+/// burn-train's components for a kiln model `M`.
+pub(crate) type Components<B, M> = LearningComponentsMarker<
+    B,
+    KilnLr,
+    Stepper<B, M>,
+    OptimizerAdaptor<burn::optim::AdamW, Stepper<B, M>, B>,
+>;
+
+/// One worker's place in the group, reached by its [`Stepper`] through its
+/// [`Shared`] state.
+pub(crate) struct Member<B: AutodiffBackend, M> {
+    pub rank: usize,
+    pub world: usize,
+    /// fsdp: this worker keeps the optimizer state of, and updates, only its share
+    /// of the parameters.
+    pub sharded: bool,
+    pub device: B::Device,
+    /// The group's first failure, and fsdp's encoded optimizer shards.
+    pub group: Arc<Group<Vec<u8>>>,
+    /// Registered on the worker's own thread when it starts.
+    pub peer: OnceLock<Peer<B>>,
+    pub model: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {
+    /// Whether this worker owns the parameter at `index` (visiting order).
+    pub fn owns(&self, index: usize) -> bool {
+        !self.sharded || index % self.world == self.rank
+    }
+
+    fn peer(&self) -> Result<&Peer<B>, Failure> {
+        self.peer.get().ok_or_else(|| {
+            Failure::Error(CoordinatorError::Collective(format!(
+                "worker {} trained before joining its group",
+                self.rank
+            )))
+        })
+    }
+
+    /// Sums one step over the group: the summed gradients, the step's loss and
+    /// whether rank 0's clock asks for a checkpoint.
+    pub fn exchange(
+        &self,
+        shared: &Shared,
+        model: &M,
+        grads: Option<&GradientsParams>,
+        loss: f64,
+        time_due: bool,
+        step: u64,
+    ) -> Result<(GradientsParams, f64, bool), Failure> {
+        // A stop reaches a worker through its loader, which checks it once a batch
+        // is built (as the native loop does), or through burn-train's interrupter
+        // (its dashboard). The stop handle itself is not read here: the next batch
+        // may be built ahead, during this step, and the step is taken all the same.
+        let own = shared.position().failure.take();
+        let stopped =
+            matches!(own, Some(Failure::Stopped)) || shared.interrupter.should_stop();
+        let offer = Offer {
+            grads,
+            loss,
+            stopped,
+            failure: own.filter(|f| !matches!(f, Failure::Stopped)),
+            time_due,
+        };
+        let started = std::time::Instant::now();
+        let peer = self.peer()?;
+        let outcome = exchange_step(
+            peer,
+            &self.group,
+            self.rank,
+            model,
+            offer,
+            &shared.stop,
+            &format!("step {step}"),
+        );
+        shared.position().collective_seconds += started.elapsed().as_secs_f64();
+        let (summed, all) = outcome?;
+        Ok((summed, all.loss, all.save_due > 0.0))
+    }
+
+    /// fsdp: every worker's parameters updated by their owners.
+    pub fn gather(&self, shared: &Shared, model: M) -> Result<M, Failure> {
+        let started = std::time::Instant::now();
+        let gathered = self
+            .peer()?
+            .gather_params(model, &|i| self.owns(i))
+            .map_err(|e| crate::group::exchange_failure(&shared.stop, e));
+        shared.position().collective_seconds += started.elapsed().as_secs_f64();
+        gathered
+    }
+
+    /// fsdp checkpoints: rank 0 gets the whole optimizer record, encoded (its own
+    /// shard and every other worker's); the others hand theirs over and get `None`.
+    pub fn whole_record<BR: Backend, R: burn::record::Record<BR>>(
+        &self,
+        record: R,
+    ) -> Option<Result<Vec<u8>, CoordinatorError>> {
+        let (mine, error) = match encode_record::<BR, R>(record) {
+            Ok(bytes) => (bytes, None),
+            // Handed over all the same (empty), so that rank 0 does not wait for it.
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let gathered = gather_shards(Some(&*self.group), self.rank, true, self.world, mine);
+        if let Some(e) = error {
+            return Some(Err(e));
+        }
+        let (mine, others) = gathered?;
+        let merge = || -> Result<Vec<u8>, CoordinatorError> {
+            let mut whole: AdamWRecord<B, M> = decode_record::<B, _>(mine, &self.device)?;
+            for shard in others {
+                let shard: AdamWRecord<B, M> = decode_record::<B, _>(shard, &self.device)?;
+                whole.extend(shard);
+            }
+            encode_record::<B, _>(whole)
+        };
+        Some(merge())
+    }
+}
+
+/// One worker other than rank 0, put together before training.
+pub(crate) struct Worker<B: AutodiffBackend, M: AutodiffModule<B> + TaskModel<B> + 'static>
+where
+    M::InnerModule: TaskModel<B::InnerBackend>,
+{
+    pub learner: Learner<Components<B, M>>,
+    pub loader: Arc<dyn DataLoader<B, Micro<B>>>,
+    pub shared: Arc<Shared>,
+    pub member: Arc<Member<B, M>>,
+}
+
+/// kiln's data-parallel group as a burn-train training strategy: rank 0 is the
+/// learner burn-train launches; the others are handed over ready-made.
+pub(crate) struct GroupStrategy<B: AutodiffBackend, M: AutodiffModule<B> + TaskModel<B> + 'static>
+where
+    M::InnerModule: TaskModel<B::InnerBackend>,
+{
+    pub first: (Arc<Shared>, Arc<Member<B, M>>),
+    pub others: Mutex<Vec<Worker<B, M>>>,
+}
+
+impl<B, M> SupervisedLearningStrategy<Components<B, M>> for GroupStrategy<B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TaskModel<B> + 'static,
+    M::InnerModule: TaskModel<B::InnerBackend>,
+{
+    fn fit(
+        &self,
+        components: TrainingComponents<Components<B, M>>,
+        learner: Learner<Components<B, M>>,
+        dataloader_train: Arc<dyn DataLoader<B, Micro<B>>>,
+        dataloader_valid: Arc<dyn DataLoader<B::InnerBackend, Batch<B::InnerBackend>>>,
+        starting_epoch: usize,
+    ) -> (
+        Stepper<B, M>,
+        SupervisedTrainingEventProcessor<Components<B, M>>,
+    ) {
+        let mut processor = components.event_processor;
+        let others = std::mem::take(&mut *self.others.lock().unwrap_or_else(|p| p.into_inner()));
+        let epochs = (starting_epoch, components.num_epochs);
+        let (shared, member) = (&self.first.0, &self.first.1);
+        let model = std::thread::scope(|scope| {
+            let workers: Vec<_> = others
+                .into_iter()
+                .map(|w| {
+                    let rank = w.member.rank;
+                    let handle = scope.spawn(move || {
+                        run(w.learner, &*w.loader, &w.shared, &w.member, None, epochs);
+                    });
+                    (rank, handle)
+                })
+                .collect();
+            let books = Books {
+                processor: &mut processor,
+                valid: &*dataloader_valid,
+            };
+            let model = run(learner, &*dataloader_train, shared, member, Some(books), epochs);
+            for (rank, worker) in workers {
+                if let Err(panic) = worker.join() {
+                    shared.fail(Failure::Error(CoordinatorError::Collective(format!(
+                        "worker {rank} failed: {}",
+                        crate::coordinator::panic_message(panic.as_ref())
+                    ))));
+                }
+            }
+            model
+        });
+        (model, processor)
+    }
+}
+
+/// Rank 0's extra duties: burn-train's event processor and validation.
+struct Books<'a, B: AutodiffBackend, M: AutodiffModule<B> + TaskModel<B> + 'static>
+where
+    M::InnerModule: TaskModel<B::InnerBackend>,
+{
+    processor: &'a mut SupervisedTrainingEventProcessor<Components<B, M>>,
+    valid: &'a dyn DataLoader<B::InnerBackend, Batch<B::InnerBackend>>,
+}
+
+/// One worker's training: burn-train's step calls, epoch after epoch, until the
+/// group ends the run or the epochs are done; then one last exchange, so that a
+/// failure after the last step (rank 0's books) ends every worker's run alike.
+fn run<B, M>(
+    mut learner: Learner<Components<B, M>>,
+    loader: &dyn DataLoader<B, Micro<B>>,
+    shared: &Shared,
+    member: &Member<B, M>,
+    mut books: Option<Books<'_, B, M>>,
+    (starting_epoch, num_epochs): (usize, usize),
+) -> Stepper<B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TaskModel<B> + 'static,
+    M::InnerModule: TaskModel<B::InnerBackend>,
+{
+    let _worker = tracing::info_span!("worker", rank = member.rank).entered();
+    if let Err(failure) = join(&learner, shared, member) {
+        shared.end_with(Some(failure));
+        return learner.model();
+    }
+    for epoch in starting_epoch..=num_epochs {
+        let mut iterator = loader.iter();
+        let mut iteration = 0;
+        while let Some(micro) = iterator.next() {
+            iteration += 1;
+            learner.lr_step();
+            let output = learner.train_step(micro);
+            learner.optimizer_step(output.grads);
+            if let Some(books) = books.as_mut() {
+                books.processor.process_train(LearnerEvent::ProcessedItem(TrainingItem::new(
+                    output.item,
+                    iterator.progress(),
+                    Progress::new(epoch, num_epochs),
+                    Some(iteration),
+                    Some(learner.lr_current()),
+                )));
+            }
+            if shared.ended() {
+                break;
+            }
+        }
+        if let Some(books) = books.as_mut() {
+            books.processor.process_train(LearnerEvent::EndEpoch(epoch));
+        }
+        if shared.ended() {
+            break;
+        }
+        if let Some(books) = books.as_mut() {
+            let model = learner.model().valid();
+            let mut iterator = books.valid.iter();
+            let mut iteration = 0;
+            while let Some(batch) = iterator.next() {
+                iteration += 1;
+                let item = model.step(batch);
+                books.processor.process_valid(LearnerEvent::ProcessedItem(TrainingItem::new(
+                    item,
+                    iterator.progress(),
+                    Progress::new(epoch, num_epochs),
+                    Some(iteration),
+                    None,
+                )));
+            }
+            books.processor.process_valid(LearnerEvent::EndEpoch(epoch));
+        }
+    }
+    if !shared.ended() {
+        let offer = Offer {
+            failure: shared.position().failure.take(),
+            ..Offer::default()
+        };
+        let ended = member.peer().and_then(|peer| {
+            exchange_step(peer, &member.group, member.rank, &learner.model().model, offer, &shared.stop, "the end")
+        });
+        if let Err(failure) = ended {
+            shared.end_with(Some(failure));
+        }
+    }
+    if let Some(peer) = member.peer.get()
+        && let Err(e) = peer.finish()
+    {
+        shared.fail(Failure::Error(e));
+    }
+    learner.model()
+}
+
+/// Joins the group on this worker's thread and checks that every replica starts
+/// from the same weights.
+fn join<B, M>(
+    learner: &Learner<Components<B, M>>,
+    shared: &Shared,
+    member: &Member<B, M>,
+) -> Result<(), Failure>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TaskModel<B> + 'static,
+    M::InnerModule: TaskModel<B::InnerBackend>,
+{
+    let peer = Peer::<B>::register(member.rank, member.world, member.world, &member.device, None)
+        .map_err(Failure::Error)?;
+    let peer = member.peer.get_or_init(|| peer);
+    let model = learner.model().model;
+    let (spread, scale, _) = peer
+        .replica_spread(&model, None)
+        .map_err(|e| crate::group::exchange_failure(&shared.stop, e))?;
+    if spread > 1e-6 * scale.max(1e-6) {
+        return Err(Failure::Error(CoordinatorError::Collective(format!(
+            "the replicas differ at start (largest difference {spread:e}): every worker \
+             must begin from the same weights"
+        ))));
+    }
+    Ok(())
+}
