@@ -223,6 +223,13 @@ impl CoordinatorBuilder {
         self
     }
 
+    /// Data-parallel groups compare every worker's weights after every step (one
+    /// more exchange per step; for debugging and tests).
+    pub fn check_replicas(mut self, on: bool) -> Self {
+        self.config.check_replicas = on;
+        self
+    }
+
     /// Run name (generated when not set).
     pub fn run_name(mut self, name: impl Into<String>) -> Self {
         self.config.run_name = Some(name.into());

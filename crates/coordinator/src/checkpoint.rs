@@ -260,7 +260,9 @@ fn encode_error(what: &str, e: burn::record::RecorderError) -> CoordinatorError 
 }
 
 /// Encodes an optimizer record as a checkpoint stores it.
-pub(crate) fn encode_record<B: Backend, R: Record<B>>(record: R) -> Result<Vec<u8>, CoordinatorError> {
+pub(crate) fn encode_record<B: Backend, R: Record<B>>(
+    record: R,
+) -> Result<Vec<u8>, CoordinatorError> {
     Recorder::<B>::record(&Bytes::default(), record, ()).map_err(|e| encode_error(OPTIM, e))
 }
 

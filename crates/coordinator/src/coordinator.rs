@@ -404,6 +404,7 @@ impl TrainingCoordinator {
             skipped_steps: stats.skipped_steps,
             collective_s: stats.collective_seconds,
             weights_sha256: model.as_ref().map(checkpoint::weights_sha256::<B, M>),
+            replica_spread: stats.replica_spread,
         };
         match &run_dir {
             Some(run_dir) => {

@@ -83,7 +83,6 @@ pub(crate) fn failure_text(failure: &Failure) -> String {
     }
 }
 
-
 /// Drops the gradients of the parameters this worker does not own (fsdp; `owns`
 /// takes a parameter's index in visiting order): its optimizer then neither keeps
 /// state for them nor updates them.
@@ -141,6 +140,30 @@ pub(crate) fn shard_of<B: AutodiffBackend, M: AutodiffModule<B>>(
     record
 }
 
+/// Compares this worker's weights with the group's mean (an exchange: every worker
+/// calls it at the same point). Returns the largest difference and rank 0's run
+/// id (given by rank 0 as `run`); replicas that differ beyond float rounding are
+/// an error naming `at` ("start", "step 12").
+pub(crate) fn check_replicas<B: AutodiffBackend, M: AutodiffModule<B>>(
+    peer: &Peer<B>,
+    model: &M,
+    run: Option<i64>,
+    stop: &StopHandle,
+    at: &str,
+) -> Result<(f64, Option<i64>), Failure> {
+    let (spread, scale, run) = peer
+        .replica_spread(model, run)
+        .map_err(|e| exchange_failure(stop, e))?;
+    // A float sum over the group is not exact, hence the tolerance (replicas that
+    // really differ, e.g. initialised independently, differ at the weights' scale).
+    if spread > 1e-6 * scale.max(1e-6) {
+        return Err(Failure::Error(CoordinatorError::Collective(format!(
+            "the replicas differ at {at} (largest difference {spread:e}): every worker \
+             must hold the same weights"
+        ))));
+    }
+    Ok((spread, run))
+}
 
 /// Waits until no other group trains in this process: burn-collective 0.21 keeps
 /// one local server per backend type in a process (memo §4.1).

@@ -21,11 +21,11 @@ use kiln_core::{CoordinatorConfig, DataModule, Split, TaskModel};
 use crate::CoordinatorError;
 use crate::checkpoint::{Loaded, Snapshot};
 use crate::collective::{Link, Peer};
-use crate::group::{
-    AdamWRecord, Group, Offer, exchange_failure, exchange_step, failure_text, micro_loss,
-    gather_shards, retain_owned, shard_of,
-};
 use crate::grad::{self, clip_global_norm, clip_to, global_norm};
+use crate::group::{
+    AdamWRecord, Group, Offer, check_replicas, exchange_failure, exchange_step, failure_text,
+    gather_shards, micro_loss, retain_owned, shard_of,
+};
 use crate::objective::{self, EvalSums};
 use crate::precision::{self, LossScaler};
 use crate::progress::Progress;
@@ -215,18 +215,10 @@ where
     let outcome = (|| -> Result<M, Failure> {
         if let Some(peer) = &peer {
             // Replicas copied in one process are identical, and so are those of
-            // every node (kiln's seeded initialisation); a float sum over the group
-            // is not exact, hence the tolerance (independent initialisations differ
-            // by the weights' own scale). Rank 0 tells its run id to the others.
+            // every node (kiln's seeded initialisation). Rank 0 tells its run id
+            // to the others.
             let run = checkpoints.as_ref().and_then(|c| c.run_id);
-            let (spread, scale, run) = peer.replica_spread(&model, run).map_err(exchanged)?;
-            stats.run_id = run;
-            if spread > 1e-6 * scale.max(1e-6) {
-                return Err(Failure::Error(CoordinatorError::Collective(format!(
-                    "the replicas differ at start (largest difference {spread:e}): every \
-                     worker must begin from the same weights"
-                ))));
-            }
+            stats.run_id = check_replicas(peer, &model, run, stop, "the start")?.1;
         }
         let started = Instant::now();
         let mut validation_seconds = 0.0;
@@ -317,8 +309,15 @@ where
                         };
                         let exchange = Instant::now();
                         let group = replica.group.expect("a peer belongs to a group");
-                        let (summed, all) =
-                            exchange_step(peer, group, rank, &model, offer, stop, &format!("step {step}"))?;
+                        let (summed, all) = exchange_step(
+                            peer,
+                            group,
+                            rank,
+                            &model,
+                            offer,
+                            stop,
+                            &format!("step {step}"),
+                        )?;
                         stats.collective_seconds += exchange.elapsed().as_secs_f64();
                         // Rank 0's clock decides time-based checkpoints for all.
                         (summed, all.loss, samples, all.save_due > 0.0)
@@ -368,6 +367,20 @@ where
                             .gather_params(model, &|i| replica.owns(i))
                             .map_err(exchanged)?;
                         stats.collective_seconds += exchange.elapsed().as_secs_f64();
+                    }
+                    if let (Some(peer), true) = (&peer, config.check_replicas) {
+                        let at = format!("step {step}");
+                        match check_replicas(peer, &model, None, stop, &at) {
+                            Ok((spread, _)) => {
+                                stats.replica_spread =
+                                    Some(stats.replica_spread.unwrap_or(0.0).max(spread));
+                            }
+                            // Told to the others at the next exchange.
+                            Err(failure @ Failure::Error(_)) => {
+                                defer(&mut deferred, failure, true)?
+                            }
+                            Err(other) => return Err(other),
+                        }
                     }
                 }
                 let record = StepRecord {
@@ -519,29 +532,32 @@ where
                 let device = &devices[rank];
                 let replica = &replica;
                 let name = format!("kiln-worker-{}", plan.first_rank + rank);
-                let spawned = std::thread::Builder::new().name(name).spawn_scoped(scope, move || {
-                    let inputs = LoopInputs {
-                        device,
-                        checkpoints: inputs.checkpoints.as_ref().map(|c| CheckpointCtx {
-                            run_dir: c.run_dir,
-                            policy: c.policy,
-                            signatures: c.signatures.clone(),
-                            run_id: None,
-                            attempt: c.attempt,
-                        }),
-                        ..*inputs
-                    };
-                    fit(
-                        &inputs,
-                        replica_model,
-                        resume,
-                        &replica(rank, group),
-                        &mut Metrics::detached(),
-                        &mut Progress::new(kiln_core::ProgressMode::Off, 0),
-                        &mut LoopStats::default(),
-                    )
-                    .map(|_| ())
-                });
+                let spawned =
+                    std::thread::Builder::new()
+                        .name(name)
+                        .spawn_scoped(scope, move || {
+                            let inputs = LoopInputs {
+                                device,
+                                checkpoints: inputs.checkpoints.as_ref().map(|c| CheckpointCtx {
+                                    run_dir: c.run_dir,
+                                    policy: c.policy,
+                                    signatures: c.signatures.clone(),
+                                    run_id: None,
+                                    attempt: c.attempt,
+                                }),
+                                ..*inputs
+                            };
+                            fit(
+                                &inputs,
+                                replica_model,
+                                resume,
+                                &replica(rank, group),
+                                &mut Metrics::detached(),
+                                &mut Progress::new(kiln_core::ProgressMode::Off, 0),
+                                &mut LoopStats::default(),
+                            )
+                            .map(|_| ())
+                        });
                 spawned.expect("cannot start a worker thread")
             })
             .collect();

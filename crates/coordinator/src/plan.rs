@@ -270,7 +270,13 @@ mod tests {
     #[rstest]
     #[case::native_ddp("ddp", "2", 1, "native", Ok(Engine::Native))]
     #[case::native_single("auto", "1", 1, "native", Ok(Engine::Native))]
-    #[case::learner_vanilla("vanilla", "1", 1, "learner", Err("auto or native with strategy vanilla"))]
+    #[case::learner_vanilla(
+        "vanilla",
+        "1",
+        1,
+        "learner",
+        Err("auto or native with strategy vanilla")
+    )]
     #[case::learner_nodes("ddp", "1", 2, "learner", Err("engine learner with num_nodes 2"))]
     #[case::auto_nodes("ddp", "1", 2, "auto", Ok(Engine::Native))]
     fn an_engine_asked_for_runs_or_is_refused_by_name(
@@ -299,7 +305,10 @@ mod tests {
             ..cfg("fsdp", "2")
         };
         let plan = resolve_plan(&config, "flex", 2).unwrap();
-        assert_eq!((plan.engine, plan.strategy), (Engine::Learner, Strategy::Fsdp));
+        assert_eq!(
+            (plan.engine, plan.strategy),
+            (Engine::Learner, Strategy::Fsdp)
+        );
     }
 
     #[test]

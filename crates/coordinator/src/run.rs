@@ -31,6 +31,8 @@ pub(crate) struct LoopStats {
     pub skipped_steps: u64,
     /// Seconds spent in collective exchanges (data-parallel groups).
     pub collective_seconds: f64,
+    /// With `check_replicas`: the largest replica difference seen after a step.
+    pub replica_spread: Option<f64>,
     /// Rank 0's run id in the experiment store, learned in a group's first
     /// exchange (a node other than 0 needs it to end the run if node 0 died).
     pub run_id: Option<i64>,

@@ -553,6 +553,11 @@ pub struct CoordinatorConfig {
     /// This node's rank and the rendezvous of a multi-node run (unused with one
     /// node; see [`crate::launch`]).
     pub node: NodeSettings,
+    /// Data-parallel groups compare every worker's weights after every optimizer
+    /// step (one more exchange of the parameters per step: for debugging and
+    /// tests); a difference fails the run. The largest difference seen is in the
+    /// report (`replica_spread`).
+    pub check_replicas: bool,
     /// Whether checkpoints are written.
     pub enable_checkpointing: bool,
     /// When checkpoints are written and which are kept.
@@ -598,6 +603,7 @@ impl Default for CoordinatorConfig {
             devices: Devices::Auto,
             num_nodes: 1,
             node: NodeSettings::default(),
+            check_replicas: false,
             enable_checkpointing: true,
             checkpoint: CheckpointPolicy::default(),
             ckpt_path: None,

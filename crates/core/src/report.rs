@@ -188,4 +188,9 @@ pub struct TrainReport {
     /// did not finish.
     #[serde(default)]
     pub weights_sha256: Option<String>,
+    /// With `check_replicas`: the largest difference between a worker's weights
+    /// and the group's mean seen after any step (0 when the replicas stayed
+    /// identical); absent otherwise.
+    #[serde(default)]
+    pub replica_spread: Option<f64>,
 }

@@ -23,8 +23,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::{
     EventProcessorTraining, InferenceStep, Learner, LearnerEvent, LearningComponentsMarker,
-    SupervisedLearningStrategy, SupervisedTrainingEventProcessor, TrainingComponents,
-    TrainingItem,
+    SupervisedLearningStrategy, SupervisedTrainingEventProcessor, TrainingComponents, TrainingItem,
 };
 use kiln_core::{Batch, TaskModel};
 
@@ -32,11 +31,11 @@ use super::KilnLr;
 use super::loader::Micro;
 use super::shared::Shared;
 use super::stepper::Stepper;
+use crate::CoordinatorError;
 use crate::checkpoint::{decode_record, encode_record};
 use crate::collective::Peer;
-use crate::group::{AdamWRecord, Group, Offer, exchange_step, gather_shards};
+use crate::group::{AdamWRecord, Group, Offer, check_replicas, exchange_step, gather_shards};
 use crate::run::Failure;
-use crate::CoordinatorError;
 
 /// burn-train's components for a kiln model `M`.
 pub(crate) type Components<B, M> = LearningComponentsMarker<
@@ -93,8 +92,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {
         // (its dashboard). The stop handle itself is not read here: the next batch
         // may be built ahead, during this step, and the step is taken all the same.
         let own = shared.position().failure.take();
-        let stopped =
-            matches!(own, Some(Failure::Stopped)) || shared.interrupter.should_stop();
+        let stopped = matches!(own, Some(Failure::Stopped)) || shared.interrupter.should_stop();
         let offer = Offer {
             grads,
             loss,
@@ -127,6 +125,21 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {
             .map_err(|e| crate::group::exchange_failure(&shared.stop, e));
         shared.position().collective_seconds += started.elapsed().as_secs_f64();
         gathered
+    }
+
+    /// With `check_replicas`: compares this worker's weights with the group's after
+    /// step `step`; a difference is this worker's failure, told at the next exchange.
+    pub fn check(&self, shared: &Shared, model: &M, step: u64) {
+        let checked = self.peer().and_then(|peer| {
+            check_replicas(peer, model, None, &shared.stop, &format!("step {step}"))
+        });
+        match checked {
+            Ok((spread, _)) => {
+                let mut p = shared.position();
+                p.replica_spread = Some(p.replica_spread.unwrap_or(0.0).max(spread));
+            }
+            Err(failure) => shared.fail(failure),
+        }
     }
 
     /// fsdp checkpoints: rank 0 gets the whole optimizer record, encoded (its own
@@ -214,7 +227,14 @@ where
                 processor: &mut processor,
                 valid: &*dataloader_valid,
             };
-            let model = run(learner, &*dataloader_train, shared, member, Some(books), epochs);
+            let model = run(
+                learner,
+                &*dataloader_train,
+                shared,
+                member,
+                Some(books),
+                epochs,
+            );
             for (rank, worker) in workers {
                 if let Err(panic) = worker.join() {
                     shared.fail(Failure::Error(CoordinatorError::Collective(format!(
@@ -268,13 +288,15 @@ where
             let output = learner.train_step(micro);
             learner.optimizer_step(output.grads);
             if let Some(books) = books.as_mut() {
-                books.processor.process_train(LearnerEvent::ProcessedItem(TrainingItem::new(
-                    output.item,
-                    iterator.progress(),
-                    Progress::new(epoch, num_epochs),
-                    Some(iteration),
-                    Some(learner.lr_current()),
-                )));
+                books
+                    .processor
+                    .process_train(LearnerEvent::ProcessedItem(TrainingItem::new(
+                        output.item,
+                        iterator.progress(),
+                        Progress::new(epoch, num_epochs),
+                        Some(iteration),
+                        Some(learner.lr_current()),
+                    )));
             }
             if shared.ended() {
                 break;
@@ -293,13 +315,15 @@ where
             while let Some(batch) = iterator.next() {
                 iteration += 1;
                 let item = model.step(batch);
-                books.processor.process_valid(LearnerEvent::ProcessedItem(TrainingItem::new(
-                    item,
-                    iterator.progress(),
-                    Progress::new(epoch, num_epochs),
-                    Some(iteration),
-                    None,
-                )));
+                books
+                    .processor
+                    .process_valid(LearnerEvent::ProcessedItem(TrainingItem::new(
+                        item,
+                        iterator.progress(),
+                        Progress::new(epoch, num_epochs),
+                        Some(iteration),
+                        None,
+                    )));
             }
             books.processor.process_valid(LearnerEvent::EndEpoch(epoch));
         }
@@ -310,7 +334,15 @@ where
             ..Offer::default()
         };
         let ended = member.peer().and_then(|peer| {
-            exchange_step(peer, &member.group, member.rank, &learner.model().model, offer, &shared.stop, "the end")
+            exchange_step(
+                peer,
+                &member.group,
+                member.rank,
+                &learner.model().model,
+                offer,
+                &shared.stop,
+                "the end",
+            )
         });
         if let Err(failure) = ended {
             shared.end_with(Some(failure));
@@ -336,18 +368,21 @@ where
     M: AutodiffModule<B> + TaskModel<B> + 'static,
     M::InnerModule: TaskModel<B::InnerBackend>,
 {
-    let peer = Peer::<B>::register(member.rank, member.world, member.world, &member.device, None)
-        .map_err(Failure::Error)?;
+    let peer = Peer::<B>::register(
+        member.rank,
+        member.world,
+        member.world,
+        &member.device,
+        None,
+    )
+    .map_err(Failure::Error)?;
     let peer = member.peer.get_or_init(|| peer);
-    let model = learner.model().model;
-    let (spread, scale, _) = peer
-        .replica_spread(&model, None)
-        .map_err(|e| crate::group::exchange_failure(&shared.stop, e))?;
-    if spread > 1e-6 * scale.max(1e-6) {
-        return Err(Failure::Error(CoordinatorError::Collective(format!(
-            "the replicas differ at start (largest difference {spread:e}): every worker \
-             must begin from the same weights"
-        ))));
-    }
+    check_replicas(
+        peer,
+        &learner.model().model,
+        None,
+        &shared.stop,
+        "the start",
+    )?;
     Ok(())
 }

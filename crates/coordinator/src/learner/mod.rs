@@ -37,9 +37,7 @@ use burn::train::renderer::{
     EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
     MetricsRendererTraining, ProgressType, TrainingProgress,
 };
-use burn::train::{
-    ExecutionStrategy, Interrupter, Learner, SupervisedTraining, TrainingStrategy,
-};
+use burn::train::{ExecutionStrategy, Interrupter, Learner, SupervisedTraining, TrainingStrategy};
 use kiln_core::{DataModule, Split, TaskModel};
 
 use crate::checkpoint::Loaded;
@@ -132,6 +130,7 @@ where
         base_lr: config.optimizer.lr,
         schedule: config.optimizer.schedule,
         checkpoints: inputs.checkpoints.as_ref().map(|c| c.policy.clone()),
+        check_replicas: config.check_replicas,
     };
     let group = Arc::new(crate::group::Group::<Vec<u8>>::new());
     // Each worker: its state shared with the loader and the scheduler, its loader,
@@ -156,7 +155,9 @@ where
         };
         let shared = Shared::new(
             settings.clone(),
-            member.clone().map(|m| m as Arc<dyn std::any::Any + Send + Sync>),
+            member
+                .clone()
+                .map(|m| m as Arc<dyn std::any::Any + Send + Sync>),
             inputs.stop.clone(),
             interrupter.clone(),
             events,
@@ -175,6 +176,7 @@ where
                 failure: None,
                 ended: false,
                 collective_seconds: 0.0,
+                replica_spread: None,
                 optimizer_state_bytes: 0,
             },
         );
@@ -308,6 +310,7 @@ where
     let mut position = shared.position();
     stats.optimizer_state_bytes = position.optimizer_state_bytes;
     stats.collective_seconds += position.collective_seconds;
+    stats.replica_spread = position.replica_spread;
     if let Some(failure) = position.failure.take() {
         return Err(failure);
     }

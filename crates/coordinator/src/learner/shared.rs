@@ -47,6 +47,8 @@ pub(crate) struct Settings {
     pub base_lr: f64,
     pub schedule: LrSchedule,
     pub checkpoints: Option<CheckpointPolicy>,
+    /// Compare the replicas after every step (`check_replicas`).
+    pub check_replicas: bool,
 }
 
 /// Where the training thread stands.
@@ -78,6 +80,8 @@ pub(crate) struct Position {
     pub ended: bool,
     /// Seconds spent in the group's exchanges.
     pub collective_seconds: f64,
+    /// With `check_replicas`: the largest replica difference seen after a step.
+    pub replica_spread: Option<f64>,
     /// Encoded size of the optimizer state after the last step.
     pub optimizer_state_bytes: u64,
 }

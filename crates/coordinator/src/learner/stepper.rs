@@ -230,7 +230,14 @@ where
         };
         let (mut grads, loss, time_due) = match member {
             None => (grads.unwrap_or_default(), loss, time_due(0)),
-            Some(member) => match member.exchange(&shared, &self.model, grads.as_ref(), loss, time_due(member.rank), step) {
+            Some(member) => match member.exchange(
+                &shared,
+                &self.model,
+                grads.as_ref(),
+                loss,
+                time_due(member.rank),
+                step,
+            ) {
                 Ok(summed) => summed,
                 Err(failure) => {
                     shared.end_with(Some(failure));
@@ -265,6 +272,10 @@ where
             }
         }
 
+        if let Some(member) = member.filter(|_| settings.check_replicas) {
+            member.check(&shared, &stepped.model, step);
+        }
+
         let mut p = shared.position();
         p.steps = step;
         let record = StepRecord {
@@ -297,7 +308,10 @@ where
                         .whole_record::<BO, _>(optim.to_record())
                         .map(|record| record.and_then(|r| Snapshot::with_optim(&stepped.model, r))),
                     Some(member) if member.rank != 0 => None,
-                    _ => Some(Snapshot::take::<B, M, BO, _>(&stepped.model, optim.to_record())),
+                    _ => Some(Snapshot::take::<B, M, BO, _>(
+                        &stepped.model,
+                        optim.to_record(),
+                    )),
                 };
                 match snapshot {
                     Some(Ok(snapshot)) => shared.send(Event::Save {
