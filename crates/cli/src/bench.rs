@@ -6,8 +6,9 @@
 //! - `coordinator`: the same number of steps through `TrainingCoordinator`
 //!   (which builds its batches as it goes and keeps its books).
 //!
-//! - `ddp2`: the coordinator with `strategy ddp, devices 2` (two CPU worker threads)
-//!   at the same global batch, with the time rank 0 spent in the per-step exchange.
+//! - `ddp2`: the coordinator with `strategy ddp, devices 2` (two CPU worker threads,
+//!   engine `auto`: the Learner engine's group where it is compiled in) at the same
+//!   global batch, with the time rank 0 spent in the per-step exchange.
 //!
 //! `overhead` = hand tokens/s over all steps ÷ coordinator tokens/s − 1, both
 //! counted over the same steps (warm-up included), measured back to back.

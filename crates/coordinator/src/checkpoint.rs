@@ -266,7 +266,9 @@ pub(crate) fn encode_record<B: Backend, R: Record<B>>(
     Recorder::<B>::record(&Bytes::default(), record, ()).map_err(|e| encode_error(OPTIM, e))
 }
 
-/// Decodes an optimizer record [`encode_record`] encoded.
+/// Decodes an optimizer record [`encode_record`] encoded (the Learner engine's
+/// fsdp shards).
+#[cfg(feature = "learner")]
 pub(crate) fn decode_record<B: Backend, R: Record<B>>(
     bytes: Vec<u8>,
     device: &B::Device,

@@ -128,15 +128,15 @@ fn resolve_engine(config: &CoordinatorConfig, warnings: &mut Vec<String>) -> Res
             "auto or native with strategy vanilla (vanilla is kiln's native loop)",
         )
         .into()),
-        (Some(Engine::Learner), _) if !learner_compiled => Err(CoordinatorError::NotAvailable {
-            what: "engine learner".into(),
-            reason: "this build of kiln-coordinator lacks its `learner` feature".into(),
-        }),
         (Some(Engine::Learner), _) if nodes > 1 => Err(CoordinatorError::NotAvailable {
             what: format!("engine learner with num_nodes {nodes}"),
             reason: "the Learner engine runs its workers in one process; across nodes \
                      kiln's native loop runs (engine auto or native)"
                 .into(),
+        }),
+        (Some(Engine::Learner), _) if !learner_compiled => Err(CoordinatorError::NotAvailable {
+            what: "engine learner".into(),
+            reason: "this build of kiln-coordinator lacks its `learner` feature".into(),
         }),
         (Some(engine), _) => Ok(engine),
         (None, Strategy::Vanilla) => Ok(Engine::Native),
