@@ -136,6 +136,45 @@ fn two_workers_give_what_one_device_gives_with_the_same_global_batch(
     );
 }
 
+/// The two engines run a group alike: the same steps with gradient accumulation
+/// (including an epoch's last, short group), clipping and a short last global batch.
+#[test]
+fn both_engines_take_the_same_group_steps_with_accumulation() {
+    let (data, task) = corpus_data(9_000, 32);
+    let run = |engine: &str, strategy: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        train(
+            builder(dir.path(), strategy, "2", 6)
+                .engine(engine)
+                .accumulate_grad_batches(3)
+                .max_steps(1_000),
+            &data,
+            &task,
+        )
+    };
+    for strategy in ["ddp", "fsdp"] {
+        let (native, native_w) = run("native", strategy);
+        let (learner, learner_w) = run("learner", strategy);
+        assert_eq!(learner.optimizer_steps, native.optimizer_steps);
+        assert!(
+            native.epochs >= 1 && native.optimizer_steps > 5,
+            "{native:?}"
+        );
+        close(
+            &format!("{strategy}: learner vs native, step loss"),
+            &learner.step_losses,
+            &native.step_losses,
+            1e-5,
+        );
+        close(
+            &format!("{strategy}: learner vs native, weight"),
+            &floats(&learner_w),
+            &floats(&native_w),
+            1e-5,
+        );
+    }
+}
+
 /// Uneven data never deadlocks: whole epochs with a short last global batch.
 #[rstest]
 #[timeout(std::time::Duration::from_secs(600))]

@@ -118,12 +118,17 @@ fn a_short_run_trains_reports_and_is_recorded() {
     assert!(row.contains("FINISHED"), "{stdout}");
 }
 
-/// `--devices 2 --strategy ddp` on CPU: two worker threads, said in the plan line.
-#[test]
-fn two_cpu_workers_train_with_ddp() {
+/// `--devices 2 --strategy ddp` on CPU: two worker threads, said in the plan line;
+/// on the Learner engine by default, on the native loop with `--engine native`.
+#[rstest]
+#[case::auto("auto", "learner")]
+#[case::native("native", "native")]
+fn two_cpu_workers_train_with_ddp(#[case] engine: &str, #[case] runs: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out = kiln(&[
         "train",
+        "--engine",
+        engine,
         "--strategy",
         "ddp",
         "--devices",
@@ -141,7 +146,7 @@ fn two_cpu_workers_train_with_ddp() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("engine=native strategy=ddp") && stderr.contains("world=2"),
+        stderr.contains(&format!("engine={runs} strategy=ddp")) && stderr.contains("world=2"),
         "{stderr}"
     );
     assert!(stdout.contains("3 optimizer steps"), "{stdout}");
