@@ -354,6 +354,7 @@ fn summarise(kiln: &[Value], torch: &[Value]) -> Vec<Value> {
             "coordinator_tokens_per_s": coord,
             "overhead": med("overhead"),
             "ddp2_tokens_per_s": finite(ddp),
+            "ddp2_native_tokens_per_s": finite(med("ddp2_native_tokens_per_s")),
             "ratio_ddp2_to_one_worker": finite(ddp / coord),
             "ddp2_exchange_ms_per_step": finite(med("ddp2_exchange_ms_per_step")),
             "grad_mb": finite(med("grad_bytes") / 1e6),
@@ -555,19 +556,21 @@ fn write_benchmarks_md(command: &str, summary: &[Value]) -> Result<()> {
         ));
     }
     table.push_str(
-        "\nTwo CPU workers (`strategy ddp, devices 2`, same global batch) against one, and \
+        "\nTwo CPU workers (`strategy ddp, devices 2`, same global batch; engine auto: the \
+         Learner engine's group, then the same group on the native loop) against one, and \
          PyTorch's `--ddp 2` (two processes of one thread, gloo):\n\n\
-         | config | backend | ddp×2 tokens/s | ddp×2 / one worker | exchange ms/step | gradient MB | PyTorch ddp×2 tokens/s | ddp×2 / PyTorch ddp×2 | best kiln / best PyTorch |\n\
-         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         | config | backend | ddp×2 tokens/s | ddp×2 native loop | ddp×2 / one worker | exchange ms/step | gradient MB | PyTorch ddp×2 tokens/s | ddp×2 / PyTorch ddp×2 | best kiln / best PyTorch |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for v in &rows {
         let ms = field(v, "ddp2_exchange_ms_per_step").map_or("—".into(), |x| format!("{x:.2}"));
         let mb = field(v, "grad_mb").map_or("—".into(), |x| format!("{x:.2}"));
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {ms} | {mb} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {ms} | {mb} | {} | {} | {} |\n",
             v["config"].as_str().unwrap_or(""),
             v["backend"].as_str().unwrap_or(""),
             fmt(v, "ddp2_tokens_per_s"),
+            fmt(v, "ddp2_native_tokens_per_s"),
             fmt(v, "ratio_ddp2_to_one_worker"),
             fmt(v, "pytorch_ddp2_tokens_per_s"),
             fmt(v, "ratio_ddp2_to_pytorch_ddp2"),

@@ -8,7 +8,8 @@
 //!
 //! - `ddp2`: the coordinator with `strategy ddp, devices 2` (two CPU worker threads,
 //!   engine `auto`: the Learner engine's group where it is compiled in) at the same
-//!   global batch, with the time rank 0 spent in the per-step exchange.
+//!   global batch, with the time rank 0 spent in the per-step exchange;
+//!   `ddp2_native`: the same group on kiln's native loop.
 //!
 //! `overhead` = hand tokens/s over all steps ÷ coordinator tokens/s − 1, both
 //! counted over the same steps (warm-up included), measured back to back.
@@ -247,9 +248,10 @@ fn measure<B: AutodiffBackend>(
     );
     // `total` steps through the coordinator with `workers` CPU workers of
     // `batch / workers` examples each (the same global batch).
-    let run = |strategy: &str, workers: usize| -> Result<kiln_core::TrainReport> {
+    let run = |strategy: &str, engine: &str, workers: usize| -> Result<kiln_core::TrainReport> {
         let report = TrainingCoordinator::builder()
             .strategy(strategy)
+            .engine(engine)
             .devices(workers.to_string())
             .batch_size(args.batch / workers)
             .max_steps(total as u64)
@@ -270,16 +272,18 @@ fn measure<B: AutodiffBackend>(
             .report;
         Ok(report)
     };
-    let report = run("auto", 1)?;
+    let report = run("auto", "auto", 1)?;
     let coordinator_tps = report.throughput.items_per_s;
     // The same global batch on two CPU workers (ddp): what a second core buys. Only
     // for an even batch, which splits exactly.
-    let ddp = match args.batch % 2 {
-        0 => Some(run("ddp", 2)?),
-        _ => None,
+    // The default engine's group, then the native loop's: the two engines' cost.
+    let (ddp, ddp_native) = match args.batch % 2 {
+        0 => (Some(run("ddp", "auto", 2)?), Some(run("ddp", "native", 2)?)),
+        _ => (None, None),
     };
     let _ = std::fs::remove_dir_all(&dir);
     let ddp_tps = ddp.as_ref().map(|r| r.throughput.items_per_s);
+    let ddp_native_tps = ddp_native.as_ref().map(|r| r.throughput.items_per_s);
 
     Ok(serde_json::json!({
         "config": name,
@@ -295,7 +299,9 @@ fn measure<B: AutodiffBackend>(
         "overhead": hand.all_tokens_per_s / coordinator_tps - 1.0,
         "hand_final_loss": hand.final_loss,
         "coordinator_final_loss": report.step_losses.last(),
+        "ddp2_engine": ddp.as_ref().map(|r| r.plan.engine.to_string()),
         "ddp2_tokens_per_s": ddp_tps,
+        "ddp2_native_tokens_per_s": ddp_native_tps,
         "ddp2_speedup": ddp_tps.map(|t| t / coordinator_tps),
         "ddp2_exchange_ms_per_step": ddp
             .as_ref()
