@@ -141,6 +141,10 @@ fn two_workers_give_what_one_device_gives_with_the_same_global_batch(
 #[test]
 fn both_engines_take_the_same_group_steps_with_accumulation() {
     let (data, task) = corpus_data(9_000, 32);
+    // 2 workers × 6 examples: a short last global batch, and an epoch whose
+    // micro-batches do not fill its last accumulation group of 3.
+    let n = data.len(Split::Train);
+    assert!(n % 12 != 0 && n.div_ceil(12) % 3 != 0, "{n} training examples");
     let run = |engine: &str, strategy: &str| {
         let dir = tempfile::tempdir().unwrap();
         train(

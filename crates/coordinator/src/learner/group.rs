@@ -58,7 +58,7 @@ pub(crate) struct Member<B: AutodiffBackend, M> {
     pub group: Arc<Group<Vec<u8>>>,
     /// Registered on the worker's own thread when it starts.
     pub peer: OnceLock<Peer<B>>,
-    pub model: std::marker::PhantomData<fn() -> M>,
+    pub marker: std::marker::PhantomData<fn() -> M>,
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {

@@ -1,10 +1,12 @@
 //! The Learner engine: a run through burn-train's `SupervisedTraining` (the seed's
-//! "Lightning Trainer"), on one device.
+//! "Lightning Trainer"), on one device (`ExecutionStrategy::SingleDevice`) or on
+//! several (kiln's data-parallel group as a custom training strategy, [`group`]).
 //!
-//! Three threads take part:
+//! The threads that take part:
 //! - the **training thread** runs `SupervisedTraining::launch`: burn-train's epoch
 //!   loop, validation and event processing, calling kiln's [`Stepper`] for each
-//!   micro-batch;
+//!   micro-batch (in a group: rank 0's loop; the other workers run theirs on threads
+//!   of their own);
 //! - the **producer threads** (one per worker) build batches from the borrowed data module when the
 //!   loaders ask (burn-train needs `'static` loaders);
 //! - the **calling thread** keeps the books: it receives [`Event`]s in order and
@@ -84,7 +86,12 @@ where
         n_epochs,
         ..
     } = *inputs;
-    let world = devices.len().max(1);
+    if devices.is_empty() {
+        return Err(Failure::Error(crate::CoordinatorError::Collective(
+            "no device to train on".into(),
+        )));
+    }
+    let world = devices.len();
     let RunShape {
         n_train,
         per_epoch,
@@ -118,7 +125,6 @@ where
     let (events, received) = mpsc::channel();
     // One producer thread per worker, named after it (`kiln-worker-<rank>-data`).
     let mut asked = Vec::with_capacity(world);
-    let mut valid_requests = None;
     let interrupter = Interrupter::new();
     let settings = Settings {
         kind: task.kind.clone(),
@@ -136,7 +142,7 @@ where
     // Each worker: its state shared with the loader and the scheduler, its loader,
     // and its learner (model replica and optimizer, the shard of it under fsdp).
     let mut workers = Vec::with_capacity(world);
-    for (rank, worker_device) in devices.iter().enumerate().take(world) {
+    for (rank, worker_device) in devices.iter().enumerate() {
         let member = (world > 1).then(|| {
             Arc::new(Member::<B, M> {
                 rank,
@@ -145,7 +151,7 @@ where
                 device: worker_device.clone(),
                 group: group.clone(),
                 peer: OnceLock::new(),
-                model: PhantomData,
+                marker: PhantomData,
             })
         });
         // Only rank 0's events reach the books.
@@ -182,9 +188,6 @@ where
         );
         let (requests, to_serve) = mpsc::channel();
         asked.push(to_serve);
-        if rank == 0 {
-            valid_requests = Some(requests.clone());
-        }
         let loader = Arc::new(TrainLoader::<B> {
             requests,
             device: worker_device.clone(),
@@ -235,7 +238,7 @@ where
     });
     let device = device.clone();
     let valid_loader = Arc::new(ValidLoader::<B> {
-        requests: valid_requests.expect("rank 0 exists"),
+        requests: train_loader.requests.clone(),
         device: device.clone(),
         shared: shared.clone(),
         items: 0..data.len(Split::Valid),
