@@ -144,7 +144,10 @@ fn both_engines_take_the_same_group_steps_with_accumulation() {
     // 2 workers × 6 examples: a short last global batch, and an epoch whose
     // micro-batches do not fill its last accumulation group of 3.
     let n = data.len(Split::Train);
-    assert!(n % 12 != 0 && n.div_ceil(12) % 3 != 0, "{n} training examples");
+    assert!(
+        n % 12 != 0 && n.div_ceil(12) % 3 != 0,
+        "{n} training examples"
+    );
     let run = |engine: &str, strategy: &str| {
         let dir = tempfile::tempdir().unwrap();
         train(

@@ -285,7 +285,8 @@ where
                     && checkpoints
                         .as_ref()
                         .is_some_and(|c| clock.time_due(c.policy));
-                let (mut grads, step_loss, samples, time_due) = match (&peer, local) {
+                let member = peer.as_ref().zip(replica.group);
+                let (mut grads, step_loss, samples, time_due) = match (member, local) {
                     (None, Ok(local)) => (
                         local.grads.unwrap_or_default(),
                         local.loss,
@@ -293,7 +294,7 @@ where
                         time_due,
                     ),
                     (None, Err(failure)) => return Err(failure),
-                    (Some(peer), local) => {
+                    (Some((peer, group)), local) => {
                         let stopped = matches!(local, Err(Failure::Stopped));
                         let (grads, mine_loss, samples, own) = match local {
                             Ok(l) => (l.grads, l.loss, l.samples, deferred.take()),
@@ -308,7 +309,6 @@ where
                             time_due,
                         };
                         let exchange = Instant::now();
-                        let group = replica.group.expect("a peer belongs to a group");
                         let (summed, all) = exchange_step(
                             peer,
                             group,
