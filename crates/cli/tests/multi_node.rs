@@ -370,9 +370,17 @@ fn a_multi_node_run_resumes_from_its_checkpoint_to_the_uninterrupted_result() {
         args
     };
     // A constant learning rate: the 8-step run takes the 16-step run's first steps.
+    // A retried launch needs its run name free again: its run directory and the
+    // store (which holds nothing the later steps read before the resumed run's
+    // first launch succeeded) go.
     let remove = |name: &'static str| {
-        let run = dir.path().join("default").join(name);
-        move || drop(std::fs::remove_dir_all(&run))
+        let root = dir.path().to_path_buf();
+        move || {
+            let _ = std::fs::remove_dir_all(root.join("default").join(name));
+            for file in ["kiln.sqlite", "kiln.sqlite-wal", "kiln.sqlite-shm"] {
+                let _ = std::fs::remove_file(root.join(file));
+            }
+        }
     };
     let straight = launch(&args(16, "straight", &[]), &remove("straight"));
     let first = launch(

@@ -27,6 +27,7 @@ pub(crate) struct Group<S> {
 }
 
 impl<S> Group<S> {
+    /// A group with no failure and no shard yet.
     pub fn new() -> Self {
         Self {
             failure: Mutex::new(None),
@@ -35,6 +36,7 @@ impl<S> Group<S> {
         }
     }
 
+    /// Records `failure` as worker `rank`'s, unless a worker's failure came first.
     pub fn note_failure(&self, rank: usize, failure: &Failure) {
         let mut first = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         if first.is_none() {
