@@ -262,6 +262,65 @@ fn an_error_on_one_worker_ends_the_run_with_its_message_not_a_hang(
     assert_eq!(report.optimizer_steps, 3);
 }
 
+/// The data, except that building a validation batch panics.
+struct PanicsInValidation<'a>(&'a TextDataModule);
+
+impl DataModule for PanicsInValidation<'_> {
+    fn len(&self, split: Split) -> usize {
+        self.0.len(split)
+    }
+    fn batch<BB: burn::prelude::Backend>(
+        &self,
+        split: Split,
+        idx: &[usize],
+        device: &BB::Device,
+    ) -> kiln_core::Result<kiln_core::Batch<BB>> {
+        if split == Split::Valid {
+            panic!("the validation shard is corrupt");
+        }
+        self.0.batch(split, idx, device)
+    }
+    fn check_task(&self, task: &TaskSpec) -> kiln_core::Result<()> {
+        self.0.check_task(task)
+    }
+    fn items_per_example(&self) -> usize {
+        self.0.items_per_example()
+    }
+}
+
+/// A panic during rank 0's validation ends the run FAILED with its message: the
+/// other workers, waiting at the next exchange, learn of it there.
+#[rstest]
+#[timeout(std::time::Duration::from_secs(300))]
+fn a_panic_in_validation_fails_the_group_not_hangs_it(#[values("learner", "native")] engine: &str) {
+    let (data, task) = corpus_data(6_000, 32);
+    let dir = tempfile::tempdir().unwrap();
+    let err = builder(dir.path(), "ddp", "2", 8)
+        .engine(engine)
+        .max_steps(1_000)
+        .build()
+        .unwrap()
+        .train::<B, _, _>(
+            model(data.vocab_size()),
+            &PanicsInValidation(&data),
+            &task,
+            None,
+            3,
+        )
+        .unwrap_err();
+    let CoordinatorError::RunFailed { reason, report } = err else {
+        panic!("expected a failed run, got {err}")
+    };
+    assert!(
+        reason.contains("the validation shard is corrupt"),
+        "{reason}"
+    );
+    assert!(matches!(report.status, RunStatus::Failed { .. }));
+    // The run ended at the first exchange after epoch 1's validation.
+    let per_epoch = data.len(Split::Train).div_ceil(16) as u64;
+    assert_eq!(report.optimizer_steps, per_epoch);
+}
+
 #[rstest]
 #[timeout(std::time::Duration::from_secs(600))]
 fn a_stop_seen_by_one_worker_stops_them_all(#[values("learner", "native")] engine: &str) {

@@ -428,11 +428,23 @@ where
             }
             if writes {
                 let validation_started = Instant::now();
-                let validated = validate::<B, M, D>(inputs, &model, replica.precision, metrics)
-                    .and_then(|results| book_validation(&results, epoch, stats, metrics, progress));
+                // A panic here (a model or data module) is this worker's failure like
+                // any other: in a group the others learn of it at the next exchange
+                // instead of waiting there for a worker that is gone.
+                let validated = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    validate::<B, M, D>(inputs, &model, replica.precision, metrics).and_then(
+                        |results| book_validation(&results, epoch, stats, metrics, progress),
+                    )
+                }));
                 validation_seconds += validation_started.elapsed().as_secs_f64();
-                if let Err(e) = validated {
-                    defer(&mut deferred, e.into(), peer.is_some())?;
+                let validated = match validated {
+                    Ok(outcome) => outcome.map_err(Failure::from),
+                    Err(panic) => Err(Failure::Panicked(crate::coordinator::panic_message(
+                        panic.as_ref(),
+                    ))),
+                };
+                if let Err(failure) = validated {
+                    defer(&mut deferred, failure, peer.is_some())?;
                 }
             } else {
                 stats.epochs = epoch + 1;

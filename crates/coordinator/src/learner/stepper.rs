@@ -350,7 +350,14 @@ where
                 batch.targets,
             )?)
         };
-        match evaluate() {
+        // A panic is this worker's failure (in a group, told at the next exchange).
+        let evaluated =
+            std::panic::catch_unwind(AssertUnwindSafe(evaluate)).unwrap_or_else(|panic| {
+                Err(Failure::Panicked(crate::coordinator::panic_message(
+                    panic.as_ref(),
+                )))
+            });
+        match evaluated {
             Ok(sums) => {
                 shared.send(Event::ValidBatch(sums));
                 StepItem {
