@@ -167,6 +167,12 @@ pub(crate) fn check_replicas<B: AutodiffBackend, M: AutodiffModule<B>>(
     Ok((spread, run))
 }
 
+/// Whether worker `rank` of `world` owns the parameter at `index` (visiting order):
+/// every worker under ddp, round-robin under fsdp (`sharded`).
+pub(crate) fn owns(sharded: bool, rank: usize, world: usize, index: usize) -> bool {
+    !sharded || index % world == rank
+}
+
 /// Waits until no other group trains in this process: burn-collective 0.21 keeps
 /// one local server per backend type in a process (memo §4.1).
 pub(crate) fn one_at_a_time() -> MutexGuard<'static, ()> {

@@ -104,7 +104,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Replica<'_, B, M> {
 
     /// Whether this worker owns the parameter at `index` (visiting order).
     fn owns(&self, index: usize) -> bool {
-        !self.sharded || index % self.world == self.rank
+        crate::group::owns(self.sharded, self.rank, self.world, index)
     }
 }
 

@@ -64,7 +64,7 @@ pub(crate) struct Member<B: AutodiffBackend, M> {
 impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {
     /// Whether this worker owns the parameter at `index` (visiting order).
     pub fn owns(&self, index: usize) -> bool {
-        !self.sharded || index % self.world == self.rank
+        crate::group::owns(self.sharded, self.rank, self.world, index)
     }
 
     fn peer(&self) -> Result<&Peer<B>, Failure> {

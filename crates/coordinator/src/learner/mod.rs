@@ -138,12 +138,12 @@ where
         checkpoints: inputs.checkpoints.as_ref().map(|c| c.policy.clone()),
         check_replicas: config.check_replicas,
     };
-    let group = Arc::new(crate::group::Group::<Vec<u8>>::new());
+    let group = (world > 1).then(|| Arc::new(crate::group::Group::<Vec<u8>>::new()));
     // Each worker: its state shared with the loader and the scheduler, its loader,
     // and its learner (model replica and optimizer, the shard of it under fsdp).
     let mut workers = Vec::with_capacity(world);
     for (rank, worker_device) in devices.iter().enumerate() {
-        let member = (world > 1).then(|| {
+        let member = group.as_ref().map(|group| {
             Arc::new(Member::<B, M> {
                 rank,
                 world,
@@ -275,16 +275,21 @@ where
         after_validation: None,
     };
     let trained = std::thread::scope(|scope| {
-        let producers: Vec<_> = asked
+        let producers = asked
             .into_iter()
             .enumerate()
             .map(|(rank, asked)| {
                 std::thread::Builder::new()
                     .name(format!("kiln-worker-{rank}-data"))
                     .spawn_scoped(scope, move || produce::<B, D>(data, asked))
-                    .expect("cannot start a data producer thread")
             })
-            .collect();
+            .collect::<std::io::Result<Vec<_>>>();
+        // Returning drops the loaders: the producers already started see their
+        // requests end, and stop.
+        let producers = match producers {
+            Ok(producers) => producers,
+            Err(e) => return Err(e),
+        };
         let closer = shared.clone();
         let trainer = scope.spawn(move || {
             let result = std::panic::catch_unwind(AssertUnwindSafe(launch));
@@ -300,11 +305,17 @@ where
         for producer in producers {
             let _ = producer.join();
         }
-        trained
+        Ok(trained)
     });
     let trained = match trained {
-        Ok(Ok(inner)) => inner,
-        Ok(Err(panic)) | Err(panic) => {
+        Err(e) => {
+            return Err(Failure::Error(crate::CoordinatorError::NotAvailable {
+                what: "a data producer thread".into(),
+                reason: e.to_string(),
+            }));
+        }
+        Ok(Ok(Ok(inner))) => inner,
+        Ok(Ok(Err(panic)) | Err(panic)) => {
             return Err(Failure::Panicked(crate::coordinator::panic_message(
                 panic.as_ref(),
             )));
