@@ -255,7 +255,14 @@ fn a_node_killed_mid_run_makes_the_other_fail_within_the_timeout(#[case] victim:
         "{err}"
     );
     assert!(err.contains(&format!("node {victim}")), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    // kiln itself never panics; burn-collective 0.21's own tokio threads may print a
+    // panic of theirs when the dead node's websocket resets (docs/multi-node.md).
+    let kiln_panics: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains(" panicked at "))
+        .filter(|l| !l.contains("/burn-communication-") && !l.contains("/burn-collective-"))
+        .collect();
+    assert!(kiln_panics.is_empty(), "{err}");
 
     // The run is FAILED in the store (written by the survivor when node 0 died).
     let runs = Command::new(KILN)
