@@ -8,7 +8,9 @@ use std::path::Path;
 use burn::backend::Autodiff;
 use kiln_backend_cpu::Flex;
 use kiln_coordinator::{CoordinatorBuilder, CoordinatorError, StopHandle};
-use kiln_core::{DataModule, RunStatus, Split, Strategy, TaskSpec, TrainReport};
+use kiln_core::{
+    DataModule, ProcessGroupBackend, RunStatus, Split, Strategy, TaskSpec, TrainReport,
+};
 use kiln_models::{TextDataModule, TinyGpt};
 use kiln_tests::{Hooked, corpus_data, loss_bits, param_values, quiet, small_gpt};
 use rstest::rstest;
@@ -98,6 +100,14 @@ fn two_workers_give_what_one_device_gives_with_the_same_global_batch(
     assert_eq!(ddp.plan.engine.to_string(), engine);
     assert_eq!(fsdp.plan.engine.to_string(), engine);
     assert_eq!((ddp.plan.world_size, fsdp.plan.world_size), (2, 2));
+    // The CPU build synchronises through burn-collective; one device has no group.
+    for r in [&ddp, &fsdp] {
+        assert_eq!(
+            r.plan.process_group_backend,
+            Some(ProcessGroupBackend::Collective)
+        );
+    }
+    assert_eq!(single.plan.process_group_backend, None);
     assert_eq!(single.optimizer_steps, 20);
     assert_eq!(ddp.optimizer_steps, 20);
     assert_eq!(fsdp.optimizer_steps, 20);

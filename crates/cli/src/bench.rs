@@ -13,6 +13,10 @@
 //!
 //! `overhead` = hand tokens/s over all steps ÷ coordinator tokens/s − 1, both
 //! counted over the same steps (warm-up included), measured back to back.
+//!
+//! A kiln built with `cuda-nccl` has no CPU backend to measure: there `kiln bench`
+//! says so (the measuring code is compiled all the same, unused).
+#![cfg_attr(feature = "cuda-nccl", allow(dead_code, unused_imports))]
 
 use std::time::Instant;
 
@@ -58,6 +62,16 @@ pub struct BenchArgs {
 
 const VOCAB: usize = 65;
 
+#[cfg(feature = "cuda-nccl")]
+pub fn run(_args: &BenchArgs) -> Result<()> {
+    anyhow::bail!(
+        "kiln bench measures the CPU backends, which this kiln lacks: it was built with \
+         --features cuda-nccl (burn's distributed feature leaves NdArray and Flex without \
+         autodiff); run it from a build without cuda-nccl"
+    )
+}
+
+#[cfg(not(feature = "cuda-nccl"))]
 pub fn run(args: &BenchArgs) -> Result<()> {
     let backends: Vec<CpuBackend> = match args.backend.as_str() {
         "all" => vec![CpuBackend::NdArray, CpuBackend::Flex],
@@ -142,6 +156,7 @@ fn store_insert_throughput(round: usize) -> Result<serde_json::Value> {
 
 /// Save and load speed of a checkpoint of the small GPT (3.2 M parameters: the model
 /// and its AdamW state, about 39 MB), the way training writes and resume reads it.
+#[cfg(not(feature = "cuda-nccl"))]
 fn checkpoint_speed(round: usize) -> Result<Vec<serde_json::Value>> {
     type B = Autodiff<Flex>;
     let dir = tempfile_dir()?.join(format!("checkpoint-{round}"));
@@ -165,6 +180,7 @@ fn checkpoint_speed(round: usize) -> Result<Vec<serde_json::Value>> {
 /// Tokens/s of the tiny GPT through the coordinator with the store at
 /// `log_every_n_steps = 1` against no store, measured alternately (without, with,
 /// with, without) in one process.
+#[cfg(not(feature = "cuda-nccl"))]
 fn logging_overhead(args: &BenchArgs, round: usize) -> Result<serde_json::Value> {
     use kiln_experiment_db::ExperimentDb;
     type B = Autodiff<Flex>;

@@ -4,11 +4,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+#[cfg(not(feature = "cuda-nccl"))]
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
-use kiln_backend_cpu::{CpuBackend, Flex, NdArray};
+use kiln_backend_cpu::CpuBackend;
+#[cfg(not(feature = "cuda-nccl"))]
+use kiln_backend_cpu::{Flex, NdArray};
 use kiln_coordinator::{CoordinatorBuilder, CoordinatorError, Trained, TrainingCoordinator};
 use kiln_core::launch::{NodeFlags, NodeLaunch, NodeSettings};
 use kiln_core::{
@@ -43,6 +46,12 @@ pub struct TrainArgs {
     /// engine that runs the loop; auto picks the Learner engine where it can run.
     #[arg(long, default_value = "auto")]
     engine: String,
+    /// auto, collective or nccl: what carries a data-parallel group's gradients
+    /// (Lightning's `process_group_backend`): burn-collective's all-reduce once per
+    /// step, or burn-train's NCCL synchronisation during backward (--backend cuda,
+    /// a kiln built with --features cuda-nccl); auto picks nccl where it can run.
+    #[arg(long, default_value = "auto")]
+    process_group_backend: String,
     /// 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true (Lightning's `precision`).
     #[arg(long, default_value = "32-true")]
     precision: String,
@@ -206,6 +215,7 @@ impl TrainArgs {
         Ok(CoordinatorBuilder::from_config(config)
             .strategy(&self.strategy)
             .engine(&self.engine)
+            .process_group_backend(&self.process_group_backend)
             .precision(&self.precision)
             .strict_precision(self.strict_precision)
             .devices(&self.devices)
@@ -247,12 +257,20 @@ fn train(args: &TrainArgs, coordinator: &TrainingCoordinator) -> Result<()> {
     };
     let tracker = db.as_mut().map(|db| db as &mut dyn RunTracker);
     let report = match backend {
+        #[cfg(not(feature = "cuda-nccl"))]
         Backend::Cpu(CpuBackend::NdArray) => {
-            train_task::<Autodiff<NdArray>>(args, coordinator, task, tracker, None)?
+            train_task::<Autodiff<NdArray>, _>(args, coordinator, task, tracker, None, Plain)?
         }
+        #[cfg(not(feature = "cuda-nccl"))]
         Backend::Cpu(CpuBackend::Flex) => {
-            train_task::<Autodiff<Flex>>(args, coordinator, task, tracker, None)?
+            train_task::<Autodiff<Flex>, _>(args, coordinator, task, tracker, None, Plain)?
         }
+        #[cfg(feature = "cuda-nccl")]
+        Backend::Cpu(cpu) => anyhow::bail!(
+            "backend {cpu} is not in this kiln: it was built with --features cuda-nccl, and \
+             burn's distributed feature (NCCL) leaves the CPU backends without autodiff; \
+             use --backend cuda, or a kiln built without cuda-nccl"
+        ),
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             let devices = kiln_backend_cuda::cuda_devices();
@@ -262,12 +280,13 @@ fn train(args: &TrainArgs, coordinator: &TrainingCoordinator) -> Result<()> {
                      this process); use --backend flex to train on the CPU"
                 );
             }
-            train_task::<kiln_backend_cuda::CudaAutodiff>(
+            train_task::<kiln_backend_cuda::CudaAutodiff, _>(
                 args,
                 coordinator,
                 task,
                 tracker,
                 Some(devices),
+                CudaLaunch,
             )?
         }
     };
@@ -341,12 +360,92 @@ pub fn open_db(path: Option<&Path>, output_dir: &Path) -> Result<ExperimentDb> {
     ExperimentDb::open(&path).with_context(|| format!("cannot open {}", path.display()))
 }
 
-fn train_task<B: AutodiffBackend>(
+/// How a run is handed to the coordinator: with the devices of the backend, and
+/// with whatever else the backend brings (burn's NCCL synchronisation on CUDA in a
+/// `cuda-nccl` build).
+trait Launch<B: AutodiffBackend>: Copy {
+    #[allow(clippy::too_many_arguments)]
+    fn train<M, D>(
+        self,
+        coordinator: &TrainingCoordinator,
+        devices: &[B::Device],
+        model: M,
+        data: &D,
+        task: &TaskSpec,
+        tracker: Option<&mut dyn RunTracker>,
+        epochs: usize,
+    ) -> std::result::Result<Trained<M>, CoordinatorError>
+    where
+        M: AutodiffModule<B> + TaskModel<B> + 'static,
+        M::InnerModule: TaskModel<B::InnerBackend>,
+        D: DataModule;
+}
+
+/// `TrainingCoordinator::train_on`.
+#[derive(Clone, Copy)]
+#[cfg_attr(feature = "cuda-nccl", allow(dead_code))]
+struct Plain;
+
+impl<B: AutodiffBackend> Launch<B> for Plain {
+    #[allow(clippy::too_many_arguments)]
+    fn train<M, D>(
+        self,
+        coordinator: &TrainingCoordinator,
+        devices: &[B::Device],
+        model: M,
+        data: &D,
+        task: &TaskSpec,
+        tracker: Option<&mut dyn RunTracker>,
+        epochs: usize,
+    ) -> std::result::Result<Trained<M>, CoordinatorError>
+    where
+        M: AutodiffModule<B> + TaskModel<B> + 'static,
+        M::InnerModule: TaskModel<B::InnerBackend>,
+        D: DataModule,
+    {
+        coordinator.train_on::<B, M, D>(devices, model, data, task, tracker, epochs)
+    }
+}
+
+/// CUDA: `train_on`, or `train_on_nccl` in a `cuda-nccl` build.
+#[cfg(feature = "cuda")]
+#[derive(Clone, Copy)]
+struct CudaLaunch;
+
+#[cfg(feature = "cuda")]
+impl Launch<kiln_backend_cuda::CudaAutodiff> for CudaLaunch {
+    #[allow(clippy::too_many_arguments)]
+    fn train<M, D>(
+        self,
+        coordinator: &TrainingCoordinator,
+        devices: &[kiln_backend_cuda::CudaDevice],
+        model: M,
+        data: &D,
+        task: &TaskSpec,
+        tracker: Option<&mut dyn RunTracker>,
+        epochs: usize,
+    ) -> std::result::Result<Trained<M>, CoordinatorError>
+    where
+        M: AutodiffModule<kiln_backend_cuda::CudaAutodiff>
+            + TaskModel<kiln_backend_cuda::CudaAutodiff>
+            + 'static,
+        M::InnerModule: TaskModel<kiln_backend_cuda::Cuda>,
+        D: DataModule,
+    {
+        #[cfg(feature = "cuda-nccl")]
+        return coordinator.train_on_nccl(devices, model, data, task, tracker, epochs);
+        #[cfg(not(feature = "cuda-nccl"))]
+        Plain.train(coordinator, devices, model, data, task, tracker, epochs)
+    }
+}
+
+fn train_task<B: AutodiffBackend, L: Launch<B>>(
     args: &TrainArgs,
     coordinator: &TrainingCoordinator,
     mut task: TaskSpec,
     tracker: Option<&mut dyn RunTracker>,
     devices: Option<Vec<B::Device>>,
+    launch: L,
 ) -> Result<TrainReport> {
     // The model is built on the first device; the coordinator copies it to the others.
     let device = devices
@@ -372,22 +471,50 @@ fn train_task<B: AutodiffBackend>(
                 ..TinyGptConfig::tiny(vocab)
             }
             .init::<B>(args.seed, &device)?;
-            fit(coordinator, model, &data, &task, tracker, devices, args)
+            fit(
+                coordinator,
+                model,
+                &data,
+                &task,
+                tracker,
+                devices,
+                args,
+                launch,
+            )
         }
         TaskKind::Classification { num_classes } => {
             let data = TabularDataModule::blobs(num_classes, 16, 4096, 512, args.seed);
             let model = MlpConfig::for_task(&task.kind, 16)?.init::<B>(args.seed, &device)?;
-            fit(coordinator, model, &data, &task, tracker, devices, args)
+            fit(
+                coordinator,
+                model,
+                &data,
+                &task,
+                tracker,
+                devices,
+                args,
+                launch,
+            )
         }
         TaskKind::Regression { outputs } => {
             let data = TabularDataModule::linear(outputs, 16, 4096, 512, args.seed);
             let model = MlpConfig::for_task(&task.kind, 16)?.init::<B>(args.seed, &device)?;
-            fit(coordinator, model, &data, &task, tracker, devices, args)
+            fit(
+                coordinator,
+                model,
+                &data,
+                &task,
+                tracker,
+                devices,
+                args,
+                launch,
+            )
         }
     }
 }
 
-fn fit<B, M, D>(
+#[allow(clippy::too_many_arguments)]
+fn fit<B, M, D, L>(
     coordinator: &TrainingCoordinator,
     model: M,
     data: &D,
@@ -395,17 +522,25 @@ fn fit<B, M, D>(
     tracker: Option<&mut dyn RunTracker>,
     devices: Option<&[B::Device]>,
     args: &TrainArgs,
+    launch: L,
 ) -> Result<TrainReport>
 where
     B: AutodiffBackend,
+    L: Launch<B>,
     M: AutodiffModule<B> + TaskModel<B> + 'static,
     M::InnerModule: TaskModel<B::InnerBackend>,
     D: DataModule,
 {
     let trained = match devices {
-        Some(devices) => {
-            coordinator.train_on::<B, M, D>(devices, model, data, task, tracker, args.epochs)
-        }
+        Some(devices) => launch.train(
+            coordinator,
+            devices,
+            model,
+            data,
+            task,
+            tracker,
+            args.epochs,
+        ),
         None => coordinator.train::<B, M, D>(model, data, task, tracker, args.epochs),
     };
     match trained {

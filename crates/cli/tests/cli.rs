@@ -1,4 +1,7 @@
 //! The `kiln` binary as a user runs it.
+//!
+//! It trains on the CPU backends, which a kiln built with `cuda-nccl` lacks.
+#![cfg(not(feature = "cuda-nccl"))]
 
 use std::process::{Command, Output};
 
@@ -51,6 +54,8 @@ fn bad_text_files_fail_cleanly(#[case] content: Option<&[u8]>, #[case] needle: &
 #[case(&["train", "--task", "lm_huge"], "invalid task preset \"lm_huge\"")]
 #[case(&["train", "--num-nodes", "0"], "invalid num_nodes \"0\"")]
 #[case(&["train", "--precision", "16-true"], "invalid eps \"0.00000001\": expected a number >= 6.1e-5 under 16-true")]
+#[case(&["train", "--process-group-backend", "gloo"], "invalid process_group_backend \"gloo\": expected auto, collective, nccl")]
+#[case(&["train", "--strategy", "ddp", "--devices", "2", "--process-group-backend", "nccl"], "process_group_backend nccl is not available: this build of kiln-coordinator lacks its `cuda-nccl` feature")]
 #[case(&["train", "--backend", "cuda"], "backend cuda is not compiled into this kiln: rebuild it with `cargo build --release -p kiln-cli --features cuda`")]
 #[case(&["train", "--backend", "ndarray", "--precision", "bf16-mixed", "--strict-precision"], "invalid precision \"bf16-mixed\": expected a mode backend autodiff<ndarray> supports: 32-true")]
 fn bad_arguments_fail_with_the_value_named(#[case] args: &[&str], #[case] needle: &str) {
@@ -146,7 +151,9 @@ fn two_cpu_workers_train_with_ddp(#[case] engine: &str, #[case] runs: &str) {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains(&format!("engine={runs} strategy=ddp")) && stderr.contains("world=2"),
+        stderr.contains(&format!("engine={runs} strategy=ddp"))
+            && stderr.contains("world=2")
+            && stderr.contains("process_group=collective"),
         "{stderr}"
     );
     assert!(stdout.contains("3 optimizer steps"), "{stdout}");

@@ -2,7 +2,9 @@
 //! per node, wired together through torchrun's variables (`kiln launch` or by
 //! hand), as a user runs them.
 //!
-//! Every test enforces its own time limit: a node that hangs fails the test.
+//! Every test enforces its own time limit: a node that hangs fails the test. They
+//! train on the CPU backends, which a kiln built with `cuda-nccl` lacks.
+#![cfg(not(feature = "cuda-nccl"))]
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;

@@ -17,7 +17,8 @@ use crate::{Result, TrainingCoordinator};
 ///
 /// | kiln | Lightning `Trainer` | burn-train 0.21 (Learner engine) |
 /// | --- | --- | --- |
-/// | `strategy("auto"\|"single")` | `strategy` | `ExecutionStrategy::SingleDevice`; `vanilla` selects kiln's native loop instead; `ddp`/`fsdp` on several devices run kiln's data-parallel groups, as a custom training strategy (`TrainingStrategy::Custom`) on the Learner engine (burn-train's own DDP is NCCL-only) |
+/// | `strategy("auto"\|"single")` | `strategy` | `ExecutionStrategy::SingleDevice`; `vanilla` selects kiln's native loop instead; `ddp`/`fsdp` on several devices run kiln's data-parallel groups, as a custom training strategy (`TrainingStrategy::Custom`) on the Learner engine |
+/// | `process_group_backend("collective"\|"nccl")` | `DDPStrategy(process_group_backend=...)` | burn-collective's all-reduce once per step, or burn-train's DDP synchronisation (NCCL inside backward; `cuda-nccl` builds, `TrainingCoordinator::train_on_nccl`) |
 /// | `engine("native"\|"learner")` | — | the Learner engine (`SupervisedTraining`) or kiln's native loop; `auto` picks the Learner engine where it can run |
 /// | `precision("32-true"\|"bf16-mixed"\|...)` | `precision` | 32-true only; other modes run on the native loop (`docs/precision.md`) |
 /// | `devices("auto"\|"2"\|"-1"\|"0,2")` | `devices` | the device of `SingleDevice` |
@@ -46,6 +47,7 @@ pub struct CoordinatorBuilder {
     config: CoordinatorConfig,
     strategy: Option<String>,
     engine: Option<String>,
+    process_group_backend: Option<String>,
     precision: Option<String>,
     devices: Option<String>,
     ckpt_path: Option<String>,
@@ -71,6 +73,16 @@ impl CoordinatorBuilder {
     /// (kiln's own loop). See `docs/strategies.md`.
     pub fn engine(mut self, s: impl Into<String>) -> Self {
         self.engine = Some(s.into());
+        self
+    }
+
+    /// What carries a data-parallel group's gradients: `auto` (default: NCCL where
+    /// it can run, else burn-collective), `collective` (burn-collective's all-reduce,
+    /// once per step) or `nccl` (burn-train's DDP synchronisation: NCCL all-reduces
+    /// the gradients during backward; CUDA, one node, the Learner engine, a build
+    /// with the `cuda-nccl` feature). See `docs/strategies.md`.
+    pub fn process_group_backend(mut self, s: impl Into<String>) -> Self {
+        self.process_group_backend = Some(s.into());
         self
     }
 
@@ -244,6 +256,9 @@ impl CoordinatorBuilder {
         }
         if let Some(s) = self.engine {
             config.engine = kiln_core::Engine::parse_choice(&s)?;
+        }
+        if let Some(s) = self.process_group_backend {
+            config.process_group_backend = kiln_core::ProcessGroupBackend::parse_choice(&s)?;
         }
         if let Some(s) = self.precision {
             config.precision = s.parse()?;

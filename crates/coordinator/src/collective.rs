@@ -368,6 +368,14 @@ impl<B: AutodiffBackend> Peer<B> {
         Ok((grads, self.status(&flat, n, at)?))
     }
 
+    /// Sums only `status` over the group (the gradients are summed elsewhere: by
+    /// the backend's synchronisation during backward).
+    #[cfg_attr(not(feature = "learner"), allow(dead_code))]
+    pub fn sum_status(&self, status: Status, at: &str) -> Result<Status, CoordinatorError> {
+        let (flat, n) = self.sum(Vec::new(), status, at)?;
+        self.status(&flat, n, at)
+    }
+
     /// The summed status numbers at `n` in `flat`; checks that every worker took
     /// part.
     fn status(

@@ -14,10 +14,11 @@ use kiln_experiment_db::{EndStatus, NewRun, RunTracker};
 
 use crate::checkpoint::{self, Signatures};
 use crate::native;
-use crate::plan::resolve_plan;
+use crate::plan::{resolve_plan, resolve_process_group};
 use crate::progress::Progress;
 use crate::run::{self, CheckpointCtx, Failure, LoopInputs, LoopStats};
 use crate::run_dir::RunDir;
+use crate::sync::BackendSync;
 use crate::tracking::Metrics;
 use crate::{CoordinatorBuilder, CoordinatorError, Result, StopHandle};
 
@@ -129,6 +130,65 @@ impl TrainingCoordinator {
         M::InnerModule: TaskModel<B::InnerBackend>,
         D: DataModule,
     {
+        self.train_with(devices, model, data, task, experiment_db, n_epochs, None)
+    }
+
+    /// [`train_on`](Self::train_on) with burn's own gradient synchronisation
+    /// available to data-parallel groups: burn-train's DDP machinery, NCCL on CUDA
+    /// (`process_group_backend` `auto` or `nccl`; see `docs/strategies.md`).
+    ///
+    /// Only in builds with the `cuda-nccl` feature, where burn's `distributed`
+    /// feature is on: that build cannot train on the CPU backends at all (Burn 0.21
+    /// gives autodiff only to backends with a distributed implementation).
+    ///
+    /// # Errors
+    /// As [`train_on`](Self::train_on); and [`CoordinatorError::NotAvailable`] when
+    /// NCCL cannot start (no `libnccl`, or devices it cannot join).
+    #[cfg(feature = "cuda-nccl")]
+    pub fn train_on_nccl<B, M, D>(
+        &self,
+        devices: &[B::Device],
+        model: M,
+        data: &D,
+        task: &TaskSpec,
+        experiment_db: Option<&mut dyn RunTracker>,
+        n_epochs: usize,
+    ) -> Result<Trained<M>>
+    where
+        B: AutodiffBackend + burn::tensor::backend::distributed::DistributedBackend,
+        M: AutodiffModule<B> + TaskModel<B> + 'static,
+        M::InnerModule: TaskModel<B::InnerBackend>,
+        D: DataModule,
+    {
+        let sync = crate::sync::nccl::<B>();
+        self.train_with(
+            devices,
+            model,
+            data,
+            task,
+            experiment_db,
+            n_epochs,
+            Some(sync),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn train_with<B, M, D>(
+        &self,
+        devices: &[B::Device],
+        model: M,
+        data: &D,
+        task: &TaskSpec,
+        experiment_db: Option<&mut dyn RunTracker>,
+        n_epochs: usize,
+        sync: Option<BackendSync<B>>,
+    ) -> Result<Trained<M>>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + TaskModel<B> + 'static,
+        M::InnerModule: TaskModel<B::InnerBackend>,
+        D: DataModule,
+    {
         let started = Instant::now();
         let config = &self.config;
         task.validate()?;
@@ -184,6 +244,11 @@ impl TrainingCoordinator {
                  trains in 32-true)"
             ));
         }
+        resolve_process_group(
+            config,
+            &mut plan,
+            (cfg!(feature = "cuda-nccl"), sync.is_some()),
+        )?;
         for warning in &plan.warnings {
             tracing::warn!("{warning}");
         }
@@ -318,6 +383,9 @@ impl TrainingCoordinator {
                 model,
                 resume.as_ref(),
                 plan.strategy == Strategy::Fsdp,
+                sync.filter(|_| {
+                    plan.process_group_backend == Some(kiln_core::ProcessGroupBackend::Nccl)
+                }),
                 &mut metrics,
                 &mut progress,
                 &mut stats,
@@ -493,7 +561,7 @@ fn run_params(
     plan: &kiln_core::ResolvedPlan,
 ) -> Vec<(String, String)> {
     let o = &config.optimizer;
-    vec![
+    let mut params = vec![
         ("task".into(), task.name.clone()),
         ("task_type".into(), task.kind.type_name().into()),
         ("strategy".into(), plan.strategy.to_string()),
@@ -509,7 +577,11 @@ fn run_params(
         ("lr".into(), o.lr.to_string()),
         ("weight_decay".into(), o.weight_decay.to_string()),
         ("seed".into(), config.seed.to_string()),
-    ]
+    ];
+    if let Some(backend) = plan.process_group_backend {
+        params.push(("process_group_backend".into(), backend.to_string()));
+    }
+    params
 }
 
 fn host_name() -> String {

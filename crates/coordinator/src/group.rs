@@ -193,6 +193,9 @@ pub(crate) struct Offer<'a> {
     pub failure: Option<Failure>,
     /// A time-based checkpoint is due by this worker's clock (rank 0's decides).
     pub time_due: bool,
+    /// Exchange the status numbers only: the backend summed the gradients during
+    /// backward (`process_group_backend = nccl`); no gradients come back.
+    pub status_only: bool,
 }
 
 /// Sums one step over the group. Every worker gets the same sums, so every
@@ -218,9 +221,13 @@ pub(crate) fn exchange_step<B: AutodiffBackend, M: AutodiffModule<B>, S>(
         save_due: f64::from(u8::from(offer.time_due)),
         ..Status::default()
     };
-    let (summed, all) = peer
-        .sum_step(model, offer.grads, status, at)
-        .map_err(|e| exchange_failure(stop, e))?;
+    let (summed, all) = match offer.status_only {
+        true => peer
+            .sum_status(status, at)
+            .map(|all| (GradientsParams::new(), all)),
+        false => peer.sum_step(model, offer.grads, status, at),
+    }
+    .map_err(|e| exchange_failure(stop, e))?;
     if all.failed > 0.0 {
         return Err(offer.failure.unwrap_or_else(|| group.failure_elsewhere()));
     }

@@ -45,6 +45,7 @@ mod progress;
 mod run;
 mod run_dir;
 mod stop;
+mod sync;
 mod tracking;
 
 pub use builder::CoordinatorBuilder;

@@ -307,6 +307,7 @@ where
                             stopped: stopped || stop.is_stopped(),
                             failure: own,
                             time_due,
+                            status_only: false,
                         };
                         let exchange = Instant::now();
                         let (summed, all) = exchange_step(

@@ -1,6 +1,8 @@
 //! Strategy resolution: what will actually run. See `docs/strategies.md`.
 
-use kiln_core::{CoordinatorConfig, Engine, ProgressMode, ResolvedPlan, Strategy};
+use kiln_core::{
+    CoordinatorConfig, Engine, ProcessGroupBackend, ProgressMode, ResolvedPlan, Strategy,
+};
 
 use crate::{CoordinatorError, Result};
 
@@ -113,8 +115,82 @@ pub fn resolve_plan(
         world_size: n * nodes,
         precision: config.precision,
         backend: backend.to_string(),
+        process_group_backend: None,
         warnings,
     })
+}
+
+/// What carries the gradients of `plan`'s group, once its engine is final (the
+/// coordinator may move a plan to the native loop for its precision): sets
+/// `plan.process_group_backend` (`None` with one worker). `nccl`: whether the
+/// `cuda-nccl` feature is compiled in, and whether the caller brought burn's NCCL
+/// synchronisation (`TrainingCoordinator::train_on_nccl`, only in such builds).
+///
+/// `auto` takes NCCL when it is offered and can run the plan (the Learner engine,
+/// one node), else burn-collective; `nccl` where it cannot run is an error naming
+/// what is missing.
+pub(crate) fn resolve_process_group(
+    config: &CoordinatorConfig,
+    plan: &mut ResolvedPlan,
+    (nccl_compiled, nccl_offered): (bool, bool),
+) -> Result<()> {
+    let asked = config.process_group_backend;
+    if plan.world_size == 1 {
+        if asked == Some(ProcessGroupBackend::Nccl) {
+            plan.warnings
+                .push("process_group_backend nccl with one worker: nothing to synchronise".into());
+        }
+        plan.process_group_backend = None;
+        return Ok(());
+    }
+    let nodes = plan.num_nodes;
+    let learner = plan.engine == Engine::Learner;
+    let chosen = match asked {
+        Some(ProcessGroupBackend::Collective) => ProcessGroupBackend::Collective,
+        Some(ProcessGroupBackend::Nccl) if !nccl_compiled => {
+            return Err(CoordinatorError::NotAvailable {
+                what: "process_group_backend nccl".into(),
+                reason: "this build of kiln-coordinator lacks its `cuda-nccl` feature (the \
+                         `kiln` binary: build it with `--features cuda-nccl`, a CUDA-only \
+                         build)"
+                    .into(),
+            });
+        }
+        Some(ProcessGroupBackend::Nccl) if nodes > 1 => {
+            return Err(CoordinatorError::NotAvailable {
+                what: format!("process_group_backend nccl with num_nodes {nodes}"),
+                reason: "burn-train's NCCL synchronisation runs inside one process; across \
+                         nodes kiln's groups exchange through burn-collective (auto or \
+                         collective)"
+                    .into(),
+            });
+        }
+        Some(ProcessGroupBackend::Nccl) if !learner => {
+            return Err(kiln_core::Error::invalid(
+                "process_group_backend",
+                "nccl",
+                format!(
+                    "auto or collective with engine {} (NCCL synchronisation runs through \
+                     burn-train's Learner: engine auto or learner, precision 32-true)",
+                    plan.engine
+                ),
+            )
+            .into());
+        }
+        Some(ProcessGroupBackend::Nccl) if !nccl_offered => {
+            return Err(CoordinatorError::NotAvailable {
+                what: format!("process_group_backend nccl on backend {}", plan.backend),
+                reason: "NCCL synchronises CUDA devices: train with `kiln train --backend \
+                         cuda` (library: `TrainingCoordinator::train_on_nccl`)"
+                    .into(),
+            });
+        }
+        Some(ProcessGroupBackend::Nccl) => ProcessGroupBackend::Nccl,
+        None if nccl_offered && learner && nodes == 1 => ProcessGroupBackend::Nccl,
+        None => ProcessGroupBackend::Collective,
+    };
+    plan.process_group_backend = Some(chosen);
+    Ok(())
 }
 
 /// The engine of the plan: the one asked for, if it can run it, or kiln's choice.
@@ -309,6 +385,117 @@ mod tests {
             (plan.engine, plan.strategy),
             (Engine::Learner, Strategy::Fsdp)
         );
+    }
+
+    /// What carries the gradients, by what is asked, what the caller offers and the
+    /// plan's engine and shape (the engine is set here, whatever this build
+    /// resolves by itself; `nccl`: the feature compiled in, NCCL offered).
+    #[rstest]
+    #[case::auto_collective(
+        "auto",
+        2,
+        1,
+        Engine::Learner,
+        (false, false),
+        Ok(Some(ProcessGroupBackend::Collective))
+    )]
+    #[case::auto_nccl(
+        "auto",
+        2,
+        1,
+        Engine::Learner,
+        (true, true),
+        Ok(Some(ProcessGroupBackend::Nccl))
+    )]
+    #[case::auto_native(
+        "auto",
+        2,
+        1,
+        Engine::Native,
+        (true, true),
+        Ok(Some(ProcessGroupBackend::Collective))
+    )]
+    #[case::auto_nodes(
+        "auto",
+        1,
+        2,
+        Engine::Native,
+        (true, true),
+        Ok(Some(ProcessGroupBackend::Collective))
+    )]
+    #[case::one_worker("auto", 1, 1, Engine::Learner, (true, true), Ok(None))]
+    #[case::nccl_one_worker("nccl", 1, 1, Engine::Learner, (true, true), Ok(None))]
+    #[case::collective_asked(
+        "collective",
+        2,
+        1,
+        Engine::Learner,
+        (true, true),
+        Ok(Some(ProcessGroupBackend::Collective))
+    )]
+    #[case::nccl_not_compiled(
+        "nccl",
+        2,
+        1,
+        Engine::Learner,
+        (false, false),
+        Err("lacks its `cuda-nccl` feature")
+    )]
+    #[case::nccl_nodes(
+        "nccl",
+        1,
+        2,
+        Engine::Native,
+        (true, true),
+        Err("process_group_backend nccl with num_nodes 2")
+    )]
+    #[case::nccl_native(
+        "nccl",
+        2,
+        1,
+        Engine::Native,
+        (true, true),
+        Err("auto or collective with engine native")
+    )]
+    #[case::nccl_on_cpu(
+        "nccl",
+        2,
+        1,
+        Engine::Learner,
+        (true, false),
+        Err("process_group_backend nccl on backend flex")
+    )]
+    #[case::nccl(
+        "nccl",
+        2,
+        1,
+        Engine::Learner,
+        (true, true),
+        Ok(Some(ProcessGroupBackend::Nccl))
+    )]
+    fn the_process_group_backend_runs_or_is_refused_by_name(
+        #[case] asked: &str,
+        #[case] devices: usize,
+        #[case] num_nodes: u32,
+        #[case] engine: Engine,
+        #[case] nccl: (bool, bool),
+        #[case] want: std::result::Result<Option<ProcessGroupBackend>, &str>,
+    ) {
+        let config = CoordinatorConfig {
+            process_group_backend: ProcessGroupBackend::parse_choice(asked).unwrap(),
+            ..nodes("ddp", &devices.to_string(), num_nodes)
+        };
+        let mut plan = resolve_plan(&config, "flex", devices).unwrap();
+        plan.engine = engine;
+        let warnings = plan.warnings.len();
+        match (resolve_process_group(&config, &mut plan, nccl), want) {
+            (Ok(()), Ok(backend)) => assert_eq!(plan.process_group_backend, backend, "{plan}"),
+            (Err(e), Err(needle)) => assert!(e.to_string().contains(needle), "{e}"),
+            (got, want) => panic!("{got:?} vs {want:?} ({plan})"),
+        }
+        if asked == "nccl" && plan.world_size == 1 {
+            assert_eq!(plan.warnings.len(), warnings + 1, "{:?}", plan.warnings);
+        }
     }
 
     #[test]

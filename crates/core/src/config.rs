@@ -11,7 +11,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::launch::NodeSettings;
-use crate::{Engine, Error, Result};
+use crate::{Engine, Error, ProcessGroupBackend, Result};
 
 macro_rules! string_serde {
     ($t:ty) => {
@@ -553,6 +553,11 @@ pub struct CoordinatorConfig {
     /// This node's rank and the rendezvous of a multi-node run (unused with one
     /// node; see [`crate::launch`]).
     pub node: NodeSettings,
+    /// What carries a data-parallel group's gradients (Lightning's
+    /// `process_group_backend`): `None` lets kiln choose (NCCL where the build, the
+    /// backend and the plan allow it, else burn-collective; see
+    /// `docs/strategies.md`). Asking for one that cannot run the plan is an error.
+    pub process_group_backend: Option<ProcessGroupBackend>,
     /// Data-parallel groups compare every worker's weights after every optimizer
     /// step (one more exchange of the parameters per step: for debugging and
     /// tests); a difference fails the run. The largest difference seen is in the
@@ -603,6 +608,7 @@ impl Default for CoordinatorConfig {
             devices: Devices::Auto,
             num_nodes: 1,
             node: NodeSettings::default(),
+            process_group_backend: None,
             check_replicas: false,
             enable_checkpointing: true,
             checkpoint: CheckpointPolicy::default(),

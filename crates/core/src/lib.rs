@@ -31,7 +31,9 @@ pub use config::{
 pub use data::{Batch, DataModule, Split};
 pub use error::Error;
 pub use model::{Inputs, Prediction, Targets, TaskModel};
-pub use report::{Engine, MetricSummary, ResolvedPlan, RunStatus, Throughput, TrainReport};
+pub use report::{
+    Engine, MetricSummary, ProcessGroupBackend, ResolvedPlan, RunStatus, Throughput, TrainReport,
+};
 pub use task::{TASK_SPEC_SCHEMA_VERSION, TaskKind, TaskSpec};
 
 /// Result alias for kiln-core.

@@ -49,6 +49,56 @@ impl fmt::Display for Engine {
     }
 }
 
+/// What carries a data-parallel group's gradients from worker to worker
+/// (Lightning's `process_group_backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessGroupBackend {
+    /// burn-collective's all-reduce, once per optimizer step (every backend; the
+    /// only one across nodes).
+    Collective,
+    /// burn-train's DDP synchronisation: NCCL all-reduces each gradient on the GPUs
+    /// during the backward pass (CUDA, one node, a build with `cuda-nccl`).
+    Nccl,
+}
+
+impl ProcessGroupBackend {
+    /// Every accepted spelling, for error messages.
+    pub const ACCEPTED: &'static str = "auto, collective, nccl";
+
+    /// Parses a choice: `auto` (kiln chooses) is `None`.
+    ///
+    /// ```
+    /// use kiln_core::ProcessGroupBackend;
+    /// assert_eq!(ProcessGroupBackend::parse_choice("nccl").unwrap(), Some(ProcessGroupBackend::Nccl));
+    /// assert_eq!(ProcessGroupBackend::parse_choice("auto").unwrap(), None);
+    /// assert!(ProcessGroupBackend::parse_choice("gloo").is_err());
+    /// ```
+    pub fn parse_choice(s: &str) -> crate::Result<Option<ProcessGroupBackend>> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => None,
+            "collective" | "burn-collective" => Some(ProcessGroupBackend::Collective),
+            "nccl" => Some(ProcessGroupBackend::Nccl),
+            _ => {
+                return Err(crate::Error::invalid(
+                    "process_group_backend",
+                    s,
+                    ProcessGroupBackend::ACCEPTED,
+                ));
+            }
+        })
+    }
+}
+
+impl fmt::Display for ProcessGroupBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProcessGroupBackend::Collective => "collective",
+            ProcessGroupBackend::Nccl => "nccl",
+        })
+    }
+}
+
 /// What will run, resolved once from the configuration, the build and the
 /// hardware; printed at start, stored with the run and returned in the report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +120,10 @@ pub struct ResolvedPlan {
     pub precision: Precision,
     /// Backend name, e.g. `ndarray`, `flex`, `cuda`.
     pub backend: String,
+    /// What carries the gradients of a data-parallel group (`None` with one
+    /// worker).
+    #[serde(default)]
+    pub process_group_backend: Option<ProcessGroupBackend>,
     /// Warnings raised while resolving (also logged once).
     pub warnings: Vec<String>,
 }
@@ -89,6 +143,9 @@ impl fmt::Display for ResolvedPlan {
         )?;
         if self.num_nodes > 1 {
             write!(f, " node_rank={}", self.node_rank)?;
+        }
+        if let Some(backend) = self.process_group_backend {
+            write!(f, " process_group={backend}")?;
         }
         Ok(())
     }

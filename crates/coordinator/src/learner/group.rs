@@ -77,12 +77,14 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {
     }
 
     /// Sums one step over the group: the summed gradients, the step's loss and
-    /// whether rank 0's clock asks for a checkpoint.
+    /// whether rank 0's clock asks for a checkpoint. Under the backend's
+    /// synchronisation (`Settings::backend_sync`) `grads` already are the group's
+    /// sums and only the status numbers are exchanged.
     pub fn exchange(
         &self,
         shared: &Shared,
         model: &M,
-        grads: Option<&GradientsParams>,
+        grads: Option<GradientsParams>,
         loss: f64,
         time_due: bool,
         step: u64,
@@ -93,12 +95,14 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {
         // may be built ahead, during this step, and the step is taken all the same.
         let own = shared.position().failure.take();
         let stopped = matches!(own, Some(Failure::Stopped)) || shared.interrupter.should_stop();
+        let synced = shared.settings.backend_sync;
         let offer = Offer {
-            grads,
+            grads: grads.as_ref().filter(|_| !synced),
             loss,
             stopped,
             failure: own.filter(|f| !matches!(f, Failure::Stopped)),
             time_due,
+            status_only: synced,
         };
         let started = std::time::Instant::now();
         let peer = self.peer()?;
@@ -113,6 +117,10 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {
         );
         shared.position().collective_seconds += started.elapsed().as_secs_f64();
         let (summed, all) = outcome?;
+        let summed = match synced {
+            true => grads.unwrap_or_default(),
+            false => summed,
+        };
         Ok((summed, all.loss, all.save_due > 0.0))
     }
 

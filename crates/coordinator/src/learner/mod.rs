@@ -51,6 +51,7 @@ use crate::run::{
     Failure, LoopInputs, LoopStats, RunShape, SaveClock, book_step, book_validation, epoch_stop,
     trainer_state, write_checkpoint,
 };
+use crate::sync::BackendSync;
 use crate::tracking::Metrics;
 use group::{Components, GroupStrategy, Member, Worker};
 use loader::{TrainLoader, ValidLoader, produce};
@@ -60,7 +61,8 @@ use stepper::Stepper;
 /// Trains `model` through burn-train on `devices`; the counterpart of
 /// [`crate::native::fit`] (one device) and [`crate::native::fit_group`] (several:
 /// kiln's [`group::GroupStrategy`], `sharded` for fsdp), with the same inputs,
-/// books and result.
+/// books and result. `sync`: the backend's own gradient synchronisation for a
+/// group (`process_group_backend = nccl`), instead of burn-collective's.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fit<B, M, D>(
     inputs: &LoopInputs<'_, B, D>,
@@ -68,6 +70,7 @@ pub(crate) fn fit<B, M, D>(
     model: M,
     resume: Option<&Loaded>,
     sharded: bool,
+    sync: Option<BackendSync<B>>,
     metrics: &mut Metrics<'_>,
     progress: &mut Progress,
     stats: &mut LoopStats,
@@ -121,6 +124,12 @@ where
     }
 
     let _only_group = (world > 1).then(crate::group::one_at_a_time);
+    // Closed when training is over (dropped), whatever the outcome.
+    let session = match sync.filter(|_| world > 1) {
+        Some(sync) => Some((sync.start)(devices).map_err(Failure::Error)?),
+        None => None,
+    };
+    let backend_sync = session.is_some();
 
     let (events, received) = mpsc::channel();
     // One producer thread per worker, named after it (`kiln-worker-<rank>-data`).
@@ -137,6 +146,7 @@ where
         schedule: config.optimizer.schedule,
         checkpoints: inputs.checkpoints.as_ref().map(|c| c.policy.clone()),
         check_replicas: config.check_replicas,
+        backend_sync,
     };
     let group = (world > 1).then(|| Arc::new(crate::group::Group::<Vec<u8>>::new()));
     // Each worker: its state shared with the loader and the scheduler, its loader,
@@ -202,6 +212,11 @@ where
         let replica = match rank {
             0 => model.clone(),
             _ => model.clone().fork(worker_device),
+        };
+        // burn-train's `grad_sharded`: the backend sums these parameters' gradients.
+        let replica = match backend_sync {
+            true => crate::sync::mark(replica),
+            false => replica,
         };
         let mut optim = adamw(config).init::<B, Stepper<B, M>>();
         if let Some(loaded) = resume {
@@ -321,6 +336,7 @@ where
             )));
         }
     };
+    drop(session);
     let mut position = shared.position();
     stats.optimizer_state_bytes = position.optimizer_state_bytes;
     stats.collective_seconds += position.collective_seconds;

@@ -49,6 +49,9 @@ pub(crate) struct Settings {
     pub checkpoints: Option<CheckpointPolicy>,
     /// Compare the replicas after every step (`check_replicas`).
     pub check_replicas: bool,
+    /// The backend sums the gradients over the group during backward
+    /// (`process_group_backend = nccl`, [`crate::sync`]).
+    pub backend_sync: bool,
 }
 
 /// Where the training thread stands.

@@ -26,6 +26,7 @@ use crate::group::{micro_loss, retain_owned};
 use crate::native::post_process;
 use crate::objective;
 use crate::run::{Failure, SaveAt, StepRecord};
+use crate::sync::zero_over_params;
 
 /// A kiln model wrapped for burn-train; its parameters are the model's (the
 /// [`Module`] implementation delegates every call to it).
@@ -128,6 +129,7 @@ where
     fn step(&self, micro: Micro<B>) -> TrainOutput<StepItem> {
         let shared = &self.shared.0;
         let in_group = shared.member.is_some();
+        let synced = shared.settings.backend_sync;
         let (epoch, batch_index, group, steps, failed) = {
             let p = shared.position();
             let group = p.group_len(&shared.settings);
@@ -148,7 +150,10 @@ where
                             steps + 1
                         )));
                     }
-                    let loss = micro_loss(loss, in_group, group, micro.share);
+                    let mut loss = micro_loss(loss, in_group, group, micro.share);
+                    if synced && let Some(zero) = zero_over_params(&self.model) {
+                        loss = loss + zero;
+                    }
                     let grads = GradientsParams::from_grads(loss.backward(), &self.model);
                     Ok(Some((value, grads)))
                 };
@@ -159,6 +164,25 @@ where
                 })
             }
             _ => Ok(None),
+        };
+        // Under the backend's synchronisation every worker runs a backward pass
+        // over every parameter for every micro-batch, or the others wait for it:
+        // one that has no examples here, or failed, runs a zero loss.
+        let work = match work {
+            Ok(None) | Err(_) if synced => {
+                let zero = || {
+                    zero_over_params(&self.model)
+                        .map(|zero| GradientsParams::from_grads(zero.backward(), &self.model))
+                };
+                let grads = std::panic::catch_unwind(AssertUnwindSafe(zero))
+                    .ok()
+                    .flatten();
+                match (work, grads) {
+                    (Ok(_), Some(grads)) => Ok(Some((0.0, grads))),
+                    (work, _) => work,
+                }
+            }
+            work => work,
         };
         let (value, grads) = match work {
             Ok(Some((value, grads))) => (value, Some(grads)),
@@ -233,7 +257,7 @@ where
             Some(member) => match member.exchange(
                 &shared,
                 &self.model,
-                grads.as_ref(),
+                grads,
                 loss,
                 time_due(member.rank),
                 step,
@@ -264,6 +288,9 @@ where
         let mut stepped = optim.step(lr, self, grads);
         if let Some(member) = member.filter(|m| m.sharded) {
             match member.gather(&shared, stepped.model.clone()) {
+                // The gathered parameters are new tensors: marked again for the
+                // backend's synchronisation when it runs.
+                Ok(model) if settings.backend_sync => stepped.model = crate::sync::mark(model),
                 Ok(model) => stepped.model = model,
                 Err(failure) => {
                     shared.end_with(Some(failure));
