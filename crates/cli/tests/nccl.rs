@@ -1,9 +1,10 @@
 //! `--process-group-backend nccl` (burn-train's NCCL synchronisation) against
 //! `collective` (burn-collective) on two GPUs: the same steps, to float rounding.
 //!
-//! Compiled only in a kiln built with `--features cuda-nccl`; it needs two CUDA
-//! devices (one NCCL group cannot hold the same GPU twice) and says so and returns
-//! on a machine with fewer: `cargo test -p kiln-cli --features cuda-nccl --test nccl`.
+//! Compiled only in a kiln built with `--features cuda-nccl`; the comparison needs
+//! two CUDA devices (one NCCL group cannot hold the same GPU twice) and says so and
+//! returns on a machine with fewer: `cargo test -p kiln-cli --features cuda-nccl
+//! --test nccl`.
 #![cfg(feature = "cuda-nccl")]
 
 use std::process::Command;
@@ -76,4 +77,22 @@ fn nccl_takes_the_steps_burn_collective_takes(#[case] strategy: &str) {
             step + 1
         );
     }
+}
+
+/// That build has no CPU backend to train on, and says so instead of failing
+/// obscurely (burn's `distributed` feature leaves NdArray and Flex without autodiff).
+#[rstest]
+#[case::flex(&["train", "--backend", "flex", "--max-steps", "1", "--no-db"], "backend flex is not in this kiln")]
+#[case::ndarray(&["train", "--backend", "ndarray", "--max-steps", "1", "--no-db"], "backend ndarray is not in this kiln")]
+#[case::bench(&["bench", "--steps", "1"], "kiln bench measures the CPU backends, which this kiln lacks")]
+fn the_cpu_backends_are_refused_by_name(#[case] args: &[&str], #[case] needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir.path())
+        .output()
+        .expect("kiln runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(needle), "{stderr}");
 }

@@ -134,3 +134,52 @@ where
     model.visit(&mut sum);
     sum.0
 }
+
+#[cfg(all(test, feature = "learner", not(feature = "cuda-nccl")))]
+mod tests {
+    use super::*;
+    use burn::backend::Autodiff;
+    use burn::module::{ModuleVisitor, Param};
+    use burn::optim::GradientsParams;
+    use kiln_backend_cpu::NdArray;
+    use kiln_models::TinyGptConfig;
+
+    type B = Autodiff<NdArray>;
+
+    /// What the NCCL synchronisation needs of a worker with nothing to train on: a
+    /// backward pass that reaches every parameter, with zero gradients.
+    #[test]
+    fn the_zero_loss_reaches_every_parameter_with_zero_gradients() {
+        struct Check<'a> {
+            grads: &'a GradientsParams,
+            params: usize,
+            largest: f32,
+        }
+        impl ModuleVisitor<B> for Check<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                self.params += 1;
+                let grad = self
+                    .grads
+                    .get::<NdArray, D>(param.id)
+                    .expect("every parameter has a gradient");
+                let largest = grad.abs().max().into_scalar();
+                self.largest = self.largest.max(largest);
+            }
+        }
+        let model = TinyGptConfig::tiny(65)
+            .init::<B>(1, &Default::default())
+            .unwrap();
+        let zero = zero_over_params(&model).expect("the model has parameters");
+        assert_eq!(zero.clone().into_scalar(), 0.0);
+        let grads = GradientsParams::from_grads(zero.backward(), &model);
+        let mut check = Check {
+            grads: &grads,
+            params: 0,
+            largest: f32::NAN,
+        };
+        model.visit(&mut check);
+        assert!(check.params > 10, "{} parameters", check.params);
+        assert_eq!(grads.len(), check.params);
+        assert_eq!(check.largest, 0.0);
+    }
+}
