@@ -11,6 +11,7 @@ use kiln_coordinator::{CoordinatorBuilder, CoordinatorError, StopHandle};
 use kiln_core::{
     DataModule, ProcessGroupBackend, RunStatus, Split, Strategy, TaskSpec, TrainReport,
 };
+use kiln_experiment_db::{EndStatus, ExperimentDb, MetricPoint, NewRun, RunId, RunTracker};
 use kiln_models::{TextDataModule, TinyGpt};
 use kiln_tests::{Hooked, corpus_data, loss_bits, param_values, quiet, small_gpt};
 use rstest::rstest;
@@ -329,6 +330,85 @@ fn a_panic_in_validation_fails_the_group_not_hangs_it(#[values("learner", "nativ
     // The run ended at the first exchange after epoch 1's validation.
     let per_epoch = data.len(Split::Train).div_ceil(16) as u64;
     assert_eq!(report.optimizer_steps, per_epoch);
+}
+
+/// The real store, whose `log_metrics` panics the first time it is given a point
+/// of step `at` or later: a user's tracker that panics on rank 0, outside any step.
+struct PanicsAtStep {
+    inner: ExperimentDb,
+    at: u64,
+    fired: bool,
+}
+
+impl RunTracker for PanicsAtStep {
+    fn start_run(&mut self, run: &NewRun) -> kiln_experiment_db::Result<RunId> {
+        self.inner.start_run(run)
+    }
+    fn log_metrics(
+        &mut self,
+        run: RunId,
+        points: &[MetricPoint],
+    ) -> kiln_experiment_db::Result<()> {
+        if !self.fired && points.iter().any(|p| p.step >= self.at) {
+            self.fired = true;
+            panic!("the tracker lost its disk at step {}", self.at);
+        }
+        self.inner.log_metrics(run, points)
+    }
+    fn finish_run(
+        &mut self,
+        run: RunId,
+        status: EndStatus,
+        reason: Option<&str>,
+    ) -> kiln_experiment_db::Result<()> {
+        self.inner.finish_run(run, status, reason)
+    }
+}
+
+/// A panic outside every step on rank 0 (here: in the run tracker, while booking
+/// step 3) fails the group with its message instead of leaving the other workers
+/// waiting at the next exchange.
+#[rstest]
+#[timeout(std::time::Duration::from_secs(300))]
+fn a_panic_outside_the_steps_fails_the_group_not_hangs_it(
+    #[values("learner", "native")] engine: &str,
+) {
+    let (data, task) = corpus_data(6_000, 32);
+    let dir = tempfile::tempdir().unwrap();
+    let mut tracker = PanicsAtStep {
+        inner: ExperimentDb::open(dir.path().join("kiln.sqlite")).unwrap(),
+        at: 3,
+        fired: false,
+    };
+    let err = builder(dir.path(), "ddp", "2", 8)
+        .engine(engine)
+        .log_every_n_steps(1)
+        .build()
+        .unwrap()
+        .train::<B, _, _>(
+            model(data.vocab_size()),
+            &data,
+            &task,
+            Some(&mut tracker),
+            3,
+        )
+        .unwrap_err();
+    let CoordinatorError::RunFailed { reason, report } = err else {
+        panic!("expected a failed run, got {err}")
+    };
+    assert!(
+        reason.contains("the tracker lost its disk at step 3"),
+        "{reason}"
+    );
+    assert!(matches!(report.status, RunStatus::Failed { .. }));
+    assert!(
+        report.optimizer_steps <= 4,
+        "{} steps",
+        report.optimizer_steps
+    );
+    // The store says so too (the tracker's one panic was its last).
+    let stored = tracker.inner.run(report.run_id.unwrap()).unwrap();
+    assert_eq!(stored.status, kiln_experiment_db::RunStatus::Failed);
 }
 
 #[rstest]

@@ -577,6 +577,15 @@ impl<B: AutodiffBackend> Peer<B> {
     }
 }
 
+/// Releases every worker of this process waiting in an exchange on backend `B`: a
+/// worker that will never come (it panicked outside its steps) would otherwise keep
+/// them there. burn-collective's local server forgets its peers and pending
+/// operations; their calls end with an error (the server is usable again for the
+/// next group).
+pub(crate) fn release_local_exchanges<B: Backend>() {
+    burn::collective::reset_collective::<B>();
+}
+
 fn collective_error(what: &str, rank: usize, e: impl std::fmt::Debug) -> CoordinatorError {
     CoordinatorError::Collective(format!("{what} failed on worker {rank}: {e:?}"))
 }

@@ -55,6 +55,22 @@ impl<S> Group<S> {
         }
     }
 
+    /// Why an exchange failed, as this worker reports it: the failure a worker
+    /// noted first when there is one (a worker that panicked outside its steps
+    /// releases the others from the exchange it will never join, [`guard`]), else
+    /// the exchange's own error.
+    pub fn explain(&self, stop: &StopHandle, e: CoordinatorError) -> Failure {
+        let noted = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        match noted {
+            true => self.failure_elsewhere(),
+            false => exchange_failure(stop, e),
+        }
+    }
+
     /// Hands a worker's optimizer shard to rank 0.
     pub fn deposit(&self, shard: S) {
         self.shards
@@ -75,6 +91,27 @@ impl<S> Group<S> {
         }
         std::mem::take(&mut *shards)
     }
+}
+
+/// Runs one worker's training (`body`). A panic that escapes it (outside the steps,
+/// which catch their own: in a run tracker, an optimizer step, a renderer) is
+/// noted as this worker's failure, and the workers of this process waiting for it
+/// in an exchange are released (`in_process`; across nodes the exchange's timeout
+/// ends the others), so that they end with its message instead of waiting forever.
+pub(crate) fn guard<B: AutodiffBackend, S, T>(
+    group: &Group<S>,
+    rank: usize,
+    in_process: bool,
+    body: impl FnOnce() -> T,
+) -> Result<T, Failure> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).map_err(|panic| {
+        let failure = Failure::Panicked(crate::coordinator::panic_message(panic.as_ref()));
+        group.note_failure(rank, &failure);
+        if in_process {
+            crate::collective::release_local_exchanges::<B::InnerBackend>();
+        }
+        failure
+    })
 }
 
 pub(crate) fn failure_text(failure: &Failure) -> String {
@@ -146,8 +183,9 @@ pub(crate) fn shard_of<B: AutodiffBackend, M: AutodiffModule<B>>(
 /// calls it at the same point). Returns the largest difference and rank 0's run
 /// id (given by rank 0 as `run`); replicas that differ beyond float rounding are
 /// an error naming `at` ("start", "step 12").
-pub(crate) fn check_replicas<B: AutodiffBackend, M: AutodiffModule<B>>(
+pub(crate) fn check_replicas<B: AutodiffBackend, M: AutodiffModule<B>, S>(
     peer: &Peer<B>,
+    group: &Group<S>,
     model: &M,
     run: Option<i64>,
     stop: &StopHandle,
@@ -155,7 +193,7 @@ pub(crate) fn check_replicas<B: AutodiffBackend, M: AutodiffModule<B>>(
 ) -> Result<(f64, Option<i64>), Failure> {
     let (spread, scale, run) = peer
         .replica_spread(model, run)
-        .map_err(|e| exchange_failure(stop, e))?;
+        .map_err(|e| group.explain(stop, e))?;
     // A float sum over the group is not exact, hence the tolerance (replicas that
     // really differ, e.g. initialised independently, differ at the weights' scale).
     if spread > 1e-6 * scale.max(1e-6) {
@@ -227,7 +265,7 @@ pub(crate) fn exchange_step<B: AutodiffBackend, M: AutodiffModule<B>, S>(
             .map(|all| (GradientsParams::new(), all)),
         false => peer.sum_step(model, offer.grads, status, at),
     }
-    .map_err(|e| exchange_failure(stop, e))?;
+    .map_err(|e| group.explain(stop, e))?;
     if all.failed > 0.0 {
         return Err(offer.failure.unwrap_or_else(|| group.failure_elsewhere()));
     }

@@ -24,7 +24,7 @@ use crate::collective::{Link, Peer};
 use crate::grad::{self, clip_global_norm, clip_to, global_norm};
 use crate::group::{
     AdamWRecord, Group, Offer, check_replicas, exchange_failure, exchange_step, failure_text,
-    gather_shards, micro_loss, retain_owned, shard_of,
+    gather_shards, guard, micro_loss, retain_owned, shard_of,
 };
 use crate::objective::{self, EvalSums};
 use crate::precision::{self, LossScaler};
@@ -211,14 +211,17 @@ where
         )?),
         None => None,
     };
-    let exchanged = |e| exchange_failure(stop, e);
+    let exchanged = |e| match replica.group {
+        Some(group) => group.explain(stop, e),
+        None => exchange_failure(stop, e),
+    };
     let outcome = (|| -> Result<M, Failure> {
-        if let Some(peer) = &peer {
+        if let (Some(peer), Some(group)) = (&peer, replica.group) {
             // Replicas copied in one process are identical, and so are those of
             // every node (kiln's seeded initialisation). Rank 0 tells its run id
             // to the others.
             let run = checkpoints.as_ref().and_then(|c| c.run_id);
-            stats.run_id = check_replicas(peer, &model, run, stop, "the start")?.1;
+            stats.run_id = check_replicas(peer, group, &model, run, stop, "the start")?.1;
         }
         let started = Instant::now();
         let mut validation_seconds = 0.0;
@@ -369,9 +372,11 @@ where
                             .map_err(exchanged)?;
                         stats.collective_seconds += exchange.elapsed().as_secs_f64();
                     }
-                    if let (Some(peer), true) = (&peer, config.check_replicas) {
+                    if let (Some(peer), Some(group), true) =
+                        (&peer, replica.group, config.check_replicas)
+                    {
                         let at = format!("step {step}");
-                        match check_replicas(peer, &model, None, stop, &at) {
+                        match check_replicas(peer, group, &model, None, stop, &at) {
                             Ok((spread, _)) => {
                                 stats.replica_spread =
                                     Some(stats.replica_spread.unwrap_or(0.0).max(spread));
@@ -482,10 +487,13 @@ where
             None => Ok(model),
         }
     })();
-    if let Some(peer) = peer {
-        peer.finish()?;
+    // Leaving the group matters only when the run went well: after a failure the
+    // group may be gone already (released from a worker that panicked).
+    let finished = peer.map(|peer| peer.finish()).transpose();
+    match (outcome, finished) {
+        (Ok(_), Err(e)) => Err(e.into()),
+        (outcome, _) => outcome,
     }
-    outcome
 }
 
 /// The shape of a data-parallel group as seen from this process.
@@ -537,6 +545,7 @@ where
     // Materialised once, then copied: every replica starts from the same weights.
     let model = model.fork(&devices[0]);
     let group = Group::<AdamWRecord<B, M>>::new();
+    let in_process = plan.link.is_none();
     std::thread::scope(|scope| {
         let workers: Vec<_> = (1..local)
             .map(|rank| {
@@ -560,29 +569,34 @@ where
                                 }),
                                 ..*inputs
                             };
-                            fit(
-                                &inputs,
-                                replica_model,
-                                resume,
-                                &replica(rank, group),
-                                &mut Metrics::detached(),
-                                &mut Progress::new(kiln_core::ProgressMode::Off, 0),
-                                &mut LoopStats::default(),
-                            )
-                            .map(|_| ())
+                            guard::<B, _, _>(group, plan.first_rank + rank, in_process, || {
+                                fit(
+                                    &inputs,
+                                    replica_model,
+                                    resume,
+                                    &replica(rank, group),
+                                    &mut Metrics::detached(),
+                                    &mut Progress::new(kiln_core::ProgressMode::Off, 0),
+                                    &mut LoopStats::default(),
+                                )
+                            })
+                            .and_then(|outcome| outcome.map(|_| ()))
                         });
                 spawned.expect("cannot start a worker thread")
             })
             .collect();
-        let outcome = fit(
-            inputs,
-            model,
-            resume,
-            &replica(0, &group),
-            metrics,
-            progress,
-            stats,
-        );
+        let outcome = guard::<B, _, _>(&group, plan.first_rank, in_process, || {
+            fit(
+                inputs,
+                model,
+                resume,
+                &replica(0, &group),
+                metrics,
+                progress,
+                stats,
+            )
+        })
+        .and_then(|outcome| outcome);
         let mut others = Vec::new();
         for (rank, worker) in (1..local).zip(workers) {
             let rank = plan.first_rank + rank;

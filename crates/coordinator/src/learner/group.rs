@@ -34,7 +34,9 @@ use super::stepper::Stepper;
 use crate::CoordinatorError;
 use crate::checkpoint::{decode_record, encode_record};
 use crate::collective::Peer;
-use crate::group::{AdamWRecord, Group, Offer, check_replicas, exchange_step, gather_shards};
+use crate::group::{
+    AdamWRecord, Group, Offer, check_replicas, exchange_step, gather_shards, guard,
+};
 use crate::run::Failure;
 
 /// burn-train's components for a kiln model `M`.
@@ -130,7 +132,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {
         let gathered = self
             .peer()?
             .gather_params(model, &|i| self.owns(i))
-            .map_err(|e| crate::group::exchange_failure(&shared.stop, e));
+            .map_err(|e| self.group.explain(&shared.stop, e));
         shared.position().collective_seconds += started.elapsed().as_secs_f64();
         gathered
     }
@@ -139,7 +141,14 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {
     /// step `step`; a difference is this worker's failure, told at the next exchange.
     pub fn check(&self, shared: &Shared, model: &M, step: u64) {
         let checked = self.peer().and_then(|peer| {
-            check_replicas(peer, model, None, &shared.stop, &format!("step {step}"))
+            check_replicas(
+                peer,
+                &self.group,
+                model,
+                None,
+                &shared.stop,
+                &format!("step {step}"),
+            )
         });
         match checked {
             Ok((spread, _)) => {
@@ -226,7 +235,13 @@ where
                 .map(|w| {
                     let rank = w.member.rank;
                     let handle = scope.spawn(move || {
-                        run(w.learner, &*w.loader, &w.shared, &w.member, None, epochs);
+                        let (shared, member) = (&w.shared, &w.member);
+                        let ran = guard::<B, _, _>(&member.group, rank, true, || {
+                            run(w.learner, &*w.loader, shared, member, None, epochs);
+                        });
+                        if let Err(failure) = ran {
+                            shared.end_with(Some(failure));
+                        }
                     });
                     (rank, handle)
                 })
@@ -235,14 +250,22 @@ where
                 processor: &mut processor,
                 valid: &*dataloader_valid,
             };
-            let model = run(
-                learner,
-                &*dataloader_train,
-                shared,
-                member,
-                Some(books),
-                epochs,
-            );
+            // Should rank 0's loop panic, the run fails and this model is returned.
+            let kept = learner.model();
+            let model = guard::<B, _, _>(&member.group, 0, true, || {
+                run(
+                    learner,
+                    &*dataloader_train,
+                    shared,
+                    member,
+                    Some(books),
+                    epochs,
+                )
+            })
+            .unwrap_or_else(|failure| {
+                shared.end_with(Some(failure));
+                kept
+            });
             for (rank, worker) in workers {
                 if let Err(panic) = worker.join() {
                     shared.fail(Failure::Error(CoordinatorError::Collective(format!(
@@ -387,6 +410,7 @@ where
     let peer = member.peer.get_or_init(|| peer);
     check_replicas(
         peer,
+        &member.group,
         &learner.model().model,
         None,
         &shared.stop,

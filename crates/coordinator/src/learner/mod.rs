@@ -311,9 +311,22 @@ where
             closer.close();
             result
         });
+        // A panic while booking (a run tracker's, say) is the run's failure like an
+        // error; the events that follow are drained unbooked.
+        let mut broken = false;
         for event in received {
-            if let Err(e) = books.take(event) {
-                shared.fail(Failure::Error(e));
+            if broken {
+                continue;
+            }
+            match std::panic::catch_unwind(AssertUnwindSafe(|| books.take(event))) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => shared.fail(Failure::Error(e)),
+                Err(panic) => {
+                    broken = true;
+                    shared.fail(Failure::Panicked(crate::coordinator::panic_message(
+                        panic.as_ref(),
+                    )));
+                }
             }
         }
         let trained = trainer.join();
