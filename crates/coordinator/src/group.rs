@@ -24,6 +24,9 @@ pub(crate) struct Group<S> {
     failure: Mutex<Option<(usize, String)>>,
     shards: Mutex<Vec<S>>,
     shards_ready: Condvar,
+    /// What else a worker that leaves on a panic releases (the backend's gradient
+    /// synchronisation, which the others may wait in).
+    on_leave: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl<S> Group<S> {
@@ -33,7 +36,15 @@ impl<S> Group<S> {
             failure: Mutex::new(None),
             shards: Mutex::new(Vec::new()),
             shards_ready: Condvar::new(),
+            on_leave: Mutex::new(None),
         }
+    }
+
+    /// Runs `release` when a worker leaves the group on a panic ([`guard`]), or
+    /// drops it with the group.
+    #[cfg_attr(not(feature = "learner"), allow(dead_code))]
+    pub fn on_leave(&self, release: impl FnOnce() + Send + 'static) {
+        *self.on_leave.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(release));
     }
 
     /// Records `failure` as worker `rank`'s, unless a worker's failure came first.
@@ -109,6 +120,14 @@ pub(crate) fn guard<B: AutodiffBackend, S, T>(
         group.note_failure(rank, &failure);
         if in_process {
             crate::collective::release_local_exchanges::<B::InnerBackend>();
+        }
+        let release = group
+            .on_leave
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(release) = release {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(release));
         }
         failure
     })

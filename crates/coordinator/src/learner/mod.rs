@@ -124,7 +124,6 @@ where
     }
 
     let _only_group = (world > 1).then(crate::group::one_at_a_time);
-    // Closed when training is over (dropped), whatever the outcome.
     let session = match sync.filter(|_| world > 1) {
         Some(sync) => Some((sync.start)(devices).map_err(Failure::Error)?),
         None => None,
@@ -149,6 +148,11 @@ where
         backend_sync,
     };
     let group = (world > 1).then(|| Arc::new(crate::group::Group::<Vec<u8>>::new()));
+    // The synchronisation closes when training is over (the group is dropped),
+    // or at once when a worker leaves on a panic: the others may wait in it.
+    if let (Some(group), Some(session)) = (&group, session) {
+        group.on_leave(move || drop(session));
+    }
     // Each worker: its state shared with the loader and the scheduler, its loader,
     // and its learner (model replica and optimizer, the shard of it under fsdp).
     let mut workers = Vec::with_capacity(world);
@@ -349,7 +353,6 @@ where
             )));
         }
     };
-    drop(session);
     let mut position = shared.position();
     stats.optimizer_state_bytes = position.optimizer_state_bytes;
     stats.collective_seconds += position.collective_seconds;
