@@ -286,7 +286,7 @@ fn train(args: &TrainArgs, coordinator: &TrainingCoordinator) -> Result<()> {
                 task,
                 tracker,
                 Some(devices),
-                CudaLaunch,
+                CudaLaunch::default(),
             )?
         }
     };
@@ -360,33 +360,10 @@ pub fn open_db(path: Option<&Path>, output_dir: &Path) -> Result<ExperimentDb> {
     ExperimentDb::open(&path).with_context(|| format!("cannot open {}", path.display()))
 }
 
-/// How a run is handed to the coordinator: with the devices of the backend, and
-/// with whatever else the backend brings (burn's NCCL synchronisation on CUDA in a
-/// `cuda-nccl` build).
+/// How a run is handed to the coordinator: `TrainingCoordinator::train_on`, unless
+/// the backend brings more (burn's NCCL synchronisation on CUDA in a `cuda-nccl`
+/// build).
 trait Launch<B: AutodiffBackend>: Copy {
-    #[allow(clippy::too_many_arguments)]
-    fn train<M, D>(
-        self,
-        coordinator: &TrainingCoordinator,
-        devices: &[B::Device],
-        model: M,
-        data: &D,
-        task: &TaskSpec,
-        tracker: Option<&mut dyn RunTracker>,
-        epochs: usize,
-    ) -> std::result::Result<Trained<M>, CoordinatorError>
-    where
-        M: AutodiffModule<B> + TaskModel<B> + 'static,
-        M::InnerModule: TaskModel<B::InnerBackend>,
-        D: DataModule;
-}
-
-/// `TrainingCoordinator::train_on`.
-#[derive(Clone, Copy)]
-#[cfg_attr(feature = "cuda-nccl", allow(dead_code))]
-struct Plain;
-
-impl<B: AutodiffBackend> Launch<B> for Plain {
     #[allow(clippy::too_many_arguments)]
     fn train<M, D>(
         self,
@@ -407,14 +384,20 @@ impl<B: AutodiffBackend> Launch<B> for Plain {
     }
 }
 
-/// CUDA: `train_on`, or `train_on_nccl` in a `cuda-nccl` build.
-#[cfg(feature = "cuda")]
-#[derive(Clone, Copy)]
-struct CudaLaunch;
+/// `TrainingCoordinator::train_on`.
+#[derive(Clone, Copy, Default)]
+#[cfg_attr(feature = "cuda-nccl", allow(dead_code))]
+struct Plain;
 
-#[cfg(feature = "cuda")]
-impl Launch<kiln_backend_cuda::CudaAutodiff> for CudaLaunch {
-    #[allow(clippy::too_many_arguments)]
+impl<B: AutodiffBackend> Launch<B> for Plain {}
+
+/// `TrainingCoordinator::train_on_nccl`.
+#[cfg(feature = "cuda-nccl")]
+#[derive(Clone, Copy, Default)]
+struct Nccl;
+
+#[cfg(feature = "cuda-nccl")]
+impl Launch<kiln_backend_cuda::CudaAutodiff> for Nccl {
     fn train<M, D>(
         self,
         coordinator: &TrainingCoordinator,
@@ -432,12 +415,15 @@ impl Launch<kiln_backend_cuda::CudaAutodiff> for CudaLaunch {
         M::InnerModule: TaskModel<kiln_backend_cuda::Cuda>,
         D: DataModule,
     {
-        #[cfg(feature = "cuda-nccl")]
-        return coordinator.train_on_nccl(devices, model, data, task, tracker, epochs);
-        #[cfg(not(feature = "cuda-nccl"))]
-        Plain.train(coordinator, devices, model, data, task, tracker, epochs)
+        coordinator.train_on_nccl(devices, model, data, task, tracker, epochs)
     }
 }
+
+/// How a CUDA run is handed over in this build.
+#[cfg(feature = "cuda-nccl")]
+type CudaLaunch = Nccl;
+#[cfg(all(feature = "cuda", not(feature = "cuda-nccl")))]
+type CudaLaunch = Plain;
 
 fn train_task<B: AutodiffBackend, L: Launch<B>>(
     args: &TrainArgs,

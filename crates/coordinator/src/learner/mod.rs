@@ -124,7 +124,8 @@ where
     }
 
     let _only_group = (world > 1).then(crate::group::one_at_a_time);
-    let session = match sync.filter(|_| world > 1) {
+    // The plan gives the backend's synchronisation only to groups.
+    let session = match sync {
         Some(sync) => Some((sync.start)(devices).map_err(Failure::Error)?),
         None => None,
     };
