@@ -496,6 +496,12 @@ fn train_task<B: AutodiffBackend, L: Launch<B>>(
                 launch,
             )
         }
+        TaskKind::Custom => anyhow::bail!(
+            "task {:?} is of kind custom: `kiln train` trains kiln's own models (tasks of \
+             kind lm, classification or regression); a model with its own TrainStep is \
+             trained from Rust with TrainingCoordinator::fit",
+            task.name
+        ),
     }
 }
 

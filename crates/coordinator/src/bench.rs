@@ -41,7 +41,7 @@ where
     }
     let device = model.devices().first().cloned().unwrap_or_default();
     let config = CoordinatorConfig::default();
-    let mut optim = crate::native::adamw(&config).init::<B, M>();
+    let mut optim = crate::optim::adamw(&config).init::<B, M>();
     let mut grads = GradientsParams::new();
     model.visit(&mut Ones(&mut grads));
     let model = optim.step(1e-3, model, grads);
@@ -63,7 +63,7 @@ where
     let started = Instant::now();
     let loaded = checkpoint::load(&dir, &signatures)?;
     let restored = loaded.model::<B, M>(model, &device)?;
-    let _optim = crate::native::adamw(&config)
+    let _optim = crate::optim::adamw(&config)
         .init::<B, M>()
         .load_record(loaded.optim::<B, _>(&device)?);
     let load_s = started.elapsed().as_secs_f64();

@@ -5,9 +5,11 @@
 //! <run dir>/checkpoints/
 //!     step-00000120/
 //!         model.mpk       model record, full precision (Burn's NamedMpk format)
-//!         optim.mpk       optimizer record (AdamW moments, step counts)
+//!         optim.mpk       optimizer record (the optimizer's state per parameter:
+//!                         AdamW's moments, SGD's momentum, ...)
+//!         scheduler.mpk   the learning-rate scheduler's record (native loop)
 //!         state.json      trainer state: step, epoch, batch position, seed, losses, ...
-//!         manifest.json   written last: sizes and sha256 of the three files above,
+//!         manifest.json   written last: sizes and sha256 of the files above,
 //!                         kiln version, task and model signatures, world size
 //!     .tmp-step-00000150/ a checkpoint being written (ignored, removed on the next run)
 //! ```
@@ -37,6 +39,9 @@ const FORMAT: u32 = 1;
 pub(crate) const DIR: &str = "checkpoints";
 const MODEL: &str = "model.mpk";
 const OPTIM: &str = "optim.mpk";
+/// The learning-rate scheduler's record (absent from the Learner engine's
+/// checkpoints, whose schedule is kiln's, a function of the step).
+const SCHEDULER: &str = "scheduler.mpk";
 const STATE: &str = "state.json";
 const MANIFEST: &str = "manifest.json";
 
@@ -110,6 +115,7 @@ pub(crate) struct Loaded {
     pub state: TrainerState,
     model: Vec<u8>,
     optim: Vec<u8>,
+    scheduler: Option<Vec<u8>>,
 }
 
 impl Loaded {
@@ -141,6 +147,25 @@ impl Loaded {
                 bad(
                     &self.dir.join(OPTIM),
                     format!("cannot read the optimizer record: {e}"),
+                )
+            })
+    }
+
+    /// The learning-rate scheduler's record, when the checkpoint holds one.
+    pub fn scheduler<B: Backend, R: Record<B>>(
+        &self,
+        device: &B::Device,
+    ) -> Result<Option<R>, CoordinatorError> {
+        let Some(bytes) = &self.scheduler else {
+            return Ok(None);
+        };
+        Bytes::default()
+            .load::<R>(bytes.clone(), device)
+            .map(Some)
+            .map_err(|e| {
+                bad(
+                    &self.dir.join(SCHEDULER),
+                    format!("cannot read the scheduler record: {e}"),
                 )
             })
     }
@@ -228,6 +253,7 @@ fn step_dir_name(step: u64) -> String {
 pub(crate) struct Snapshot {
     model: Vec<u8>,
     optim: Vec<u8>,
+    scheduler: Option<Vec<u8>>,
 }
 
 impl Snapshot {
@@ -248,7 +274,20 @@ impl Snapshot {
             model: Recorder::<BM>::record(&Bytes::default(), model.clone().into_record(), ())
                 .map_err(|e| encode_error(MODEL, e))?,
             optim,
+            scheduler: None,
         })
+    }
+
+    /// Adds the learning-rate scheduler's record.
+    pub fn with_scheduler<B: Backend, R: Record<B>>(
+        mut self,
+        record: R,
+    ) -> Result<Self, CoordinatorError> {
+        self.scheduler = Some(
+            Recorder::<B>::record(&Bytes::default(), record, ())
+                .map_err(|e| encode_error(SCHEDULER, e))?,
+        );
+        Ok(self)
     }
 }
 
@@ -306,11 +345,14 @@ pub(crate) fn save(
     let (model_bytes, optim_bytes) = (&snapshot.model, &snapshot.optim);
     let state_bytes =
         serde_json::to_vec_pretty(state).map_err(|e| bad(&tmp.join(STATE), e.to_string()))?;
-    let files = vec![
+    let mut files = vec![
         write_synced(&tmp.join(MODEL), model_bytes)?,
         write_synced(&tmp.join(OPTIM), optim_bytes)?,
         write_synced(&tmp.join(STATE), &state_bytes)?,
     ];
+    if let Some(bytes) = &snapshot.scheduler {
+        files.push(write_synced(&tmp.join(SCHEDULER), bytes)?);
+    }
     let manifest = Manifest {
         format: FORMAT,
         kiln_version: env!("CARGO_PKG_VERSION").into(),
@@ -387,13 +429,19 @@ pub(crate) fn load(dir: &Path, expect: &Signatures) -> Result<Loaded, Coordinato
         ));
     }
     let mut contents: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    for name in [MODEL, OPTIM, STATE] {
+    for name in [MODEL, OPTIM, STATE, SCHEDULER] {
         let path = dir.join(name);
-        let entry = manifest
-            .files
-            .iter()
-            .find(|f| f.name == name)
-            .ok_or_else(|| bad(&manifest_path, format!("the manifest does not list {name}")))?;
+        let entry = manifest.files.iter().find(|f| f.name == name);
+        let entry = match (entry, name) {
+            (Some(entry), _) => entry,
+            (None, SCHEDULER) => continue,
+            (None, _) => {
+                return Err(bad(
+                    &manifest_path,
+                    format!("the manifest does not list {name}"),
+                ));
+            }
+        };
         let bytes = std::fs::read(&path).map_err(|e| bad(&path, format!("cannot read it: {e}")))?;
         if bytes.len() as u64 != entry.size {
             return Err(bad(
@@ -424,6 +472,7 @@ pub(crate) fn load(dir: &Path, expect: &Signatures) -> Result<Loaded, Coordinato
         state,
         model: contents.remove(MODEL).unwrap_or_default(),
         optim: contents.remove(OPTIM).unwrap_or_default(),
+        scheduler: contents.remove(SCHEDULER),
     })
 }
 

@@ -3,9 +3,14 @@
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
+use burn::data::dataloader::batcher::Batcher;
 use burn::module::AutodiffModule;
+use burn::optim::SimpleOptimizer;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::lr_scheduler::LrScheduler;
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
+use burn::train::{InferenceStep, TrainStep};
 use kiln_core::{
     CoordinatorConfig, DataModule, Devices, ProgressMode, RunStatus, Split, Strategy, TaskModel,
     TaskSpec, Throughput, TrainReport,
@@ -14,13 +19,16 @@ use kiln_experiment_db::{EndStatus, NewRun, RunTracker};
 
 use crate::checkpoint::{self, Signatures};
 use crate::native;
+use crate::optim::{Optimization, adamw};
 use crate::plan::{resolve_plan, resolve_process_group};
 use crate::progress::Progress;
-use crate::run::{self, CheckpointCtx, Failure, LoopInputs, LoopStats};
+use crate::run::{self, CheckpointCtx, Failure, LoopInputs, LoopStats, panic_message};
 use crate::run_dir::RunDir;
+use crate::schedule::KilnSchedule;
 use crate::sync::BackendSync;
 use crate::tracking::Metrics;
-use crate::{CoordinatorBuilder, CoordinatorError, Result, StopHandle};
+use crate::workload::{StepWork, TaskWork, Workload};
+use crate::{CoordinatorBuilder, CoordinatorError, Datasets, Result, StepOutput, StopHandle};
 
 /// A trained model and the report of its run.
 #[derive(Debug)]
@@ -172,6 +180,112 @@ impl TrainingCoordinator {
         )
     }
 
+    /// Trains a Burn model written for burn-train, unchanged: `model` implements
+    /// `TrainStep` (its `step` runs forward and backward and returns the
+    /// gradients with an output item) and its inner module `InferenceStep`;
+    /// `optimizer` is any burn-optim optimizer (`AdamConfig::new().init()`,
+    /// `SgdConfig::new().with_momentum(..).init()`, ...); `lr_scheduler` any
+    /// `LrScheduler` (a plain `f64` is a constant rate); `data` the datasets and
+    /// batcher ([`Datasets`]). Trains for `n_epochs` epochs on the backend's
+    /// default device, recording the run in `experiment_db` when given.
+    ///
+    /// kiln reads each step's loss through burn-train's `Adaptor<LossInput<B>>`
+    /// ([`StepOutput`](crate::StepOutput)), and owns what burn-train's Learner
+    /// would: the data order (seeded, sharded across a data-parallel group),
+    /// gradient accumulation (averaged), global-norm clipping, one scheduler step
+    /// per optimizer step, validation, checkpoints with the optimizer's and the
+    /// scheduler's state (exact resume), and Burn's RNG seeded before every
+    /// micro-batch (dropout is reproducible). Strategies `single`, `vanilla`,
+    /// `ddp` and `fsdp` (the optimizer's state sharded), one node or several, run
+    /// on kiln's native loop in `32-true`; see `docs/from-burn-train.md`.
+    ///
+    /// # Errors
+    /// As [`train`](Self::train); [`CoordinatorError::NotAvailable`] for a
+    /// precision other than `32-true` or `engine = learner`, which this version
+    /// does not run for such a model yet.
+    pub fn fit<B, M, I, T, S, LR>(
+        &self,
+        model: M,
+        optimizer: OptimizerAdaptor<S, M, B>,
+        lr_scheduler: LR,
+        data: &Datasets<I, T>,
+        experiment_db: Option<&mut dyn RunTracker>,
+        n_epochs: usize,
+    ) -> Result<Trained<M>>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + TrainStep + 'static,
+        M::Output: StepOutput<B>,
+        M::InnerModule: InferenceStep,
+        <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+        I: Send + Sync,
+        T: Batcher<B, I, M::Input>
+            + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+        S: SimpleOptimizer<B::InnerBackend> + 'static,
+        LR: LrScheduler,
+    {
+        let device = B::Device::default();
+        let workers = cpu_workers(&self.config, &<B as Backend>::name(&device));
+        self.fit_on(
+            &vec![device; workers],
+            model,
+            optimizer,
+            lr_scheduler,
+            data,
+            experiment_db,
+            n_epochs,
+        )
+    }
+
+    /// [`fit`](Self::fit) on the given devices; the configuration's `devices`
+    /// selects among them by index.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fit_on<B, M, I, T, S, LR>(
+        &self,
+        devices: &[B::Device],
+        model: M,
+        optimizer: OptimizerAdaptor<S, M, B>,
+        lr_scheduler: LR,
+        data: &Datasets<I, T>,
+        experiment_db: Option<&mut dyn RunTracker>,
+        n_epochs: usize,
+    ) -> Result<Trained<M>>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + TrainStep + 'static,
+        M::Output: StepOutput<B>,
+        M::InnerModule: InferenceStep,
+        <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+        I: Send + Sync,
+        T: Batcher<B, I, M::Input>
+            + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+        S: SimpleOptimizer<B::InnerBackend> + 'static,
+        LR: LrScheduler,
+    {
+        if data.len(Split::Train) == 0 {
+            return Err(kiln_core::Error::Data(
+                "the training dataset is empty (its len() is 0)".into(),
+            )
+            .into());
+        }
+        let task = TaskSpec::custom(model_name::<M>());
+        let optimization = |_total, _start| Optimization {
+            optimizer,
+            scheduler: lr_scheduler,
+            cast_state: None,
+        };
+        self.run(
+            devices,
+            model,
+            &StepWork { data },
+            &task,
+            optimization,
+            experiment_db,
+            n_epochs,
+            None,
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn train_with<B, M, D>(
         &self,
@@ -189,20 +303,69 @@ impl TrainingCoordinator {
         M::InnerModule: TaskModel<B::InnerBackend>,
         D: DataModule,
     {
+        task.validate()?;
+        if task.kind == kiln_core::TaskKind::Custom {
+            return Err(kiln_core::Error::InvalidTaskSpec(format!(
+                "task {:?} is of kind custom, the task of a model with its own TrainStep \
+                 (TrainingCoordinator::fit); a TaskModel needs kind lm, classification or \
+                 regression",
+                task.name
+            ))
+            .into());
+        }
+        if data.len(Split::Train) == 0 {
+            return Err(kiln_core::Error::Data("the training split is empty".into()).into());
+        }
+        data.check_task(task)?;
+        model.check_task(task)?;
+        let o = &self.config.optimizer;
+        // kiln's AdamW and schedule; a resumed run's schedule continues at its step.
+        let optimization = |total, start| Optimization {
+            optimizer: adamw(&self.config).init::<B, M>(),
+            scheduler: KilnSchedule::new(o.lr, o.schedule, total, start),
+            cast_state: Some(crate::precision::optim_record_as::<B, M> as _),
+        };
+        self.run(
+            devices,
+            model,
+            &TaskWork { data, task },
+            task,
+            optimization,
+            experiment_db,
+            n_epochs,
+            sync,
+        )
+    }
+
+    /// One run of `model` on `work`, whichever way it was given: the plan, the run
+    /// directory, the store, resuming, the loop, the report.
+    #[allow(clippy::too_many_arguments)]
+    fn run<B, M, W, S, LR>(
+        &self,
+        devices: &[B::Device],
+        model: M,
+        work: &W,
+        task: &TaskSpec,
+        optimization: impl FnOnce(u64, u64) -> Optimization<B, M, S, LR>,
+        experiment_db: Option<&mut dyn RunTracker>,
+        n_epochs: usize,
+        sync: Option<BackendSync<B>>,
+    ) -> Result<Trained<M>>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + 'static,
+        W: Workload<B, M>,
+        S: SimpleOptimizer<B::InnerBackend> + 'static,
+        LR: LrScheduler,
+    {
         let started = Instant::now();
         let config = &self.config;
-        task.validate()?;
         if n_epochs == 0 {
             return Err(kiln_core::Error::invalid("n_epochs", 0, "an integer >= 1").into());
         }
         let first = devices.first().ok_or_else(|| {
             kiln_core::Error::invalid("devices", "[]", "at least one device to train on")
         })?;
-        if data.len(Split::Train) == 0 {
-            return Err(kiln_core::Error::Data("the training split is empty".into()).into());
-        }
-        data.check_task(task)?;
-        model.check_task(task)?;
         let backend = <B as Backend>::name(first);
         let mut plan = resolve_plan(config, &backend, devices.len())?;
         let (precision, fallback) = crate::precision::resolve(
@@ -225,6 +388,26 @@ impl TrainingCoordinator {
                  16-mixed, which keeps them in f32)",
             )
             .into());
+        }
+        if precision != kiln_core::Precision::F32 && !W::ALL_PRECISIONS {
+            return Err(CoordinatorError::NotAvailable {
+                what: format!("precision {precision} for a model with its own TrainStep"),
+                reason: "this version trains such a model in 32-true: mixed and true \
+                         precisions cast the model's inputs and scale its loss before \
+                         backward, which a TrainStep does itself (docs/from-burn-train.md)"
+                    .into(),
+            });
+        }
+        if plan.engine == kiln_core::Engine::Learner && !W::ON_LEARNER {
+            if config.engine.is_some() {
+                return Err(CoordinatorError::NotAvailable {
+                    what: "engine learner for a model with its own TrainStep".into(),
+                    reason: "this version trains such a model on kiln's native loop: use \
+                             engine auto or native"
+                        .into(),
+                });
+            }
+            plan.engine = kiln_core::Engine::Native;
         }
         if precision != kiln_core::Precision::F32 && plan.engine == kiln_core::Engine::Learner {
             if config.engine.is_some() {
@@ -253,6 +436,11 @@ impl TrainingCoordinator {
             tracing::warn!("{warning}");
         }
         let device = &devices[plan.devices[0]];
+        // Burn's own initialisation draws lazily, when a parameter is first used:
+        // seeded from the run's seed and drawn here, once, every replica and every
+        // run with this seed start from the same weights.
+        B::seed(device, config.seed);
+        let model = model.fork(device);
 
         // A multi-node run: node 0 keeps the books (store, checkpoints, files); the
         // others train and write nothing (docs/multi-node.md).
@@ -347,7 +535,8 @@ impl TrainingCoordinator {
             }
         }
 
-        let total = run::total_steps(config, data.len(Split::Train), n_epochs, plan.world_size);
+        let total = run::total_steps(config, work.len(Split::Train), n_epochs, plan.world_size);
+        let optimization = optimization(total, resume.as_ref().map_or(0, |l| l.state.step));
         let workers: Vec<B::Device> = plan.devices.iter().map(|&i| devices[i].clone()).collect();
         let progress_mode = match leader {
             true => config.progress,
@@ -362,7 +551,7 @@ impl TrainingCoordinator {
             run_dir: run_path,
             stop: &self.stop,
             task,
-            data,
+            data: work,
             device,
             n_epochs,
             checkpoints: (config.enable_checkpointing && leader).then(|| CheckpointCtx {
@@ -377,7 +566,7 @@ impl TrainingCoordinator {
         // the run RUNNING forever: it ends the run as FAILED with the panic's message.
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match plan.engine {
             #[cfg(feature = "learner")]
-            kiln_core::Engine::Learner => crate::learner::fit::<B, M, D>(
+            kiln_core::Engine::Learner => work.fit_learner(
                 &inputs,
                 &workers,
                 model,
@@ -390,19 +579,21 @@ impl TrainingCoordinator {
                 &mut progress,
                 &mut stats,
             ),
-            _ if plan.world_size == 1 => native::fit::<B, M, D>(
+            _ if plan.world_size == 1 => native::fit(
                 &inputs,
                 model,
+                optimization,
                 resume.as_ref(),
                 &native::Replica::single(plan.precision),
                 &mut metrics,
                 &mut progress,
                 &mut stats,
             ),
-            _ => native::fit_group::<B, M, D>(
+            _ => native::fit_group(
                 &inputs,
                 &workers,
                 model,
+                optimization,
                 resume.as_ref(),
                 &native::GroupPlan {
                     sharded: plan.strategy == Strategy::Fsdp,
@@ -447,7 +638,7 @@ impl TrainingCoordinator {
             RunStatus::Failed { reason } => Some(reason.clone()),
             _ => None,
         };
-        let items = stats.samples as f64 * data.items_per_example() as f64;
+        let items = stats.samples as f64 * work.items_per_example() as f64;
         let seconds = stats.train_seconds.max(1e-9);
         let report = TrainReport {
             status,
@@ -543,14 +734,16 @@ fn cpu_workers(config: &CoordinatorConfig, backend: &str) -> usize {
     }
 }
 
-/// The text of a panic payload.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    let text = payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic payload".into());
-    format!("panicked during training: {text}")
+/// A run name for model type `M`: its type's name without path or generics,
+/// lower-cased (`my_crate::Cnn<Autodiff<Flex>>` names runs `cnn-...`).
+fn model_name<M>() -> String {
+    let full = std::any::type_name::<M>();
+    let bare = full.split('<').next().unwrap_or(full);
+    let name = bare.rsplit("::").next().unwrap_or(bare).to_lowercase();
+    match name.is_empty() {
+        true => "model".into(),
+        false => name,
+    }
 }
 
 /// Flat parameters stored with the run for querying (strategy and precision as they

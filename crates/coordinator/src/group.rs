@@ -5,17 +5,14 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, SimpleOptimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::collective::{Peer, Status};
+use crate::optim::OptimRecord;
 use crate::run::Failure;
 use crate::{CoordinatorError, StopHandle};
-
-/// The optimizer record of kiln's AdamW for model `M` on backend `B`.
-pub(crate) type AdamWRecord<B, M> = <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record;
 
 /// What the workers of a group share in this process: the first failure (so every
 /// worker reports the one that started it), and, for fsdp, the optimizer shards `S`
@@ -116,7 +113,7 @@ pub(crate) fn guard<B: AutodiffBackend, S, T>(
     body: impl FnOnce() -> T,
 ) -> Result<T, Failure> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).map_err(|panic| {
-        let failure = Failure::Panicked(crate::coordinator::panic_message(panic.as_ref()));
+        let failure = Failure::Panicked(crate::run::panic_message(panic.as_ref()));
         group.note_failure(rank, &failure);
         if in_process {
             crate::collective::release_local_exchanges::<B::InnerBackend>();
@@ -170,11 +167,16 @@ pub(crate) fn retain_owned<B: AutodiffBackend, M: AutodiffModule<B>>(
 }
 
 /// The part of a full optimizer record that a worker owning `owns` keeps (fsdp).
-pub(crate) fn shard_of<B: AutodiffBackend, M: AutodiffModule<B>>(
+pub(crate) fn shard_of<B, M, S>(
     model: &M,
-    mut record: AdamWRecord<B, M>,
+    mut record: OptimRecord<S, B, M>,
     owns: &dyn Fn(usize) -> bool,
-) -> AdamWRecord<B, M> {
+) -> OptimRecord<S, B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    S: SimpleOptimizer<B::InnerBackend>,
+{
     struct Owned<'a> {
         keep: Vec<ParamId>,
         owns: &'a dyn Fn(usize) -> bool,

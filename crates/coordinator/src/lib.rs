@@ -39,20 +39,24 @@ mod group;
 mod learner;
 mod native;
 mod objective;
+mod optim;
 mod plan;
 mod precision;
 mod progress;
 mod run;
 mod run_dir;
+mod schedule;
 mod stop;
 mod sync;
 mod tracking;
+mod workload;
 
 pub use builder::CoordinatorBuilder;
 pub use coordinator::{Trained, TrainingCoordinator};
 pub use error::CoordinatorError;
 pub use plan::resolve_plan;
 pub use stop::StopHandle;
+pub use workload::{Datasets, StepOutput};
 
 /// Result alias for the coordinator.
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;

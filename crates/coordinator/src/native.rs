@@ -1,76 +1,55 @@
-//! kiln's native training loop on one device (the seed's "vanilla" loop).
+//! kiln's native training loop, for one worker or a data-parallel group (the
+//! seed's "vanilla" loop).
 //!
-//! Per optimizer step: `accumulate_grad_batches` micro-batches, each forward →
-//! task loss → backward, gradients averaged over the micro-batches, optional
-//! global-norm clipping, the learning rate of the schedule at this step, one AdamW
-//! step. Validation after every epoch (and after a `max_steps` cut). Data order is
-//! a permutation of the training set drawn from `(seed, epoch)`, so a run is
-//! reproducible bit for bit on CPU.
+//! Per optimizer step: `accumulate_grad_batches` micro-batches, each a forward and
+//! backward pass of the [`Workload`] (a `TaskModel`'s task loss, or a Burn model's
+//! own `TrainStep`), gradients averaged over the micro-batches, optional
+//! global-norm clipping, the scheduler's learning rate, one step of the run's
+//! optimizer. Validation after every epoch (and after a `max_steps` cut). Data
+//! order is a permutation of the training set drawn from `(seed, epoch)`, and
+//! Burn's RNG is seeded from `(seed, step, micro-batch, rank)` before each
+//! micro-batch, so a run (dropout included) is reproducible bit for bit on CPU and
+//! resumes exactly.
 
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::prelude::*;
+use burn::optim::lr_scheduler::LrScheduler;
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer, SimpleOptimizer};
 use burn::tensor::backend::AutodiffBackend;
+use kiln_core::Split;
 use kiln_core::rng::{SplitMix64, permutation};
-use kiln_core::{CoordinatorConfig, DataModule, Split, TaskModel};
 
 use crate::CoordinatorError;
 use crate::checkpoint::{Loaded, Snapshot};
 use crate::collective::{Link, Peer};
-use crate::grad::{self, clip_global_norm, clip_to, global_norm};
+use crate::grad::{self, global_norm};
 use crate::group::{
-    AdamWRecord, Group, Offer, check_replicas, exchange_failure, exchange_step, failure_text,
-    gather_shards, guard, micro_loss, retain_owned, shard_of,
+    Group, Offer, check_replicas, exchange_failure, exchange_step, failure_text, gather_shards,
+    guard, retain_owned, shard_of,
 };
-use crate::objective::{self, EvalSums};
+use crate::objective::EvalSums;
+use crate::optim::{OptimRecord, Optimization};
 use crate::precision::{self, LossScaler};
 use crate::progress::Progress;
-use crate::run::CheckpointCtx;
 use crate::run::{
-    Failure, LoopInputs, LoopStats, RunShape, SaveAt, SaveClock, StepRecord, book_step,
-    book_validation, trainer_state, write_checkpoint,
+    CheckpointCtx, Failure, LoopInputs, LoopStats, RunShape, SaveAt, SaveClock, StepRecord,
+    book_step, book_validation, post_process, restore_stats, resume_position, trainer_state,
+    write_checkpoint,
 };
 use crate::tracking::Metrics;
-
-/// kiln's AdamW, configured from the run's optimizer settings (both engines use it).
-pub(crate) fn adamw(config: &CoordinatorConfig) -> AdamWConfig {
-    let o = &config.optimizer;
-    AdamWConfig::new()
-        .with_beta_1(o.beta1)
-        .with_beta_2(o.beta2)
-        .with_epsilon(o.eps)
-        .with_weight_decay(o.weight_decay)
-}
-
-/// Where a resumed run continues: `(epoch, micro-batch)`. A checkpoint taken at the
-/// end of an epoch (after its validation) continues at the next epoch.
-pub(crate) fn resume_position(loaded: Option<&Loaded>, per_epoch: usize) -> (usize, usize) {
-    match loaded.map(|l| &l.state) {
-        Some(s) if s.batch_in_epoch >= per_epoch && s.epochs_completed > s.epoch => {
-            (s.epoch + 1, 0)
-        }
-        Some(s) => (s.epoch, s.batch_in_epoch),
-        None => (0, 0),
-    }
-}
-
-/// Restores the counters a checkpoint carries.
-pub(crate) fn restore_stats(loaded: &Loaded, stats: &mut LoopStats) {
-    let s = &loaded.state;
-    stats.steps = s.step;
-    stats.epochs = s.epochs_completed;
-    stats.step_losses = s.step_losses.clone();
-    stats.samples = s.samples;
-    stats.train_seconds = s.train_seconds;
-}
+use crate::workload::{Weight, Workload};
 
 /// This worker's place in a data-parallel group; [`Replica::single`] for a run on
 /// one device.
-pub(crate) struct Replica<'g, B: AutodiffBackend, M: AutodiffModule<B>> {
+pub(crate) struct Replica<'g, B, M, S>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
+{
     /// Rank of this worker among every worker of every node (0 keeps the books
     /// and writes checkpoints).
     pub rank: usize,
@@ -84,12 +63,17 @@ pub(crate) struct Replica<'g, B: AutodiffBackend, M: AutodiffModule<B>> {
     /// of the parameters (ZeRO stage 1).
     pub sharded: bool,
     /// What the group's workers share in this process.
-    pub group: Option<&'g Group<AdamWRecord<B, M>>>,
+    pub group: Option<&'g Group<OptimRecord<S, B, M>>>,
     /// The precision that runs (resolved against the backend).
     pub precision: kiln_core::Precision,
 }
 
-impl<B: AutodiffBackend, M: AutodiffModule<B>> Replica<'_, B, M> {
+impl<B, M, S> Replica<'_, B, M, S>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
+{
     pub fn single(precision: kiln_core::Precision) -> Self {
         Self {
             rank: 0,
@@ -125,20 +109,22 @@ struct Local {
 /// the weighted gradients through burn-collective before each identical optimizer
 /// step.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn fit<B, M, D>(
-    inputs: &LoopInputs<'_, B, D>,
+pub(crate) fn fit<B, M, W, S, LR>(
+    inputs: &LoopInputs<'_, B, W>,
     model: M,
+    optimization: Optimization<B, M, S, LR>,
     resume: Option<&Loaded>,
-    replica: &Replica<'_, B, M>,
+    replica: &Replica<'_, B, M, S>,
     metrics: &mut Metrics<'_>,
     progress: &mut Progress,
     stats: &mut LoopStats,
 ) -> Result<M, Failure>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TaskModel<B>,
-    M::InnerModule: TaskModel<B::InnerBackend>,
-    D: DataModule,
+    M: AutodiffModule<B>,
+    W: Workload<B, M>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
+    LR: LrScheduler,
 {
     let LoopInputs {
         config,
@@ -162,33 +148,46 @@ where
         accumulate,
         total,
         items_per_example,
-    } = RunShape::of(config, data, n_epochs, world);
-    let o = &config.optimizer;
+    } = RunShape::of(
+        config,
+        data.len(Split::Train),
+        data.items_per_example(),
+        n_epochs,
+        world,
+    );
     // Only rank 0 writes checkpoints; every worker takes the same decisions.
     let writes = rank == 0;
 
     B::seed(device, config.seed);
-    let mut optim = adamw(config).init::<B, M>();
+    let Optimization {
+        optimizer: mut optim,
+        mut scheduler,
+        cast_state,
+    } = optimization;
     let mut model = model;
     let (start_epoch, start_batch) = resume_position(resume, per_epoch);
-    // True modes store the parameters (and so AdamW's moments) in their dtype;
-    // checkpoints hold f32.
-    let stored = precision::stored_dtype(replica.precision);
+    // True modes store the parameters (and so the optimizer's state) in their
+    // dtype; checkpoints hold f32. The coordinator refuses a true mode for an
+    // optimizer whose state kiln cannot cast.
+    let stored = precision::stored_dtype(replica.precision).zip(cast_state);
     if let Some(loaded) = resume {
         model = loaded.model::<B, M>(model, device)?;
     }
-    if let Some(dtype) = stored {
+    if let Some((dtype, _)) = stored {
         model = precision::store_as(model, dtype);
     }
     if let Some(loaded) = resume {
-        let mut record: AdamWRecord<B, M> = loaded.optim::<B, _>(device)?;
-        if let Some(dtype) = stored {
-            record = precision::optim_record_as::<B, M>(&model, record, dtype);
+        let mut record: OptimRecord<S, B, M> = loaded.optim::<B, _>(device)?;
+        if let Some((dtype, cast)) = stored {
+            record = cast(&model, record, dtype);
         }
         if replica.sharded {
             record = shard_of(&model, record, &|i| replica.owns(i));
         }
         optim = optim.load_record(record);
+        if let Some(record) = loaded.scheduler::<B, LR::Record<B>>(device)? {
+            scheduler = scheduler.load_record::<B>(record);
+        }
         restore_stats(loaded, stats);
     }
     let mut scaler = (replica.precision == kiln_core::Precision::F16Mixed).then(|| {
@@ -242,7 +241,8 @@ where
             // write is deferred to the next exchange in a group.
             let write = |ctx: &CheckpointCtx<'_>,
                          model: &M,
-                         optim: &OptimizerAdaptor<AdamW, M, B>,
+                         optim: &OptimizerAdaptor<S, M, B>,
+                         scheduler: &LR,
                          scaler: Option<&LossScaler>,
                          stats: &LoopStats,
                          metrics: &mut Metrics<'_>,
@@ -253,6 +253,7 @@ where
                     replica,
                     model,
                     optim,
+                    scheduler,
                     scaler,
                     stats,
                     metrics,
@@ -266,7 +267,7 @@ where
                 let group = accumulate.min(per_epoch - b);
                 let step = stats.steps + 1;
                 let local = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    train_group::<B, M, D>(
+                    train_group::<B, M, W, S>(
                         inputs,
                         &model,
                         &order,
@@ -279,9 +280,7 @@ where
                     )
                 }))
                 .unwrap_or_else(|panic| {
-                    Err(Failure::Panicked(crate::coordinator::panic_message(
-                        panic.as_ref(),
-                    )))
+                    Err(Failure::Panicked(crate::run::panic_message(panic.as_ref())))
                 });
                 b += group;
                 let time_due = writes
@@ -349,7 +348,7 @@ where
                     }
                     None => (true, None),
                 };
-                let lr = o.schedule.lr_at(o.lr, stats.steps, total);
+                let lr = scheduler.step();
                 let mut norm = None;
                 if take {
                     norm = post_process::<B, M>(
@@ -416,6 +415,7 @@ where
                                 ctx,
                                 &model,
                                 &optim,
+                                &scheduler,
                                 scaler.as_ref(),
                                 stats,
                                 metrics,
@@ -438,16 +438,14 @@ where
                 // any other: in a group the others learn of it at the next exchange
                 // instead of waiting there for a worker that is gone.
                 let validated = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    validate::<B, M, D>(inputs, &model, replica.precision, metrics).and_then(
+                    validate::<B, M, W>(inputs, &model, replica.precision, metrics).and_then(
                         |results| book_validation(&results, epoch, stats, metrics, progress),
                     )
                 }));
                 validation_seconds += validation_started.elapsed().as_secs_f64();
                 let validated = match validated {
                     Ok(outcome) => outcome.map_err(Failure::from),
-                    Err(panic) => Err(Failure::Panicked(crate::coordinator::panic_message(
-                        panic.as_ref(),
-                    ))),
+                    Err(panic) => Err(Failure::Panicked(crate::run::panic_message(panic.as_ref()))),
                 };
                 if let Err(failure) = validated {
                     defer(&mut deferred, failure, peer.is_some())?;
@@ -460,6 +458,7 @@ where
                     ctx,
                     &model,
                     &optim,
+                    &scheduler,
                     scaler.as_ref(),
                     stats,
                     metrics,
@@ -515,10 +514,11 @@ pub(crate) struct GroupPlan<'l> {
 /// on their own threads. Returns the first worker's model; every worker ends with
 /// the same weights.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn fit_group<B, M, D>(
-    inputs: &LoopInputs<'_, B, D>,
+pub(crate) fn fit_group<B, M, W, S, LR>(
+    inputs: &LoopInputs<'_, B, W>,
     devices: &[B::Device],
     model: M,
+    optimization: Optimization<B, M, S, LR>,
     resume: Option<&Loaded>,
     plan: &GroupPlan<'_>,
     metrics: &mut Metrics<'_>,
@@ -527,9 +527,10 @@ pub(crate) fn fit_group<B, M, D>(
 ) -> Result<M, Failure>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TaskModel<B>,
-    M::InnerModule: TaskModel<B::InnerBackend>,
-    D: DataModule,
+    M: AutodiffModule<B>,
+    W: Workload<B, M>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
+    LR: LrScheduler,
 {
     let _only_group = crate::group::one_at_a_time();
     let local = devices.len();
@@ -544,7 +545,7 @@ where
     };
     // Materialised once, then copied: every replica starts from the same weights.
     let model = model.fork(&devices[0]);
-    let group = Group::<AdamWRecord<B, M>>::new();
+    let group = Group::<OptimRecord<S, B, M>>::new();
     let in_process = plan.link.is_none();
     std::thread::scope(|scope| {
         let workers: Vec<_> = (1..local)
@@ -553,6 +554,7 @@ where
                 let group = &group;
                 let device = &devices[rank];
                 let replica = &replica;
+                let optimization = optimization.clone();
                 let name = format!("kiln-worker-{}", plan.first_rank + rank);
                 let spawned =
                     std::thread::Builder::new()
@@ -573,6 +575,7 @@ where
                                 fit(
                                     &inputs,
                                     replica_model,
+                                    optimization,
                                     resume,
                                     &replica(rank, group),
                                     &mut Metrics::detached(),
@@ -589,6 +592,7 @@ where
             fit(
                 inputs,
                 model,
+                optimization,
                 resume,
                 &replica(0, &group),
                 metrics,
@@ -605,7 +609,7 @@ where
                 Ok(Err(failure)) => others.push((rank, failure)),
                 Err(panic) => others.push((
                     rank,
-                    Failure::Panicked(crate::coordinator::panic_message(panic.as_ref())),
+                    Failure::Panicked(crate::run::panic_message(panic.as_ref())),
                 )),
             }
         }
@@ -631,28 +635,36 @@ fn defer(deferred: &mut Option<Failure>, failure: Failure, in_group: bool) -> Re
     }
 }
 
+/// The seed of Burn's RNG for micro-batch `m` of optimizer step `step` on worker
+/// `rank`: dropout and any other random op in a model draw the same numbers in two
+/// runs with one seed, and again after a resume; every worker draws its own.
+fn micro_seed(seed: u64, step: u64, m: usize, rank: usize) -> u64 {
+    let per_step = SplitMix64::derived(seed, step).next_u64();
+    SplitMix64::derived(per_step, ((m as u64) << 20) ^ rank as u64).next_u64()
+}
+
 /// The forward and backward passes of one accumulation group on this worker's
 /// shards: micro-batches `b..b + group` of `order`.
 #[allow(clippy::too_many_arguments)]
-fn train_group<B, M, D>(
-    inputs: &LoopInputs<'_, B, D>,
+fn train_group<B, M, W, S>(
+    inputs: &LoopInputs<'_, B, W>,
     model: &M,
     order: &[usize],
     b: usize,
     group: usize,
-    replica: &Replica<'_, B, M>,
+    replica: &Replica<'_, B, M, S>,
     loss_scale: Option<f64>,
     step: u64,
     epoch: usize,
 ) -> Result<Local, Failure>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TaskModel<B>,
-    D: DataModule,
+    M: AutodiffModule<B>,
+    W: Workload<B, M>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
 {
-    let (config, data, device, task) = (inputs.config, inputs.data, inputs.device, inputs.task);
+    let (config, work, device) = (inputs.config, inputs.data, inputs.device);
     let (rank, world) = (replica.rank, replica.world);
-    let working = precision::working_dtype(replica.precision);
     let batch_size = config.batch_size;
     let global_batch = batch_size * world;
     let n_train = order.len();
@@ -675,42 +687,27 @@ where
             }
             continue;
         }
-        let batch = data.batch::<B>(Split::Train, mine, device)?;
+        let batch = work.batch(mine, device)?;
         // Checked once the batch is built: a stop asked meanwhile (a signal, or the
         // data module itself) ends the run before the batch is trained on.
         if inputs.stop.is_stopped() {
             return Err(Failure::Stopped);
         }
-        // Mixed precision: forward and backward on a working copy in the working
-        // dtype; the loss in f32; the gradients land on the f32 masters. True
-        // modes: the model is stored in the working dtype already.
-        let prediction = match working {
-            Some(dtype) if precision::is_true(replica.precision) => {
-                precision::to_f32(model.forward(precision::cast_inputs(batch.inputs, dtype))?)
-            }
-            Some(dtype) => precision::to_f32(
-                precision::working_copy(model, dtype)
-                    .forward(precision::cast_inputs(batch.inputs, dtype))?,
-            ),
-            None => model.forward(batch.inputs)?,
+        // This worker's share of the micro-batch, and of the group.
+        let share = mine.len() as f64 / chunk.len() as f64;
+        let weight = Weight {
+            in_group: world > 1,
+            group,
+            share,
         };
-        let loss = objective::loss(&task.kind, prediction, batch.targets)?;
-        let value = loss.clone().into_scalar().elem::<f64>();
+        B::seed(device, micro_seed(config.seed, step, m, rank));
+        let (grads, value) = work.backward(model, batch, weight, replica.precision, loss_scale)?;
         if !value.is_finite() {
             return Err(Failure::Diverged(format!(
                 "training loss is {value} at step {step} (epoch {epoch}, batch {m})"
             )));
         }
-        // This worker's share of the micro-batch, and of the group.
-        let share = mine.len() as f64 / chunk.len() as f64;
         local.loss += value * share;
-        let loss = micro_loss(loss, world > 1, group, share);
-        // 16-mixed: scaled so that small f16 gradients do not underflow.
-        let loss = match loss_scale {
-            Some(scale) => loss.mul_scalar(scale),
-            None => loss,
-        };
-        let grads = GradientsParams::from_grads(loss.backward(), model);
         if group > 1 {
             accumulator.accumulate(model, grads);
         } else {
@@ -724,18 +721,25 @@ where
 
 /// Writes a checkpoint (rank 0), gathering the optimizer shards first under fsdp.
 #[allow(clippy::too_many_arguments)]
-fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
+fn save<B, M, S, LR>(
     ctx: &CheckpointCtx<'_>,
-    replica: &Replica<'_, B, M>,
+    replica: &Replica<'_, B, M, S>,
     model: &M,
-    optim: &OptimizerAdaptor<AdamW, M, B>,
+    optim: &OptimizerAdaptor<S, M, B>,
+    scheduler: &LR,
     scaler: Option<&LossScaler>,
     stats: &LoopStats,
     metrics: &mut Metrics<'_>,
     seed: u64,
     epoch: usize,
     b: usize,
-) -> Result<(), Failure> {
+) -> Result<(), Failure>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
+    LR: LrScheduler,
+{
     let shards = gather_shards(
         replica.group,
         replica.rank,
@@ -749,54 +753,17 @@ fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
     for shard in others {
         record.extend(shard);
     }
-    let snapshot = Snapshot::take::<B, M, B, _>(model, record)?;
+    let snapshot = Snapshot::take::<B, M, B, _>(model, record)?
+        .with_scheduler::<B, _>(scheduler.to_record::<B>())?;
     let mut state = trainer_state(ctx, stats, metrics, seed, epoch, b);
     state.loss_scale = scaler.map(LossScaler::state);
     write_checkpoint(ctx, &snapshot, &state, metrics)?;
     Ok(())
 }
 
-/// Clips the gradients (when `gradient_clip_val` is set) and measures their global
-/// norm (when clipping or logging); a non-finite norm ends the run.
-///
-/// `known_norm`: the norm, when the caller has measured it already (loss scaling).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn post_process<B, M>(
-    gradient_clip_val: Option<f64>,
-    model: &M,
-    grads: &mut GradientsParams,
-    logging: bool,
-    known_norm: Option<f64>,
-    step: u64,
-    epoch: usize,
-) -> Result<Option<f64>, Failure>
-where
-    B: AutodiffBackend,
-    M: AutodiffModule<B>,
-{
-    // The global norm costs one reduction over every gradient: only on the steps
-    // that clip or log it.
-    let norm = match (gradient_clip_val, known_norm) {
-        (Some(max_norm), Some(norm)) => {
-            clip_to::<B, M>(model, grads, norm, max_norm);
-            Some(norm)
-        }
-        (Some(max_norm), None) => Some(clip_global_norm::<B, M>(model, grads, max_norm)),
-        (None, Some(norm)) => Some(norm),
-        (None, None) if logging => Some(global_norm::<B, M>(model, grads)),
-        (None, None) => None,
-    };
-    match norm.filter(|n| !n.is_finite()) {
-        Some(bad) => Err(Failure::Diverged(format!(
-            "gradient norm is {bad} at step {step} (epoch {epoch})"
-        ))),
-        None => Ok(norm),
-    }
-}
-
 /// Mean validation loss and the task's metrics over the validation split.
-pub(crate) fn validate<B, M, D>(
-    inputs: &LoopInputs<'_, B, D>,
+pub(crate) fn validate<B, M, W>(
+    inputs: &LoopInputs<'_, B, W>,
     model: &M,
     precision: kiln_core::Precision,
     metrics: &mut Metrics<'_>,
@@ -804,18 +771,14 @@ pub(crate) fn validate<B, M, D>(
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
-    M::InnerModule: TaskModel<B::InnerBackend>,
-    D: DataModule,
+    W: Workload<B, M>,
 {
-    let (config, data) = (inputs.config, inputs.data);
-    let n_valid = data.len(Split::Valid);
+    let (config, work) = (inputs.config, inputs.data);
+    let n_valid = work.len(Split::Valid);
     if n_valid == 0 {
         return Ok(Vec::new());
     }
     let inner = model.valid();
-    // True modes store the model in their dtype: the inputs follow, the loss is
-    // taken in f32. Mixed modes validate the f32 masters.
-    let stored = precision::stored_dtype(precision);
     let mut batches = n_valid.div_ceil(config.batch_size);
     if let Some(limit) = config.limit_val_batches {
         batches = batches.min(limit);
@@ -823,18 +786,7 @@ where
     let all: Vec<usize> = (0..n_valid).collect();
     let mut sums = EvalSums::default();
     for chunk in all.chunks(config.batch_size).take(batches) {
-        let batch = data.batch::<B::InnerBackend>(Split::Valid, chunk, inputs.device)?;
-        let prediction = match stored {
-            Some(dtype) => {
-                precision::to_f32(inner.forward(precision::cast_inputs(batch.inputs, dtype))?)
-            }
-            None => inner.forward(batch.inputs)?,
-        };
-        sums.add(objective::evaluate(
-            &inputs.task.kind,
-            prediction,
-            batch.targets,
-        )?);
+        work.evaluate(&inner, chunk, inputs.device, precision, &mut sums)?;
         metrics.heartbeat()?;
     }
     Ok(sums.metrics(&inputs.task.kind))

@@ -25,7 +25,7 @@ use kiln_core::{Inputs, LossScaling, Precision, Prediction};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
-use crate::group::AdamWRecord;
+use crate::optim::AdamWRecord;
 
 /// The dtype a precision computes in (`None`: f32).
 pub(crate) fn working_dtype(precision: Precision) -> Option<FloatDType> {

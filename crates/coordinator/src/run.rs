@@ -8,11 +8,15 @@
 use std::path::Path;
 use std::time::Instant;
 
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
 use burn::prelude::Backend;
+use burn::tensor::backend::AutodiffBackend;
 use kiln_core::{CheckpointPolicy, CoordinatorConfig, TaskSpec};
 
 use crate::CoordinatorError;
-use crate::checkpoint::{self, Signatures, Snapshot, TrainerState};
+use crate::checkpoint::{self, Loaded, Signatures, Snapshot, TrainerState};
+use crate::grad::{clip_global_norm, clip_to, global_norm};
 use crate::objective::perplexity;
 use crate::progress::Progress;
 use crate::tracking::Metrics;
@@ -57,6 +61,38 @@ impl<E: Into<CoordinatorError>> From<E> for Failure {
     }
 }
 
+/// The text of a panic payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".into());
+    format!("panicked during training: {text}")
+}
+
+/// Where a resumed run continues: `(epoch, micro-batch)`. A checkpoint taken at the
+/// end of an epoch (after its validation) continues at the next epoch.
+pub(crate) fn resume_position(loaded: Option<&Loaded>, per_epoch: usize) -> (usize, usize) {
+    match loaded.map(|l| &l.state) {
+        Some(s) if s.batch_in_epoch >= per_epoch && s.epochs_completed > s.epoch => {
+            (s.epoch + 1, 0)
+        }
+        Some(s) => (s.epoch, s.batch_in_epoch),
+        None => (0, 0),
+    }
+}
+
+/// Restores the counters a checkpoint carries.
+pub(crate) fn restore_stats(loaded: &Loaded, stats: &mut LoopStats) {
+    let s = &loaded.state;
+    stats.steps = s.step;
+    stats.epochs = s.epochs_completed;
+    stats.step_losses = s.step_losses.clone();
+    stats.samples = s.samples;
+    stats.train_seconds = s.train_seconds;
+}
+
 /// Everything a loop reads but does not change.
 pub(crate) struct LoopInputs<'a, B: Backend, D> {
     pub config: &'a CoordinatorConfig,
@@ -71,8 +107,26 @@ pub(crate) struct LoopInputs<'a, B: Backend, D> {
     pub checkpoints: Option<CheckpointCtx<'a>>,
 }
 
+impl<'a, B: Backend, D> LoopInputs<'a, B, D> {
+    /// The same inputs over other data (a workload hands its data module on).
+    #[cfg(feature = "learner")]
+    pub fn with_data<E>(&self, data: &'a E) -> LoopInputs<'a, B, E> {
+        LoopInputs {
+            config: self.config,
+            run_dir: self.run_dir,
+            stop: self.stop,
+            task: self.task,
+            data,
+            device: self.device,
+            n_epochs: self.n_epochs,
+            checkpoints: self.checkpoints.clone(),
+        }
+    }
+}
+
 /// Where checkpoints go and what they must carry; `None` in [`LoopInputs`] when
 /// checkpointing is off.
+#[derive(Clone)]
 pub(crate) struct CheckpointCtx<'a> {
     pub run_dir: &'a Path,
     pub policy: &'a CheckpointPolicy,
@@ -93,19 +147,19 @@ pub(crate) struct RunShape {
 }
 
 impl RunShape {
-    pub fn of<D: kiln_core::DataModule>(
+    pub fn of(
         config: &CoordinatorConfig,
-        data: &D,
+        n_train: usize,
+        items_per_example: usize,
         n_epochs: usize,
         world: usize,
     ) -> Self {
-        let n_train = data.len(kiln_core::Split::Train);
         Self {
             n_train,
             per_epoch: batches_per_epoch(config, n_train, world),
             accumulate: config.accumulate_grad_batches as usize,
             total: total_steps(config, n_train, n_epochs, world),
-            items_per_example: data.items_per_example() as f64,
+            items_per_example: items_per_example as f64,
         }
     }
 }
@@ -280,6 +334,44 @@ impl StepRecord {
     /// Whether step `step` (1-based) of `total` is logged.
     pub fn is_logged(config: &CoordinatorConfig, step: u64, total: u64) -> bool {
         step.is_multiple_of(config.log_every_n_steps) || step == total
+    }
+}
+
+/// Clips the gradients (when `gradient_clip_val` is set) and measures their global
+/// norm (when clipping or logging); a non-finite norm ends the run.
+///
+/// `known_norm`: the norm, when the caller has measured it already (loss scaling).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn post_process<B, M>(
+    gradient_clip_val: Option<f64>,
+    model: &M,
+    grads: &mut GradientsParams,
+    logging: bool,
+    known_norm: Option<f64>,
+    step: u64,
+    epoch: usize,
+) -> Result<Option<f64>, Failure>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+{
+    // The global norm costs one reduction over every gradient: only on the steps
+    // that clip or log it.
+    let norm = match (gradient_clip_val, known_norm) {
+        (Some(max_norm), Some(norm)) => {
+            clip_to::<B, M>(model, grads, norm, max_norm);
+            Some(norm)
+        }
+        (Some(max_norm), None) => Some(clip_global_norm::<B, M>(model, grads, max_norm)),
+        (None, Some(norm)) => Some(norm),
+        (None, None) if logging => Some(global_norm::<B, M>(model, grads)),
+        (None, None) => None,
+    };
+    match norm.filter(|n| !n.is_finite()) {
+        Some(bad) => Err(Failure::Diverged(format!(
+            "gradient norm is {bad} at step {step} (epoch {epoch})"
+        ))),
+        None => Ok(norm),
     }
 }
 

@@ -85,7 +85,7 @@ where
                 what: "process_group_backend nccl".into(),
                 reason: format!(
                     "burn's NCCL synchronisation did not start (is libnccl installed?): {}",
-                    crate::coordinator::panic_message(panic.as_ref())
+                    crate::run::panic_message(panic.as_ref())
                 ),
             },
         )?;

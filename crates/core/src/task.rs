@@ -15,6 +15,7 @@ pub const TASK_SPEC_SCHEMA_VERSION: u32 = 1;
 /// | `lm` | token cross-entropy | loss, perplexity, token accuracy |
 /// | `classification` | cross-entropy | loss, accuracy |
 /// | `regression` | mean squared error | loss (= MSE) |
+/// | `custom` | the model's own (its `TrainStep`) | loss |
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "task_type", rename_all = "snake_case")]
 pub enum TaskKind {
@@ -36,6 +37,10 @@ pub enum TaskKind {
         /// Number of outputs per example.
         outputs: usize,
     },
+    /// A model that brings its own training step (burn-train's `TrainStep`): its
+    /// loss is the one its step's output adapts to. kiln names a run trained
+    /// through `TrainingCoordinator::fit` so.
+    Custom,
 }
 
 impl TaskKind {
@@ -44,6 +49,7 @@ impl TaskKind {
         match self {
             TaskKind::Lm { .. } | TaskKind::Classification { .. } => "cross_entropy",
             TaskKind::Regression { .. } => "mse",
+            TaskKind::Custom => "model",
         }
     }
 
@@ -52,7 +58,7 @@ impl TaskKind {
         match self {
             TaskKind::Lm { .. } => &["loss", "perplexity", "accuracy"],
             TaskKind::Classification { .. } => &["loss", "accuracy"],
-            TaskKind::Regression { .. } => &["loss"],
+            TaskKind::Regression { .. } | TaskKind::Custom => &["loss"],
         }
     }
 
@@ -62,6 +68,7 @@ impl TaskKind {
             TaskKind::Lm { .. } => "lm",
             TaskKind::Classification { .. } => "classification",
             TaskKind::Regression { .. } => "regression",
+            TaskKind::Custom => "custom",
         }
     }
 }
@@ -174,6 +181,21 @@ impl TaskSpec {
             input_fields: vec!["features".into()],
             target_field: Some("targets".into()),
             ..Self::new("reg_tiny", TaskKind::Regression { outputs: 1 })
+        }
+    }
+
+    /// The task of a model trained through its own `TrainStep`
+    /// ([`TaskKind::Custom`]), named `name`.
+    ///
+    /// ```
+    /// let spec = kiln_core::TaskSpec::custom("cnn");
+    /// assert_eq!(spec.kind.type_name(), "custom");
+    /// assert_eq!(spec.kind.metric_names(), &["loss"]);
+    /// ```
+    pub fn custom(name: impl Into<String>) -> Self {
+        Self {
+            modality: String::new(),
+            ..Self::new(name, TaskKind::Custom)
         }
     }
 

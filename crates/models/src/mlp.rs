@@ -42,6 +42,13 @@ impl MlpConfig {
                     "an MLP does not do language modelling; use the tiny GPT".into(),
                 ));
             }
+            TaskKind::Custom => {
+                return Err(Error::TaskMismatch(
+                    "kiln's MLP computes a task's loss; a custom task is a model's own \
+                     TrainStep (TrainingCoordinator::fit)"
+                        .into(),
+                ));
+            }
         };
         Ok(Self {
             inputs,
@@ -107,7 +114,7 @@ impl<B: Backend> TaskModel<B> for Mlp<B> {
         let (want, kind_ok) = match task.kind {
             TaskKind::Classification { num_classes } => (num_classes, self.classes),
             TaskKind::Regression { outputs } => (outputs, !self.classes),
-            TaskKind::Lm { .. } => (0, false),
+            TaskKind::Lm { .. } | TaskKind::Custom => (0, false),
         };
         if !kind_ok {
             let has = if self.classes {

@@ -34,9 +34,8 @@ use super::stepper::Stepper;
 use crate::CoordinatorError;
 use crate::checkpoint::{decode_record, encode_record};
 use crate::collective::Peer;
-use crate::group::{
-    AdamWRecord, Group, Offer, check_replicas, exchange_step, gather_shards, guard,
-};
+use crate::group::{Group, Offer, check_replicas, exchange_step, gather_shards, guard};
+use crate::optim::AdamWRecord;
 use crate::run::Failure;
 
 /// burn-train's components for a kiln model `M`.
@@ -270,7 +269,7 @@ where
                 if let Err(panic) = worker.join() {
                     shared.fail(Failure::Error(CoordinatorError::Collective(format!(
                         "worker {rank} failed: {}",
-                        crate::coordinator::panic_message(panic.as_ref())
+                        crate::run::panic_message(panic.as_ref())
                     ))));
                 }
             }

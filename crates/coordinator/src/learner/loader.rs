@@ -48,9 +48,7 @@ pub(crate) fn produce<B: AutodiffBackend, D: DataModule>(data: &D, requests: Rec
         }));
         let batch = match built {
             Ok(batch) => batch.map_err(Failure::from),
-            Err(panic) => Err(Failure::Panicked(crate::coordinator::panic_message(
-                panic.as_ref(),
-            ))),
+            Err(panic) => Err(Failure::Panicked(crate::run::panic_message(panic.as_ref()))),
         };
         // The loader may be gone (its epoch was cut short); nothing to do then.
         let _ = job.reply.send(batch);

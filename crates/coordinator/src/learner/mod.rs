@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::Optimizer;
 use burn::optim::lr_scheduler::LrScheduler;
+use burn::optim::{AdamW, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::logger::MetricLogger;
@@ -43,13 +43,13 @@ use burn::train::{ExecutionStrategy, Interrupter, Learner, SupervisedTraining, T
 use kiln_core::{DataModule, Split, TaskModel};
 
 use crate::checkpoint::Loaded;
-use crate::group::{AdamWRecord, shard_of};
-use crate::native::{adamw, restore_stats, resume_position};
+use crate::group::shard_of;
 use crate::objective::EvalSums;
+use crate::optim::{AdamWRecord, adamw};
 use crate::progress::Progress;
 use crate::run::{
     Failure, LoopInputs, LoopStats, RunShape, SaveClock, book_step, book_validation, epoch_stop,
-    trainer_state, write_checkpoint,
+    restore_stats, resume_position, trainer_state, write_checkpoint,
 };
 use crate::sync::BackendSync;
 use crate::tracking::Metrics;
@@ -101,7 +101,13 @@ where
         accumulate,
         total,
         items_per_example,
-    } = RunShape::of(config, data, n_epochs, world);
+    } = RunShape::of(
+        config,
+        data.len(kiln_core::Split::Train),
+        data.items_per_example(),
+        n_epochs,
+        world,
+    );
 
     B::seed(device, config.seed);
     let mut model = model;
@@ -227,7 +233,7 @@ where
         if let Some(loaded) = resume {
             let mut record: AdamWRecord<B, M> = loaded.optim::<B, _>(worker_device)?;
             if let Some(member) = member.as_ref().filter(|m| m.sharded) {
-                record = shard_of(&replica, record, &|i| member.owns(i));
+                record = shard_of::<B, _, AdamW>(&replica, record, &|i| member.owns(i));
             }
             optim = optim.load_record(record);
         }
@@ -328,9 +334,7 @@ where
                 Ok(Err(e)) => shared.fail(Failure::Error(e)),
                 Err(panic) => {
                     broken = true;
-                    shared.fail(Failure::Panicked(crate::coordinator::panic_message(
-                        panic.as_ref(),
-                    )));
+                    shared.fail(Failure::Panicked(crate::run::panic_message(panic.as_ref())));
                 }
             }
         }
@@ -349,9 +353,7 @@ where
         }
         Ok(Ok(Ok(inner))) => inner,
         Ok(Ok(Err(panic)) | Err(panic)) => {
-            return Err(Failure::Panicked(crate::coordinator::panic_message(
-                panic.as_ref(),
-            )));
+            return Err(Failure::Panicked(crate::run::panic_message(panic.as_ref())));
         }
     };
     let mut position = shared.position();

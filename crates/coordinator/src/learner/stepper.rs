@@ -23,9 +23,8 @@ use super::loader::Micro;
 use super::shared::{Event, SharedRef};
 use crate::checkpoint::Snapshot;
 use crate::group::{micro_loss, retain_owned};
-use crate::native::post_process;
 use crate::objective;
-use crate::run::{Failure, SaveAt, StepRecord};
+use crate::run::{Failure, SaveAt, StepRecord, post_process};
 use crate::sync::zero_over_params;
 
 /// A kiln model wrapped for burn-train; its parameters are the model's (the
@@ -158,9 +157,7 @@ where
                     Ok(Some((value, grads)))
                 };
                 std::panic::catch_unwind(AssertUnwindSafe(forward)).unwrap_or_else(|panic| {
-                    Err(Failure::Panicked(crate::coordinator::panic_message(
-                        panic.as_ref(),
-                    )))
+                    Err(Failure::Panicked(crate::run::panic_message(panic.as_ref())))
                 })
             }
             _ => Ok(None),
@@ -380,9 +377,7 @@ where
         // A panic is this worker's failure (in a group, told at the next exchange).
         let evaluated =
             std::panic::catch_unwind(AssertUnwindSafe(evaluate)).unwrap_or_else(|panic| {
-                Err(Failure::Panicked(crate::coordinator::panic_message(
-                    panic.as_ref(),
-                )))
+                Err(Failure::Panicked(crate::run::panic_message(panic.as_ref())))
             });
         match evaluated {
             Ok(sums) => {

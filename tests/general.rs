@@ -1,0 +1,517 @@
+//! The general path: Burn models written for burn-train (`TrainStep` /
+//! `InferenceStep`, a `Dataset` and a `Batcher`, burn-optim optimizers and
+//! schedulers) trained through `TrainingCoordinator::fit`, unchanged.
+//!
+//! Burn's RNG is one per process on Flex, and the tests of this binary run on
+//! parallel threads: every test that draws from it (initialisation, dropout) takes
+//! its turn through [`rng_turn`].
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use burn::backend::Autodiff;
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataset::{Dataset, InMemDataset};
+use burn::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
+use burn::lr_scheduler::linear::LinearLrSchedulerConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamConfig, SgdConfig};
+use burn::prelude::*;
+use kiln_backend_cpu::Flex;
+use kiln_coordinator::{CoordinatorError, Datasets, StopHandle};
+use kiln_core::{Engine, RunStatus, Strategy, TrainReport};
+use kiln_examples::image_classifier::{
+    ImageBatch, ImageBatcher, ImageClassifier, ImageClassifierConfig, ImageItem, SIDE,
+    synthetic_images,
+};
+use kiln_examples::regressor::{
+    RegressionBatcher, Regressor, RegressorConfig, synthetic_regression,
+};
+use kiln_experiment_db::ExperimentDb;
+use kiln_tests::{loss_bits, param_values, quiet};
+use rstest::rstest;
+
+type B = Autodiff<Flex>;
+
+static RNG: Mutex<()> = Mutex::new(());
+
+/// This test's turn with Burn's process-wide RNG.
+fn rng_turn() -> MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The CNN, initialised from Burn's RNG seeded with 3.
+fn cnn(dropout: f64) -> ImageClassifier<B> {
+    let device = Default::default();
+    B::seed(&device, 3);
+    ImageClassifierConfig::new(4)
+        .with_dropout(dropout)
+        .init::<B>(&device)
+}
+
+fn images<T>(batcher: T) -> Datasets<ImageItem, T> {
+    Datasets::new(
+        synthetic_images(256, 4, 1),
+        synthetic_images(64, 4, 2),
+        batcher,
+    )
+}
+
+fn mean(xs: &[f32]) -> f32 {
+    xs.iter().sum::<f32>() / xs.len() as f32
+}
+
+/// The CNN of the examples (4-D inputs, dropout, Adam) trains on one device, on
+/// two data-parallel workers and with the optimizer state sharded, and its loss
+/// falls.
+#[rstest]
+#[case::single("auto", "1", Strategy::Single)]
+#[case::ddp("ddp", "2", Strategy::Ddp)]
+#[case::fsdp("fsdp", "2", Strategy::Fsdp)]
+fn the_cnn_trains_with_dropout_and_its_loss_falls(
+    #[case] strategy: &str,
+    #[case] devices: &str,
+    #[case] want: Strategy,
+) {
+    let _turn = rng_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let trained = quiet(dir.path())
+        .strategy(strategy)
+        .devices(devices)
+        .batch_size(16)
+        .build()
+        .unwrap()
+        .fit(
+            cnn(0.25),
+            AdamConfig::new().init(),
+            3e-3,
+            &images(ImageBatcher),
+            None,
+            4,
+        )
+        .unwrap();
+    let report = &trained.report;
+    assert_eq!(report.status, RunStatus::Finished);
+    assert_eq!(report.plan.strategy, want);
+    assert_eq!(report.plan.engine, Engine::Native);
+    let losses = &report.step_losses;
+    assert!(losses.len() >= 32, "{} steps", losses.len());
+    let (first, last) = (mean(&losses[..4]), mean(&losses[losses.len() - 8..]));
+    assert!(
+        last < 0.7 * first,
+        "the loss did not fall: first steps {first}, last steps {last}"
+    );
+    let valid = report.final_metrics["valid/loss"];
+    assert!(valid.is_finite() && valid < 1.2, "valid/loss {valid}");
+}
+
+/// Without dropout, two workers with 8 examples each take the steps one device
+/// takes with 16 (ddp, and fsdp with the optimizer state sharded).
+#[rstest]
+#[case::ddp("ddp")]
+#[case::fsdp("fsdp")]
+fn without_dropout_two_workers_take_the_steps_of_one_device(#[case] strategy: &str) {
+    let _turn = rng_turn();
+    let model = cnn(0.0);
+    let run = |strategy: &str, devices: &str, batch_size: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let trained = quiet(dir.path())
+            .strategy(strategy)
+            .devices(devices)
+            .batch_size(batch_size)
+            .max_steps(20)
+            .build()
+            .unwrap()
+            .fit(
+                model.clone(),
+                AdamConfig::new().init(),
+                3e-3,
+                &images(ImageBatcher),
+                None,
+                2,
+            )
+            .unwrap();
+        (trained.report, param_values(&trained.model))
+    };
+    let (single, single_weights) = run("single", "1", 16);
+    let (group, group_weights) = run(strategy, "2", 8);
+    assert_eq!(group.plan.world_size, 2);
+    assert_eq!(single.step_losses.len(), 20);
+    for (step, (a, b)) in single
+        .step_losses
+        .iter()
+        .zip(&group.step_losses)
+        .enumerate()
+    {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+            "step {}: one device {a}, two workers {b}",
+            step + 1
+        );
+    }
+    let worst = single_weights
+        .iter()
+        .zip(&group_weights)
+        .map(|(a, b)| (f32::from_bits(*a) - f32::from_bits(*b)).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4, "final weights differ by {worst}");
+}
+
+/// Dropout draws from Burn's RNG, which kiln seeds before every micro-batch from
+/// the run's seed: two runs with one seed take the same steps bit for bit, and a
+/// run without dropout takes others.
+#[test]
+fn two_runs_with_one_seed_and_dropout_take_the_same_steps_bit_for_bit() {
+    let _turn = rng_turn();
+    let run = |model: ImageClassifier<B>| {
+        let dir = tempfile::tempdir().unwrap();
+        quiet(dir.path())
+            .batch_size(16)
+            .max_steps(12)
+            .seed(9)
+            .build()
+            .unwrap()
+            .fit(
+                model,
+                AdamConfig::new().init(),
+                3e-3,
+                &images(ImageBatcher),
+                None,
+                1,
+            )
+            .unwrap()
+            .report
+    };
+    let model = cnn(0.5);
+    let first = run(model.clone());
+    let second = run(model.clone());
+    assert_eq!(loss_bits(&first), loss_bits(&second));
+    let plain = run(cnn(0.0));
+    assert_ne!(
+        loss_bits(&plain),
+        loss_bits(&first),
+        "dropout 0.5 changed no loss"
+    );
+}
+
+/// A batcher that asks the run to stop while it builds training batch `at`
+/// (counted from 0; validation batches are not counted).
+#[derive(Clone)]
+struct StopAt<T> {
+    inner: T,
+    stop: Option<StopHandle>,
+    at: usize,
+    seen: std::sync::Arc<AtomicUsize>,
+}
+
+impl<T> StopAt<T> {
+    fn new(inner: T, stop: Option<StopHandle>, at: usize) -> Self {
+        Self {
+            inner,
+            stop,
+            at,
+            seen: Default::default(),
+        }
+    }
+}
+
+impl<Bk: Backend, I, O, T: Batcher<Bk, I, O>> Batcher<Bk, I, O> for StopAt<T> {
+    fn batch(&self, items: Vec<I>, device: &Bk::Device) -> O {
+        let counted = Bk::ad_enabled(device);
+        if let (true, Some(stop)) = (counted, &self.stop)
+            && self.seen.fetch_add(1, Ordering::SeqCst) == self.at
+        {
+            stop.stop();
+        }
+        self.inner.batch(items, device)
+    }
+}
+
+/// Trains `model` straight through, and again stopped while training batch 11 is
+/// built and resumed from the last checkpoint: the same losses, weights and
+/// validation loss, bit for bit.
+fn stop_and_resume<M, I, T, S, LR>(
+    model: M,
+    optimizer: impl Fn() -> burn::optim::adaptor::OptimizerAdaptor<S, M, B>,
+    scheduler: impl Fn() -> LR,
+    data: impl Fn(StopAt<T>) -> Datasets<I, StopAt<T>>,
+    batcher: T,
+    accumulate: u32,
+) where
+    M: burn::module::AutodiffModule<B> + burn::train::TrainStep + 'static,
+    M::Output: kiln_coordinator::StepOutput<B>,
+    M::InnerModule: burn::train::InferenceStep,
+    <M::InnerModule as burn::train::InferenceStep>::Output:
+        kiln_coordinator::StepOutput<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend>,
+    I: Send + Sync,
+    T: Clone,
+    StopAt<T>: Batcher<B, I, M::Input>
+        + Batcher<
+            <B as burn::tensor::backend::AutodiffBackend>::InnerBackend,
+            I,
+            <M::InnerModule as burn::train::InferenceStep>::Input,
+        >,
+    S: burn::optim::SimpleOptimizer<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend>
+        + 'static,
+    LR: burn::lr_scheduler::LrScheduler,
+{
+    let builder = |root: &Path| {
+        quiet(root)
+            .run_name("r")
+            .batch_size(16)
+            .max_steps(14)
+            .accumulate_grad_batches(accumulate)
+            .gradient_clip_val(1.0)
+            .checkpoint_every_n_steps(2)
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let expected = builder(straight_dir.path())
+        .build()
+        .unwrap()
+        .fit(
+            model.clone(),
+            optimizer(),
+            scheduler(),
+            &data(StopAt::new(batcher.clone(), None, 0)),
+            None,
+            3,
+        )
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = builder(dir.path()).build().unwrap();
+    let stopping = data(StopAt::new(batcher.clone(), Some(first.stop_handle()), 11));
+    let err = first
+        .fit(model.clone(), optimizer(), scheduler(), &stopping, None, 3)
+        .unwrap_err();
+    let CoordinatorError::Stopped { report } = err else {
+        panic!("expected a stop, got {err}")
+    };
+    // Batch 11 is never trained on: 11 micro-batches make this many steps.
+    assert_eq!(report.optimizer_steps, 11 / accumulate as u64);
+
+    let resumed = builder(dir.path())
+        .ckpt_path("last")
+        .build()
+        .unwrap()
+        .fit(
+            model,
+            optimizer(),
+            scheduler(),
+            &data(StopAt::new(batcher, None, 0)),
+            None,
+            3,
+        )
+        .unwrap();
+    assert_eq!(resumed.report.optimizer_steps, 14);
+    assert_eq!(
+        loss_bits(&resumed.report),
+        loss_bits(&expected.report),
+        "per-step losses differ"
+    );
+    assert_eq!(
+        param_values(&resumed.model),
+        param_values(&expected.model),
+        "final weights differ"
+    );
+    assert_eq!(
+        resumed.report.final_metrics["valid/loss"].to_bits(),
+        expected.report.final_metrics["valid/loss"].to_bits()
+    );
+}
+
+/// The CNN with dropout, Adam and a linear schedule.
+#[test]
+fn the_cnn_with_dropout_and_adam_resumes_bit_for_bit() {
+    let _turn = rng_turn();
+    stop_and_resume(
+        cnn(0.25),
+        || AdamConfig::new().init(),
+        || LinearLrSchedulerConfig::new(3e-3, 1e-4, 14).init().unwrap(),
+        images,
+        ImageBatcher,
+        1,
+    );
+}
+
+/// The regressor with its own loss and dropout, SGD with momentum, a cosine
+/// schedule and gradient accumulation.
+#[test]
+fn the_regressor_with_dropout_and_sgd_momentum_resumes_bit_for_bit() {
+    let _turn = rng_turn();
+    let device = Default::default();
+    B::seed(&device, 4);
+    let model: Regressor<B> = RegressorConfig::new().with_dropout(0.2).init(&device);
+    stop_and_resume(
+        model,
+        || {
+            SgdConfig::new()
+                .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
+                .init()
+        },
+        || {
+            CosineAnnealingLrSchedulerConfig::new(0.05, 14)
+                .init()
+                .unwrap()
+        },
+        |batcher| {
+            Datasets::new(
+                synthetic_regression(256, 1),
+                synthetic_regression(64, 2),
+                batcher,
+            )
+        },
+        RegressionBatcher,
+        2,
+    );
+}
+
+/// What a bad input to `fit` gives: an error that names it, the run FAILED in the
+/// store where training had started, never a panic.
+#[test]
+fn an_empty_training_dataset_is_refused_before_anything_is_written() {
+    let _turn = rng_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let data = Datasets::new(
+        InMemDataset::<ImageItem>::new(Vec::new()),
+        synthetic_images(8, 4, 2),
+        ImageBatcher,
+    );
+    let err = quiet(dir.path())
+        .build()
+        .unwrap()
+        .fit(cnn(0.0), AdamConfig::new().init(), 1e-3, &data, None, 1)
+        .unwrap_err();
+    assert!(
+        matches!(err, CoordinatorError::Config(_)),
+        "expected a configuration error, got {err:?}"
+    );
+    assert!(
+        err.to_string().contains("training dataset is empty"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("default").exists(),
+        "a run directory was made"
+    );
+}
+
+/// Images of the wrong shape for the model: two channels where it takes one.
+#[derive(Clone)]
+struct TwoChannels;
+
+impl<Bk: Backend> Batcher<Bk, ImageItem, ImageBatch<Bk>> for TwoChannels {
+    fn batch(&self, items: Vec<ImageItem>, device: &Bk::Device) -> ImageBatch<Bk> {
+        let n = items.len();
+        let batch: ImageBatch<Bk> = ImageBatcher.batch(items, device);
+        ImageBatch {
+            images: batch.images.reshape([n, 2, SIDE / 2, SIDE]),
+            targets: batch.targets,
+        }
+    }
+}
+
+/// A dataset whose `len()` promises more items than `get` gives.
+struct Short(InMemDataset<ImageItem>);
+
+impl Dataset<ImageItem> for Short {
+    fn get(&self, index: usize) -> Option<ImageItem> {
+        self.0.get(index)
+    }
+    fn len(&self) -> usize {
+        self.0.len() + 16
+    }
+}
+
+fn failed_run<I: Send + Sync + 'static, T>(data: &Datasets<I, T>) -> (String, TrainReport, String)
+where
+    T: Batcher<B, I, ImageBatch<B>>
+        + Batcher<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, I, ImageBatch<Flex>>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = ExperimentDb::open(dir.path().join("kiln.sqlite")).unwrap();
+    let err = quiet(dir.path())
+        .batch_size(16)
+        .build()
+        .unwrap()
+        .fit(
+            cnn(0.0),
+            AdamConfig::new().init(),
+            1e-3,
+            data,
+            Some(&mut db),
+            1,
+        )
+        .unwrap_err();
+    let CoordinatorError::RunFailed { reason, report } = err else {
+        panic!("expected a failed run, got {err:?}")
+    };
+    let runs = db.list_runs(None).unwrap();
+    assert_eq!(runs.len(), 1);
+    (reason, *report, runs[0].status.to_string())
+}
+
+#[test]
+fn a_batch_that_does_not_fit_the_model_fails_the_run_naming_it() {
+    let _turn = rng_turn();
+    let (reason, report, status) = failed_run(&images(TwoChannels));
+    assert_eq!(status, "FAILED");
+    assert_eq!(report.optimizer_steps, 0);
+    assert!(
+        reason.contains("conv2d") && reason.contains("channels"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_dataset_shorter_than_its_len_fails_the_run_naming_the_item() {
+    let _turn = rng_turn();
+    let data = Datasets::new(
+        Short(synthetic_images(32, 4, 1)),
+        synthetic_images(8, 4, 2),
+        ImageBatcher,
+    );
+    let (reason, _, status) = failed_run(&data);
+    assert_eq!(status, "FAILED");
+    assert!(
+        reason.contains("the train dataset has no item") && reason.contains("len() is 48"),
+        "{reason}"
+    );
+}
+
+/// What this version does not run for a model with its own step is an error that
+/// says so, never a silent substitute.
+#[rstest]
+#[case::mixed_precision("bf16-mixed", None, "precision bf16-mixed")]
+#[case::true_precision("bf16-true", None, "precision bf16-true")]
+#[case::learner_engine("32-true", Some("learner"), "engine learner")]
+fn what_the_general_path_cannot_run_yet_is_named(
+    #[case] precision: &str,
+    #[case] engine: Option<&str>,
+    #[case] needle: &str,
+) {
+    let _turn = rng_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let mut builder = quiet(dir.path()).precision(precision);
+    if let Some(engine) = engine {
+        builder = builder.engine(engine);
+    }
+    let err = builder
+        .build()
+        .unwrap()
+        .fit(
+            cnn(0.0),
+            AdamConfig::new().init(),
+            1e-3,
+            &images(ImageBatcher),
+            None,
+            1,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, CoordinatorError::NotAvailable { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(needle), "{err}");
+}

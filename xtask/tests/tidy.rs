@@ -1,0 +1,258 @@
+//! Tidy checks over kiln's sources, in the manner of rust-analyzer's: they read
+//! the code as text and fail with what to fix.
+//!
+//! `module_imports_form_layers`: within each library crate, the modules' `crate::`
+//! imports form layers, with no cycle. A module is a file of `src/` or a folder
+//! (`learner/` is one module); `lib.rs` and test code do not count.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+type Graph = BTreeMap<String, BTreeSet<String>>;
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
+}
+
+/// The source files below `dir`, with their module (first path component below
+/// `src/`, without `.rs`).
+fn modules(src: &Path) -> Vec<(String, PathBuf)> {
+    let mut found = Vec::new();
+    let mut stack = vec![src.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()) {
+            if entry.is_dir() {
+                stack.push(entry);
+            } else if entry.extension().is_some_and(|e| e == "rs") {
+                let rel = entry.strip_prefix(src).unwrap();
+                let first = rel.components().next().unwrap().as_os_str();
+                let module = first.to_string_lossy().trim_end_matches(".rs").to_string();
+                found.push((module, entry));
+            }
+        }
+    }
+    found
+}
+
+/// `text` without comments and without its test module (from a `#[cfg(test)]` or
+/// `#[cfg(all(test, ...))]` on a `mod` to the end of the file).
+fn code_of(text: &str) -> String {
+    let mut code = String::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        let trimmed = line.trim_start();
+        let test_cfg = trimmed.starts_with("#[cfg(test)]") || trimmed.starts_with("#[cfg(all(test");
+        if test_cfg
+            && lines
+                .peek()
+                .is_some_and(|next| next.trim_start().starts_with("mod "))
+        {
+            break;
+        }
+        let without_comment = match line.find("//") {
+            Some(i) => &line[..i],
+            None => line,
+        };
+        code.push_str(without_comment);
+        code.push('\n');
+    }
+    code
+}
+
+/// The modules of `known` that `code` names through `crate::`: paths
+/// (`crate::run::Failure`) and grouped imports (`use crate::{run::X, group}`).
+fn imports(code: &str, known: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut rest = code;
+    while let Some(i) = rest.find("crate::") {
+        rest = &rest[i + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // Top-level names of the group, up to its closing brace.
+            let mut depth = 0usize;
+            let mut name = String::new();
+            let mut at_start = true;
+            for ch in group.chars() {
+                match ch {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        at_start = true;
+                        name.clear();
+                        continue;
+                    }
+                    _ => {}
+                }
+                if depth == 0 && at_start {
+                    if ch.is_alphanumeric() || ch == '_' {
+                        name.push(ch);
+                    } else if !name.is_empty() {
+                        if known.contains(&name) {
+                            found.insert(name.clone());
+                        }
+                        at_start = false;
+                    }
+                }
+            }
+        } else {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if known.contains(&name) {
+                found.insert(name);
+            }
+        }
+    }
+    found
+}
+
+/// The import graph of the library crate whose sources are in `src`.
+fn graph(src: &Path) -> Graph {
+    let files = modules(src);
+    let known: BTreeSet<String> = files
+        .iter()
+        .map(|(m, _)| m.clone())
+        .filter(|m| m != "lib" && m != "main")
+        .collect();
+    let mut graph = Graph::new();
+    for (module, path) in files {
+        if !known.contains(&module) {
+            continue;
+        }
+        let code = code_of(&std::fs::read_to_string(&path).unwrap());
+        let edges = graph.entry(module.clone()).or_default();
+        edges.extend(imports(&code, &known).into_iter().filter(|m| *m != module));
+    }
+    graph
+}
+
+/// The cycles of `graph`: its strongly connected components of more than one
+/// module (Tarjan).
+fn cycles(graph: &Graph) -> Vec<Vec<String>> {
+    struct Tarjan<'g> {
+        graph: &'g Graph,
+        index: BTreeMap<&'g str, usize>,
+        low: BTreeMap<&'g str, usize>,
+        stack: Vec<&'g str>,
+        on_stack: BTreeSet<&'g str>,
+        found: Vec<Vec<String>>,
+    }
+    impl<'g> Tarjan<'g> {
+        fn visit(&mut self, v: &'g str) {
+            let i = self.index.len();
+            self.index.insert(v, i);
+            self.low.insert(v, i);
+            self.stack.push(v);
+            self.on_stack.insert(v);
+            for w in self.graph.get(v).into_iter().flatten() {
+                let w = w.as_str();
+                if !self.index.contains_key(w) {
+                    self.visit(w);
+                    let low = self.low[v].min(self.low[w]);
+                    self.low.insert(v, low);
+                } else if self.on_stack.contains(w) {
+                    let low = self.low[v].min(self.index[w]);
+                    self.low.insert(v, low);
+                }
+            }
+            if self.low[v] == self.index[v] {
+                let mut component = Vec::new();
+                while let Some(w) = self.stack.pop() {
+                    self.on_stack.remove(w);
+                    component.push(w.to_string());
+                    if w == v {
+                        break;
+                    }
+                }
+                if component.len() > 1 {
+                    component.sort();
+                    self.found.push(component);
+                }
+            }
+        }
+    }
+    let mut t = Tarjan {
+        graph,
+        index: BTreeMap::new(),
+        low: BTreeMap::new(),
+        stack: Vec::new(),
+        on_stack: BTreeSet::new(),
+        found: Vec::new(),
+    };
+    for v in graph.keys() {
+        if !t.index.contains_key(v.as_str()) {
+            t.visit(v);
+        }
+    }
+    t.found
+}
+
+#[test]
+fn module_imports_form_layers() {
+    let crates = workspace_root().join("crates");
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&crates).unwrap() {
+        let src = entry.unwrap().path().join("src");
+        if !src.join("lib.rs").exists() {
+            continue;
+        }
+        let graph = graph(&src);
+        checked += graph.len();
+        for cycle in cycles(&graph) {
+            let edges: Vec<String> = cycle
+                .iter()
+                .map(|m| {
+                    let inside: Vec<&str> = graph[m]
+                        .iter()
+                        .filter(|t| cycle.contains(t))
+                        .map(String::as_str)
+                        .collect();
+                    format!("{m} -> {}", inside.join(", "))
+                })
+                .collect();
+            problems.push(format!(
+                "{}: modules {} import each other in a cycle:\n  {}",
+                src.display(),
+                cycle.join(", "),
+                edges.join("\n  ")
+            ));
+        }
+    }
+    assert!(
+        checked > 20,
+        "only {checked} modules read: is the layout still crates/*/src?"
+    );
+    assert!(
+        problems.is_empty(),
+        "move what both sides need into a lower module:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn the_reader_finds_imports_and_cycles() {
+    let known: BTreeSet<String> = ["a", "b", "c", "d"].map(String::from).into();
+    let code = code_of(
+        "use crate::a::X;\n// crate::d::in_a_comment\nfn f() { crate::b::g(); }\n\
+         use crate::{c::{Y, Z}, Error};\n#[cfg(test)]\nmod tests { use crate::d; }\n",
+    );
+    assert_eq!(
+        imports(&code, &known),
+        ["a", "b", "c"].map(String::from).into()
+    );
+    let graph: Graph = [
+        ("a", vec!["b"]),
+        ("b", vec!["c"]),
+        ("c", vec!["a"]),
+        ("d", vec!["a"]),
+    ]
+    .into_iter()
+    .map(|(m, to)| (m.to_string(), to.into_iter().map(String::from).collect()))
+    .collect();
+    assert_eq!(cycles(&graph), vec![vec!["a", "b", "c"]]);
+}
