@@ -155,3 +155,80 @@ fn max_steps_and_limit_train_batches_cut_the_run() {
         "5 micro-batches in groups of 2: 2 full steps and one of 1"
     );
 }
+
+/// The tiny GPT takes the same steps, bit for bit on Flex, as before the general
+/// path (issue 17) moved the native loop onto a `Workload`, kiln's schedule onto
+/// burn-optim's `LrScheduler` and Burn's RNG to a per-micro-batch seed:
+/// `tests/golden/tiny_gpt.txt` holds the per-step losses and final weights the
+/// code before that change gave (accumulation, clipping and the warm-up + cosine
+/// schedule on; the native loop, the Learner engine, a two-worker bf16-mixed group
+/// and 16-mixed).
+#[rstest::rstest]
+#[case::vanilla("vanilla", "vanilla", "1", "32-true")]
+#[case::learner("learner", "auto", "1", "32-true")]
+#[case::ddp_native("ddp_native", "ddp", "2", "bf16-mixed")]
+#[case::f16mixed("f16mixed", "vanilla", "1", "16-mixed")]
+fn golden_tiny_gpt_steps_are_unchanged(
+    #[case] name: &str,
+    #[case] strategy: &str,
+    #[case] devices: &str,
+    #[case] precision: &str,
+) {
+    type B = Autodiff<Flex>;
+    let (data, task) = corpus_data(30_000, 32);
+    let dir = tempfile::tempdir().unwrap();
+    let model = small_gpt(data.vocab_size(), 32)
+        .init::<B>(5, &Default::default())
+        .unwrap();
+    let trained = quiet(dir.path())
+        .strategy(strategy)
+        .devices(devices)
+        .precision(precision)
+        .seed(5)
+        .batch_size(8)
+        .max_steps(30)
+        .learning_rate(2e-3)
+        .accumulate_grad_batches(2)
+        .gradient_clip_val(0.5)
+        .lr_schedule(kiln_core::LrSchedule::WarmupCosine {
+            warmup_steps: 5,
+            min_lr_ratio: 0.1,
+        })
+        .build()
+        .unwrap()
+        .train::<B, _, _>(model, &data, &task, None, 100)
+        .unwrap();
+    let report = &trained.report;
+    let bits: Vec<String> = report
+        .step_losses
+        .iter()
+        .map(|x| x.to_bits().to_string())
+        .collect();
+    let got = format!(
+        "{name} {} {}",
+        report.weights_sha256.as_deref().unwrap_or("-"),
+        bits.join(",")
+    );
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny_gpt.txt");
+    let text = std::fs::read_to_string(&path).unwrap();
+    if std::env::var_os("KILN_BLESS").is_some() {
+        let lines: Vec<String> = text
+            .lines()
+            .map(|l| match l.split(' ').next() == Some(name) {
+                true => got.clone(),
+                false => l.to_string(),
+            })
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        eprintln!(
+            "KILN_BLESS: wrote the steps of {name} to {}",
+            path.display()
+        );
+        return;
+    }
+    let want = text
+        .lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .unwrap_or_else(|| panic!("no line {name} in {}", path.display()));
+    assert_eq!(got, want, "the steps of {name} changed");
+}
