@@ -104,6 +104,13 @@ fn the_cnn_trains_with_dropout_and_its_loss_falls(
     );
     let valid = report.final_metrics["valid/loss"];
     assert!(valid.is_finite() && valid < 1.2, "valid/loss {valid}");
+    // burn-train's accuracy of a ClassificationOutput, as a fraction (4 classes:
+    // chance is 0.25).
+    let accuracy = report.final_metrics["valid/accuracy"];
+    assert!(
+        accuracy > 0.6 && accuracy <= 1.0,
+        "valid/accuracy {accuracy}"
+    );
 }
 
 /// Without dropout, two workers with 8 examples each take the steps one device

@@ -76,11 +76,16 @@ impl EvalSums {
         };
     }
 
-    /// `(name, value)` of each metric of `kind`, as [`TaskKind::metric_names`] lists them.
+    /// `(name, value)` of each metric of `kind`, as [`TaskKind::metric_names`] lists them
+    /// (a custom task: the loss, and the accuracy where its outputs give one).
     pub fn metrics(&self, kind: &TaskKind) -> Vec<(&'static str, f64)> {
         let count = self.count.max(1.0);
         let loss = self.loss_sum / count;
-        kind.metric_names()
+        let names = match (kind, self.correct) {
+            (TaskKind::Custom, Some(_)) => &["loss", "accuracy"][..],
+            _ => kind.metric_names(),
+        };
+        names
             .iter()
             .filter_map(|&name| {
                 let value = match name {

@@ -15,6 +15,7 @@
 //! of a data-parallel group, accumulation, the exchange, clipping, the optimizer and
 //! the schedule, validation's batching, checkpoints and the books.
 
+use std::any::Any;
 use std::sync::Arc;
 
 use burn::data::dataloader::batcher::Batcher;
@@ -24,9 +25,10 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::metric::{
-    Adaptor, LossInput, LossMetric, Metric, MetricMetadata, Numeric, NumericEntry,
+    AccuracyInput, AccuracyMetric, Adaptor, LossInput, LossMetric, Metric, MetricMetadata, Numeric,
+    NumericEntry,
 };
-use burn::train::{InferenceStep, TrainOutput, TrainStep};
+use burn::train::{ClassificationOutput, InferenceStep, SequenceOutput, TrainOutput, TrainStep};
 use kiln_core::{Batch, DataModule, Precision, Split, TaskModel, TaskSpec};
 
 #[cfg(feature = "learner")]
@@ -274,6 +276,10 @@ where
 ///     needs_a_loss::<B, NoLoss>();
 /// }
 /// ```
+///
+/// Besides the loss, kiln validates with the accuracy of burn-train's
+/// `ClassificationOutput` and `SequenceOutput` (burn-train's `AccuracyMetric`
+/// through their `Adaptor<AccuracyInput<B>>`), logged as `valid/accuracy`.
 #[diagnostic::on_unimplemented(
     message = "kiln reads the training loss from `{Self}` and cannot: implement \
                burn-train's `Adaptor<LossInput<B>>` for it",
@@ -284,24 +290,48 @@ where
 pub trait StepOutput<B: Backend> {
     /// The mean loss of the step, as an `f64`.
     fn loss_value(&self) -> f64;
+
+    /// The fraction of correct predictions, for the outputs burn-train gives an
+    /// accuracy (`ClassificationOutput`, `SequenceOutput`); `None` for others.
+    fn accuracy(&self) -> Option<f64>;
 }
 
-impl<B: Backend, T: Adaptor<LossInput<B>>> StepOutput<B> for T {
+impl<B: Backend, T: Adaptor<LossInput<B>> + 'static> StepOutput<B> for T {
     fn loss_value(&self) -> f64 {
-        let mut metric = LossMetric::<B>::new();
-        let metadata = MetricMetadata {
-            progress: burn::data::dataloader::Progress::new(1, 1),
-            global_progress: burn::data::dataloader::Progress::new(0, 1),
-            iteration: None,
-            lr: None,
+        numeric(LossMetric::<B>::new(), &self.adapt())
+    }
+
+    fn accuracy(&self) -> Option<f64> {
+        // Rust cannot ask whether `T` adapts to the accuracy's input; burn-train's
+        // own outputs are known types, so they are recognised by type.
+        let any = self as &dyn Any;
+        let input: AccuracyInput<B> = match (
+            any.downcast_ref::<ClassificationOutput<B>>(),
+            any.downcast_ref::<SequenceOutput<B>>(),
+        ) {
+            (Some(output), _) => output.adapt(),
+            (_, Some(output)) => output.adapt(),
+            _ => return None,
         };
-        metric.update(&self.adapt(), &metadata);
-        match metric.value() {
-            NumericEntry::Value(v) => v,
-            NumericEntry::Aggregated {
-                aggregated_value, ..
-            } => aggregated_value,
-        }
+        // burn-train reports a percentage; kiln logs fractions.
+        Some(numeric(AccuracyMetric::<B>::new(), &input) / 100.0)
+    }
+}
+
+/// The value burn-train's `metric` gives for one `input`.
+fn numeric<T: Metric + Numeric>(mut metric: T, input: &T::Input) -> f64 {
+    let metadata = MetricMetadata {
+        progress: burn::data::dataloader::Progress::new(1, 1),
+        global_progress: burn::data::dataloader::Progress::new(0, 1),
+        iteration: None,
+        lr: None,
+    };
+    metric.update(input, &metadata);
+    match metric.value() {
+        NumericEntry::Value(v) => v,
+        NumericEntry::Aggregated {
+            aggregated_value, ..
+        } => aggregated_value,
     }
 }
 
@@ -441,7 +471,7 @@ where
         let n = indices.len() as f64;
         sums.add(EvalSums {
             loss_sum: output.loss_value() * n,
-            correct: None,
+            correct: output.accuracy().map(|accuracy| accuracy * n),
             count: n,
         });
         Ok(())
