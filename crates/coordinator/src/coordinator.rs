@@ -196,8 +196,9 @@ impl TrainingCoordinator {
     /// per optimizer step, validation, checkpoints with the optimizer's and the
     /// scheduler's state (exact resume), and Burn's RNG seeded before every
     /// micro-batch (dropout is reproducible). Strategies `single`, `vanilla`,
-    /// `ddp` and `fsdp` (the optimizer's state sharded), one node or several, run
-    /// on kiln's native loop in `32-true`; see `docs/from-burn-train.md`.
+    /// `ddp` and `fsdp` (the optimizer's state sharded) run on kiln's native loop
+    /// in `32-true`, across nodes too through the loop [`train`](Self::train)
+    /// uses; see `docs/from-burn-train.md`.
     ///
     /// # Errors
     /// As [`train`](Self::train); [`CoordinatorError::NotAvailable`] for a
@@ -784,4 +785,21 @@ fn host_name() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model_name;
+
+    struct Cnn<T>(T);
+    mod nested {
+        pub struct ImageClassifier;
+    }
+
+    #[test]
+    fn runs_are_named_after_the_model_type() {
+        assert_eq!(model_name::<Cnn<Vec<u8>>>(), "cnn");
+        assert_eq!(model_name::<nested::ImageClassifier>(), "imageclassifier");
+        let _ = Cnn(0);
+    }
 }

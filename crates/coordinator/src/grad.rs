@@ -60,6 +60,34 @@ pub(crate) fn scale<B: AutodiffBackend, M: AutodiffModule<B>>(
     });
 }
 
+/// Drops the gradients of the parameters this worker does not own (fsdp; `owns`
+/// takes a parameter's index in visiting order): its optimizer then neither keeps
+/// state for them nor updates them.
+pub(crate) fn retain_owned<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    owns: &dyn Fn(usize) -> bool,
+) {
+    struct Retain<'a> {
+        grads: &'a mut GradientsParams,
+        owns: &'a dyn Fn(usize) -> bool,
+        index: usize,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Retain<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if !(self.owns)(self.index) {
+                self.grads.remove::<B::InnerBackend, D>(param.id);
+            }
+            self.index += 1;
+        }
+    }
+    model.visit(&mut Retain {
+        grads,
+        owns,
+        index: 0,
+    });
+}
+
 struct SquaredSum<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
     total: Option<Tensor<B::InnerBackend, 1>>,

@@ -138,34 +138,6 @@ pub(crate) fn failure_text(failure: &Failure) -> String {
     }
 }
 
-/// Drops the gradients of the parameters this worker does not own (fsdp; `owns`
-/// takes a parameter's index in visiting order): its optimizer then neither keeps
-/// state for them nor updates them.
-pub(crate) fn retain_owned<B: AutodiffBackend, M: AutodiffModule<B>>(
-    model: &M,
-    grads: &mut GradientsParams,
-    owns: &dyn Fn(usize) -> bool,
-) {
-    struct Retain<'a> {
-        grads: &'a mut GradientsParams,
-        owns: &'a dyn Fn(usize) -> bool,
-        index: usize,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Retain<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if !(self.owns)(self.index) {
-                self.grads.remove::<B::InnerBackend, D>(param.id);
-            }
-            self.index += 1;
-        }
-    }
-    model.visit(&mut Retain {
-        grads,
-        owns,
-        index: 0,
-    });
-}
-
 /// The part of a full optimizer record that a worker owning `owns` keeps (fsdp).
 pub(crate) fn shard_of<B, M, S>(
     model: &M,
@@ -302,23 +274,6 @@ pub(crate) fn exchange_failure(stop: &StopHandle, e: CoordinatorError) -> Failur
     match stop.is_stopped() {
         true => Failure::Stopped,
         false => Failure::Error(e),
-    }
-}
-
-/// The loss of one micro-batch as it enters backward: averaged over the
-/// accumulation group of `group` micro-batches and, in a group of workers,
-/// weighted by this worker's `share` of the global micro-batch (so that the sum
-/// over workers is the mean loss of the global batch).
-pub(crate) fn micro_loss<B: Backend>(
-    loss: Tensor<B, 1>,
-    in_group: bool,
-    group: usize,
-    share: f64,
-) -> Tensor<B, 1> {
-    match (in_group, group > 1) {
-        (false, false) => loss,
-        (false, true) => loss.div_scalar(group as f64),
-        (true, _) => loss.mul_scalar(share / group as f64),
     }
 }
 

@@ -46,6 +46,7 @@ mod progress;
 mod run;
 mod run_dir;
 mod schedule;
+mod step;
 mod stop;
 mod sync;
 mod tracking;

@@ -28,7 +28,7 @@ use crate::collective::{Link, Peer};
 use crate::grad::{self, global_norm};
 use crate::group::{
     Group, Offer, check_replicas, exchange_failure, exchange_step, failure_text, gather_shards,
-    guard, retain_owned, shard_of,
+    guard, shard_of,
 };
 use crate::objective::EvalSums;
 use crate::optim::{OptimRecord, Optimization};
@@ -36,11 +36,12 @@ use crate::precision::{self, LossScaler};
 use crate::progress::Progress;
 use crate::run::{
     CheckpointCtx, Failure, LoopInputs, LoopStats, RunShape, SaveAt, SaveClock, StepRecord,
-    book_step, book_validation, post_process, restore_stats, resume_position, trainer_state,
+    book_step, book_validation, ready_gradients, restore_stats, resume_position, trainer_state,
     write_checkpoint,
 };
+use crate::step::MicroStep;
 use crate::tracking::Metrics;
-use crate::workload::{Weight, Workload};
+use crate::workload::Workload;
 
 /// This worker's place in a data-parallel group; [`Replica::single`] for a run on
 /// one device.
@@ -351,18 +352,17 @@ where
                 let lr = scheduler.step();
                 let mut norm = None;
                 if take {
-                    norm = post_process::<B, M>(
+                    let owns = |i| replica.owns(i);
+                    norm = ready_gradients::<B, M>(
                         config.gradient_clip_val,
                         &model,
                         &mut grads,
                         logging,
                         known_norm,
+                        replica.sharded.then_some(&owns as &dyn Fn(usize) -> bool),
                         step,
                         epoch,
                     )?;
-                    if replica.sharded {
-                        retain_owned::<B, M>(&model, &mut grads, &|i| replica.owns(i));
-                    }
                     model = optim.step(lr, model, grads);
                     if let (Some(peer), true) = (&peer, replica.sharded) {
                         let exchange = Instant::now();
@@ -695,18 +695,18 @@ where
         }
         // This worker's share of the micro-batch, and of the group.
         let share = mine.len() as f64 / chunk.len() as f64;
-        let weight = Weight {
+        let micro = MicroStep {
             in_group: world > 1,
             group,
             share,
+            precision: replica.precision,
+            loss_scale,
+            step,
+            epoch,
+            batch: m,
         };
         B::seed(device, micro_seed(config.seed, step, m, rank));
-        let (grads, value) = work.backward(model, batch, weight, replica.precision, loss_scale)?;
-        if !value.is_finite() {
-            return Err(Failure::Diverged(format!(
-                "training loss is {value} at step {step} (epoch {epoch}, batch {m})"
-            )));
-        }
+        let (grads, value) = work.backward(model, batch, &micro)?;
         local.loss += value * share;
         if group > 1 {
             accumulator.accumulate(model, grads);

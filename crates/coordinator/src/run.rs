@@ -16,7 +16,7 @@ use kiln_core::{CheckpointPolicy, CoordinatorConfig, TaskSpec};
 
 use crate::CoordinatorError;
 use crate::checkpoint::{self, Loaded, Signatures, Snapshot, TrainerState};
-use crate::grad::{clip_global_norm, clip_to, global_norm};
+use crate::grad::{clip_global_norm, clip_to, global_norm, retain_owned};
 use crate::objective::perplexity;
 use crate::progress::Progress;
 use crate::tracking::Metrics;
@@ -337,17 +337,22 @@ impl StepRecord {
     }
 }
 
-/// Clips the gradients (when `gradient_clip_val` is set) and measures their global
-/// norm (when clipping or logging); a non-finite norm ends the run.
+/// Readies the summed gradients of one optimizer step, as both engines do before
+/// the optimizer steps: clips their global norm when `gradient_clip_val` is set
+/// (measuring it when clipping or logging; a non-finite norm ends the run), and
+/// under fsdp drops the gradients of the parameters this worker does not own
+/// (`owns`), so that its optimizer neither keeps state for them nor updates them.
+/// Returns the norm, when measured.
 ///
 /// `known_norm`: the norm, when the caller has measured it already (loss scaling).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn post_process<B, M>(
+pub(crate) fn ready_gradients<B, M>(
     gradient_clip_val: Option<f64>,
     model: &M,
     grads: &mut GradientsParams,
     logging: bool,
     known_norm: Option<f64>,
+    owns: Option<&dyn Fn(usize) -> bool>,
     step: u64,
     epoch: usize,
 ) -> Result<Option<f64>, Failure>
@@ -367,12 +372,15 @@ where
         (None, None) if logging => Some(global_norm::<B, M>(model, grads)),
         (None, None) => None,
     };
-    match norm.filter(|n| !n.is_finite()) {
-        Some(bad) => Err(Failure::Diverged(format!(
+    if let Some(bad) = norm.filter(|n| !n.is_finite()) {
+        return Err(Failure::Diverged(format!(
             "gradient norm is {bad} at step {step} (epoch {epoch})"
-        ))),
-        None => Ok(norm),
+        )));
     }
+    if let Some(owns) = owns {
+        retain_owned::<B, M>(model, grads, owns);
+    }
+    Ok(norm)
 }
 
 /// Books one optimizer step: counters, metrics (on logged steps), heartbeat,

@@ -34,10 +34,10 @@ use kiln_core::{Batch, DataModule, Precision, Split, TaskModel, TaskSpec};
 #[cfg(feature = "learner")]
 use crate::checkpoint::Loaded;
 use crate::grad;
-use crate::group::micro_loss;
 use crate::objective::{self, EvalSums};
 use crate::precision;
 use crate::run::Failure;
+use crate::step::{MicroStep, task_backward};
 use crate::{CoordinatorError, Result};
 #[cfg(feature = "learner")]
 use crate::{
@@ -46,28 +46,6 @@ use crate::{
     sync::BackendSync,
     tracking::Metrics,
 };
-
-/// How one micro-batch's loss counts in the optimizer step: averaged over an
-/// accumulation group of `group` micro-batches and, in a data-parallel group,
-/// weighted by this worker's `share` of the global micro-batch.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Weight {
-    pub in_group: bool,
-    pub group: usize,
-    pub share: f64,
-}
-
-impl Weight {
-    /// The factor the loss (or its gradients) is multiplied by; 1 alone on one
-    /// worker without accumulation.
-    pub fn factor(&self) -> f64 {
-        match (self.in_group, self.group > 1) {
-            (false, false) => 1.0,
-            (false, true) => 1.0 / self.group as f64,
-            (true, _) => self.share / self.group as f64,
-        }
-    }
-}
 
 /// What the loop needs of a model `M` (trained on `B`) and its data.
 pub(crate) trait Workload<B: AutodiffBackend, M: AutodiffModule<B>>: Sync {
@@ -86,15 +64,14 @@ pub(crate) trait Workload<B: AutodiffBackend, M: AutodiffModule<B>>: Sync {
     /// Builds the training batch of examples `indices` on `device`.
     fn batch(&self, indices: &[usize], device: &B::Device) -> Result<Self::Batch>;
 
-    /// Forward and backward passes of one micro-batch: the gradients of the loss ×
-    /// `weight` (× `loss_scale` under `16-mixed`), and the loss itself.
+    /// Forward and backward passes of one micro-batch: the gradients of the loss
+    /// weighted as `micro` says (× the loss scale under `16-mixed`), and the loss
+    /// itself; a non-finite loss is an error ([`MicroStep::check`]).
     fn backward(
         &self,
         model: &M,
         batch: Self::Batch,
-        weight: Weight,
-        precision: Precision,
-        loss_scale: Option<f64>,
+        micro: &MicroStep,
     ) -> Result<(GradientsParams, f64), Failure>;
 
     /// Whether the Learner engine can train this workload.
@@ -204,32 +181,9 @@ where
         &self,
         model: &M,
         batch: Batch<B>,
-        weight: Weight,
-        precision: Precision,
-        loss_scale: Option<f64>,
+        micro: &MicroStep,
     ) -> Result<(GradientsParams, f64), Failure> {
-        // Mixed precision: forward and backward on a working copy in the working
-        // dtype; the loss in f32; the gradients land on the f32 masters. True
-        // modes: the model is stored in the working dtype already.
-        let prediction = match precision::working_dtype(precision) {
-            Some(dtype) if precision::is_true(precision) => {
-                precision::to_f32(model.forward(precision::cast_inputs(batch.inputs, dtype))?)
-            }
-            Some(dtype) => precision::to_f32(
-                precision::working_copy(model, dtype)
-                    .forward(precision::cast_inputs(batch.inputs, dtype))?,
-            ),
-            None => model.forward(batch.inputs)?,
-        };
-        let loss = objective::loss(&self.task.kind, prediction, batch.targets)?;
-        let value = loss.clone().into_scalar().elem::<f64>();
-        let loss = micro_loss(loss, weight.in_group, weight.group, weight.share);
-        // 16-mixed: scaled so that small f16 gradients do not underflow.
-        let loss = match loss_scale {
-            Some(scale) => loss.mul_scalar(scale),
-            None => loss,
-        };
-        Ok((GradientsParams::from_grads(loss.backward(), model), value))
+        task_backward(&self.task.kind, model, batch, micro, None)
     }
 
     fn evaluate(
@@ -441,15 +395,14 @@ where
         &self,
         model: &M,
         batch: M::Input,
-        weight: Weight,
-        _precision: Precision,
-        _loss_scale: Option<f64>,
+        micro: &MicroStep,
     ) -> Result<(GradientsParams, f64), Failure> {
         // The model's own step runs backward; its gradients are weighted after
         // (the same sum as weighting the loss, up to float rounding).
         let TrainOutput { mut grads, item } = model.step(batch);
         let value = item.loss_value();
-        let factor = weight.factor();
+        micro.check(value)?;
+        let factor = micro.factor();
         if factor != 1.0 {
             grad::scale::<B, M>(model, &mut grads, factor);
         }

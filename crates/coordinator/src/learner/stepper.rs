@@ -22,9 +22,9 @@ use super::group::Member;
 use super::loader::Micro;
 use super::shared::{Event, SharedRef};
 use crate::checkpoint::Snapshot;
-use crate::group::{micro_loss, retain_owned};
 use crate::objective;
-use crate::run::{Failure, SaveAt, StepRecord, post_process};
+use crate::run::{Failure, SaveAt, StepRecord, ready_gradients};
+use crate::step::{MicroStep, task_backward};
 use crate::sync::zero_over_params;
 
 /// A kiln model wrapped for burn-train; its parameters are the model's (the
@@ -140,20 +140,19 @@ where
         let work = match (failed, micro.batch) {
             (false, Some(batch)) => {
                 let forward = || -> Result<_, Failure> {
-                    let prediction = self.model.forward(batch.inputs)?;
-                    let loss = objective::loss(&shared.settings.kind, prediction, batch.targets)?;
-                    let value = loss.clone().into_scalar().elem::<f64>();
-                    if !value.is_finite() {
-                        return Err(Failure::Diverged(format!(
-                            "training loss is {value} at step {} (epoch {epoch}, batch {batch_index})",
-                            steps + 1
-                        )));
-                    }
-                    let mut loss = micro_loss(loss, in_group, group, micro.share);
-                    if synced && let Some(zero) = zero_over_params(&self.model) {
-                        loss = loss + zero;
-                    }
-                    let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+                    let step = MicroStep {
+                        in_group,
+                        group,
+                        share: micro.share,
+                        precision: kiln_core::Precision::F32,
+                        loss_scale: None,
+                        step: steps + 1,
+                        epoch,
+                        batch: batch_index,
+                    };
+                    let zero = synced.then(|| zero_over_params(&self.model)).flatten();
+                    let (grads, value) =
+                        task_backward(&shared.settings.kind, &self.model, batch, &step, zero)?;
                     Ok(Some((value, grads)))
                 };
                 std::panic::catch_unwind(AssertUnwindSafe(forward)).unwrap_or_else(|panic| {
@@ -266,19 +265,25 @@ where
                 }
             },
         };
-        let clip = settings.gradient_clip_val;
-        let norm =
-            match post_process::<B, M>(clip, &self.model, &mut grads, logging, None, step, epoch) {
-                Ok(norm) => norm,
-                Err(failure) => {
-                    // Every worker holds the same summed gradients: all end here.
-                    shared.end_with(Some(failure));
-                    return self;
-                }
-            };
-        if let Some(member) = member.filter(|m| m.sharded) {
-            retain_owned::<B, M>(&self.model, &mut grads, &|i| member.owns(i));
-        }
+        let owner = member.filter(|m| m.sharded);
+        let owns = |i| owner.is_some_and(|m| m.owns(i));
+        let norm = match ready_gradients::<B, M>(
+            settings.gradient_clip_val,
+            &self.model,
+            &mut grads,
+            logging,
+            None,
+            owner.map(|_| &owns as &dyn Fn(usize) -> bool),
+            step,
+            epoch,
+        ) {
+            Ok(norm) => norm,
+            Err(failure) => {
+                // Every worker holds the same summed gradients: all end here.
+                shared.end_with(Some(failure));
+                return self;
+            }
+        };
         let lr = settings
             .schedule
             .lr_at(settings.base_lr, steps, settings.total);

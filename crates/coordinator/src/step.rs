@@ -1,0 +1,133 @@
+//! One micro-batch's forward and backward passes, as both engines take them: how
+//! its loss counts in the optimizer step (accumulation, a worker's share of a
+//! group's batch, `16-mixed`'s scale), the rule for a non-finite loss, and a task
+//! model's forward, loss and backward. The native loop reaches it through its
+//! [`Workload`](crate::workload::Workload); the Learner engine's stepper calls it
+//! directly.
+
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use kiln_core::{Batch, Precision, TaskKind, TaskModel};
+
+use crate::objective;
+use crate::precision;
+use crate::run::Failure;
+
+/// One micro-batch as the forward and backward passes see it: how its loss counts
+/// in the optimizer step, the precision, and where it is (for the messages).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MicroStep {
+    /// In a data-parallel group: the loss is weighted by this worker's share.
+    pub in_group: bool,
+    /// Micro-batches in this accumulation group (the loss is averaged over them).
+    pub group: usize,
+    /// This worker's share of the global micro-batch (1 on one worker).
+    pub share: f64,
+    /// The precision that runs.
+    pub precision: Precision,
+    /// `16-mixed`: the loss scale.
+    pub loss_scale: Option<f64>,
+    /// The optimizer step this micro-batch is part of (1-based), its epoch, and the
+    /// micro-batch's index in the epoch.
+    pub step: u64,
+    pub epoch: usize,
+    pub batch: usize,
+}
+
+impl MicroStep {
+    /// How the loss counts: as it is alone on one worker without accumulation,
+    /// averaged over an accumulation group, or, in a group of workers, weighted by
+    /// this worker's share of the global micro-batch and averaged over the
+    /// accumulation group (the sum over workers is then the global batch's mean).
+    fn weighting(&self) -> Weighting {
+        match (self.in_group, self.group > 1) {
+            (false, false) => Weighting::Whole,
+            (false, true) => Weighting::Mean(self.group as f64),
+            (true, _) => Weighting::Share(self.share / self.group as f64),
+        }
+    }
+
+    /// The factor the loss's gradients are multiplied by, for a step that ran its
+    /// own backward pass.
+    pub fn factor(&self) -> f64 {
+        match self.weighting() {
+            Weighting::Whole => 1.0,
+            Weighting::Mean(group) => 1.0 / group,
+            Weighting::Share(factor) => factor,
+        }
+    }
+
+    /// The loss as it enters backward.
+    fn weigh<B: Backend>(&self, loss: Tensor<B, 1>) -> Tensor<B, 1> {
+        match self.weighting() {
+            Weighting::Whole => loss,
+            Weighting::Mean(group) => loss.div_scalar(group),
+            Weighting::Share(factor) => loss.mul_scalar(factor),
+        }
+    }
+
+    /// `Ok` for a finite loss; a non-finite one ends the run, named here.
+    pub fn check(&self, loss: f64) -> Result<(), Failure> {
+        match loss.is_finite() {
+            true => Ok(()),
+            false => Err(Failure::Diverged(format!(
+                "training loss is {loss} at step {} (epoch {}, batch {})",
+                self.step, self.epoch, self.batch
+            ))),
+        }
+    }
+}
+
+/// See [`MicroStep::weighting`].
+enum Weighting {
+    Whole,
+    Mean(f64),
+    Share(f64),
+}
+
+/// A task model's forward pass, the task kind's loss and the backward pass of one
+/// micro-batch, as both engines run it: returns the gradients and the loss. A
+/// non-finite loss is an error before backward. `extra` is added to the loss as it
+/// enters backward (the zero term over every parameter of
+/// `process_group_backend = nccl`).
+pub(crate) fn task_backward<B, M>(
+    kind: &TaskKind,
+    model: &M,
+    batch: Batch<B>,
+    micro: &MicroStep,
+    extra: Option<Tensor<B, 1>>,
+) -> Result<(GradientsParams, f64), Failure>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TaskModel<B>,
+{
+    let precision = micro.precision;
+    // Mixed precision: forward and backward on a working copy in the working
+    // dtype; the loss in f32; the gradients land on the f32 masters. True modes:
+    // the model is stored in the working dtype already.
+    let prediction = match precision::working_dtype(precision) {
+        Some(dtype) if precision::is_true(precision) => {
+            precision::to_f32(model.forward(precision::cast_inputs(batch.inputs, dtype))?)
+        }
+        Some(dtype) => precision::to_f32(
+            precision::working_copy(model, dtype)
+                .forward(precision::cast_inputs(batch.inputs, dtype))?,
+        ),
+        None => model.forward(batch.inputs)?,
+    };
+    let loss = objective::loss(kind, prediction, batch.targets)?;
+    let value = loss.clone().into_scalar().elem::<f64>();
+    micro.check(value)?;
+    let mut loss = micro.weigh(loss);
+    if let Some(extra) = extra {
+        loss = loss + extra;
+    }
+    // 16-mixed: scaled so that small f16 gradients do not underflow.
+    let loss = match micro.loss_scale {
+        Some(scale) => loss.mul_scalar(scale),
+        None => loss,
+    };
+    Ok((GradientsParams::from_grads(loss.backward(), model), value))
+}
