@@ -41,6 +41,7 @@ fn main() -> Result<()> {
         .init()
         .map_err(anyhow::Error::msg)?;
 
+    std::fs::create_dir_all("runs")?;
     let mut db = ExperimentDb::open("runs/kiln.sqlite")?;
     let coordinator = TrainingCoordinator::builder()
         .batch_size(batch_size)
@@ -51,7 +52,7 @@ fn main() -> Result<()> {
     let trained = coordinator.fit(model, optimizer, scheduler, &data, Some(&mut db), epochs)?;
     let report = &trained.report;
     eprintln!(
-        "{} after {} steps: valid loss {:.4}; recorded as run {:?} in runs/kiln.sqlite",
+        "{} after {} steps: valid loss {:.4}; recorded as run {} in runs/kiln.sqlite",
         report.status.label(),
         report.optimizer_steps,
         report
@@ -59,7 +60,9 @@ fn main() -> Result<()> {
             .get("valid/loss")
             .copied()
             .unwrap_or(f64::NAN),
-        report.run_id
+        report
+            .run_id
+            .map_or_else(|| "-".into(), |id| id.to_string())
     );
     Ok(())
 }

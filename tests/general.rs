@@ -456,6 +456,14 @@ where
     };
     let runs = db.list_runs(None).unwrap();
     assert_eq!(runs.len(), 1);
+    // The run's params name the user's optimizer and scheduler; kiln's own `lr`
+    // and `weight_decay` settings do not apply to them and are not recorded.
+    let params: std::collections::BTreeMap<String, String> =
+        db.params(runs[0].id).unwrap().into_iter().collect();
+    assert_eq!(params["task_type"], "custom");
+    assert_eq!(params["optimizer"], "adam");
+    assert_eq!(params["lr_scheduler"], "f64");
+    assert!(!params.contains_key("lr"), "{params:?}");
     (reason, *report, runs[0].status.to_string())
 }
 

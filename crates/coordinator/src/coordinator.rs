@@ -491,7 +491,12 @@ impl TrainingCoordinator {
                     experiment: config.experiment.clone(),
                     name: run_dir.name.clone(),
                     config: record,
-                    params: run_params(config, task, &plan),
+                    params: run_params(
+                        config,
+                        task,
+                        &plan,
+                        (model_name::<S>(), model_name::<LR>()),
+                    ),
                     kiln_version: env!("CARGO_PKG_VERSION").to_string(),
                     git_commit: None,
                     host: host_name(),
@@ -735,8 +740,9 @@ fn cpu_workers(config: &CoordinatorConfig, backend: &str) -> usize {
     }
 }
 
-/// A run name for model type `M`: its type's name without path or generics,
-/// lower-cased (`my_crate::Cnn<Autodiff<Flex>>` names runs `cnn-...`).
+/// The name of type `M` without path or generics, lower-cased: a run name for a
+/// model type (`my_crate::Cnn<Autodiff<Flex>>` names runs `cnn-...`), and how an
+/// optimizer (`adamw`, `sgd`) or scheduler type is recorded.
 fn model_name<M>() -> String {
     let full = std::any::type_name::<M>();
     let bare = full.split('<').next().unwrap_or(full);
@@ -749,13 +755,18 @@ fn model_name<M>() -> String {
 
 /// Flat parameters stored with the run for querying (strategy and precision as they
 /// run, after resolution).
+///
+/// `optimization`: the optimizer's and the scheduler's type names. A model with its
+/// own `TrainStep` brings them, configured by the user: kiln's `lr` and
+/// `weight_decay` settings do not apply to it and are not recorded.
 fn run_params(
     config: &CoordinatorConfig,
     task: &TaskSpec,
     plan: &kiln_core::ResolvedPlan,
+    (optimizer, scheduler): (String, String),
 ) -> Vec<(String, String)> {
     let o = &config.optimizer;
-    let mut params = vec![
+    let mut params: Vec<(String, String)> = vec![
         ("task".into(), task.name.clone()),
         ("task_type".into(), task.kind.type_name().into()),
         ("strategy".into(), plan.strategy.to_string()),
@@ -768,10 +779,16 @@ fn run_params(
             "accumulate_grad_batches".into(),
             config.accumulate_grad_batches.to_string(),
         ),
-        ("lr".into(), o.lr.to_string()),
-        ("weight_decay".into(), o.weight_decay.to_string()),
+        ("optimizer".into(), optimizer),
         ("seed".into(), config.seed.to_string()),
     ];
+    match task.kind {
+        kiln_core::TaskKind::Custom => params.push(("lr_scheduler".into(), scheduler)),
+        _ => params.extend([
+            ("lr".into(), o.lr.to_string()),
+            ("weight_decay".into(), o.weight_decay.to_string()),
+        ]),
+    }
     if let Some(backend) = plan.process_group_backend {
         params.push(("process_group_backend".into(), backend.to_string()));
     }
