@@ -24,6 +24,9 @@ use serde_json::Value;
 
 type Result<T> = std::result::Result<T, String>;
 
+#[cfg(test)]
+mod tidy;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {

@@ -4,6 +4,8 @@
 //! `module_imports_form_layers`: within each library crate, the modules' `crate::`
 //! imports form layers, with no cycle. A module is a file of `src/` or a folder
 //! (`learner/` is one module); `lib.rs` and test code do not count.
+//!
+//! A unit-test module of xtask (no test binary of its own).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
