@@ -263,12 +263,6 @@ impl TrainingCoordinator {
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler,
     {
-        if data.len(Split::Train) == 0 {
-            return Err(kiln_core::Error::Data(
-                "the training dataset is empty (its len() is 0)".into(),
-            )
-            .into());
-        }
         let task = TaskSpec::custom(model_name::<M>());
         let optimization = |_total, _start| Optimization {
             optimizer,
@@ -313,9 +307,6 @@ impl TrainingCoordinator {
                 task.name
             ))
             .into());
-        }
-        if data.len(Split::Train) == 0 {
-            return Err(kiln_core::Error::Data("the training split is empty".into()).into());
         }
         data.check_task(task)?;
         model.check_task(task)?;
@@ -363,6 +354,12 @@ impl TrainingCoordinator {
         let config = &self.config;
         if n_epochs == 0 {
             return Err(kiln_core::Error::invalid("n_epochs", 0, "an integer >= 1").into());
+        }
+        if work.len(Split::Train) == 0 {
+            return Err(kiln_core::Error::Data(
+                "the training dataset is empty (0 examples)".into(),
+            )
+            .into());
         }
         let first = devices.first().ok_or_else(|| {
             kiln_core::Error::invalid("devices", "[]", "at least one device to train on")
