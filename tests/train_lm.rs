@@ -209,7 +209,11 @@ fn golden_tiny_gpt_steps_are_unchanged(
         report.weights_sha256.as_deref().unwrap_or("-"),
         bits.join(",")
     );
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/tiny_gpt.txt");
+    // Read at run time first: cargo may reuse a binary built in another checkout.
+    let path = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("golden/tiny_gpt.txt");
     let text = std::fs::read_to_string(&path).unwrap();
     if std::env::var_os("KILN_BLESS").is_some() {
         let lines: Vec<String> = text

@@ -7,7 +7,7 @@
 //!         model.mpk       model record, full precision (Burn's NamedMpk format)
 //!         optim.mpk       optimizer record (the optimizer's state per parameter:
 //!                         AdamW's moments, SGD's momentum, ...)
-//!         scheduler.mpk   the learning-rate scheduler's record (native loop)
+//!         scheduler.mpk   the learning-rate scheduler's record
 //!         state.json      trainer state: step, epoch, batch position, seed, losses, ...
 //!         manifest.json   written last: sizes and sha256 of the files above,
 //!                         kiln version, task and model signatures, world size
@@ -39,8 +39,9 @@ const FORMAT: u32 = 1;
 pub(crate) const DIR: &str = "checkpoints";
 const MODEL: &str = "model.mpk";
 const OPTIM: &str = "optim.mpk";
-/// The learning-rate scheduler's record (absent from the Learner engine's
-/// checkpoints, whose schedule is kiln's, a function of the step).
+/// The learning-rate scheduler's record (absent from checkpoints written before
+/// kiln stepped a scheduler of the user's, whose schedule was a function of the
+/// step).
 const SCHEDULER: &str = "scheduler.mpk";
 const STATE: &str = "state.json";
 const MANIFEST: &str = "manifest.json";

@@ -196,14 +196,14 @@ impl TrainingCoordinator {
     /// per optimizer step, validation, checkpoints with the optimizer's and the
     /// scheduler's state (exact resume), and Burn's RNG seeded before every
     /// micro-batch (dropout is reproducible). Strategies `single`, `vanilla`,
-    /// `ddp` and `fsdp` (the optimizer's state sharded) run on kiln's native loop
-    /// in `32-true`, across nodes too through the loop [`train`](Self::train)
-    /// uses; see `docs/from-burn-train.md`.
+    /// `ddp` and `fsdp` (the optimizer's state sharded) run in `32-true` on
+    /// either engine (burn-train's Learner, or kiln's native loop, across nodes
+    /// too), as for [`train`](Self::train); see `docs/from-burn-train.md`.
     ///
     /// # Errors
     /// As [`train`](Self::train); [`CoordinatorError::NotAvailable`] for a
-    /// precision other than `32-true` or `engine = learner`, which this version
-    /// does not run for such a model yet.
+    /// precision other than `32-true`, which this version does not run for such a
+    /// model yet.
     pub fn fit<B, M, I, T, S, LR>(
         &self,
         model: M,
@@ -223,7 +223,7 @@ impl TrainingCoordinator {
         T: Batcher<B, I, M::Input>
             + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
         S: SimpleOptimizer<B::InnerBackend> + 'static,
-        LR: LrScheduler,
+        LR: LrScheduler + 'static,
     {
         let device = B::Device::default();
         let workers = cpu_workers(&self.config, &<B as Backend>::name(&device));
@@ -261,7 +261,7 @@ impl TrainingCoordinator {
         T: Batcher<B, I, M::Input>
             + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
         S: SimpleOptimizer<B::InnerBackend> + 'static,
-        LR: LrScheduler,
+        LR: LrScheduler + 'static,
     {
         let task = TaskSpec::custom(model_name::<M>());
         let optimization = |_total, _start| Optimization {
@@ -348,7 +348,7 @@ impl TrainingCoordinator {
         M: AutodiffModule<B> + 'static,
         W: Workload<B, M>,
         S: SimpleOptimizer<B::InnerBackend> + 'static,
-        LR: LrScheduler,
+        LR: LrScheduler + 'static,
     {
         let started = Instant::now();
         let config = &self.config;
@@ -387,7 +387,7 @@ impl TrainingCoordinator {
             )
             .into());
         }
-        if precision != kiln_core::Precision::F32 && !W::ALL_PRECISIONS {
+        if precision != kiln_core::Precision::F32 && !W::KILN_BACKWARD {
             return Err(CoordinatorError::NotAvailable {
                 what: format!("precision {precision} for a model with its own TrainStep"),
                 reason: "this version trains such a model in 32-true: mixed and true \
@@ -395,17 +395,6 @@ impl TrainingCoordinator {
                          backward, which a TrainStep does itself (docs/from-burn-train.md)"
                     .into(),
             });
-        }
-        if plan.engine == kiln_core::Engine::Learner && !W::ON_LEARNER {
-            if config.engine.is_some() {
-                return Err(CoordinatorError::NotAvailable {
-                    what: "engine learner for a model with its own TrainStep".into(),
-                    reason: "this version trains such a model on kiln's native loop: use \
-                             engine auto or native"
-                        .into(),
-                });
-            }
-            plan.engine = kiln_core::Engine::Native;
         }
         if precision != kiln_core::Precision::F32 && plan.engine == kiln_core::Engine::Learner {
             if config.engine.is_some() {
@@ -569,10 +558,11 @@ impl TrainingCoordinator {
         // the run RUNNING forever: it ends the run as FAILED with the panic's message.
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match plan.engine {
             #[cfg(feature = "learner")]
-            kiln_core::Engine::Learner => work.fit_learner(
+            kiln_core::Engine::Learner => crate::learner::fit(
                 &inputs,
                 &workers,
                 model,
+                optimization,
                 resume.as_ref(),
                 plan.strategy == Strategy::Fsdp,
                 sync.filter(|_| {

@@ -4,13 +4,11 @@
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
-use burn::optim::{GradientsParams, SimpleOptimizer};
-use burn::prelude::*;
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::collective::{Peer, Status};
-use crate::optim::OptimRecord;
 use crate::run::Failure;
 use crate::{CoordinatorError, StopHandle};
 
@@ -136,40 +134,6 @@ pub(crate) fn failure_text(failure: &Failure) -> String {
         Failure::Error(e) => e.to_string(),
         Failure::Stopped => "stopped".into(),
     }
-}
-
-/// The part of a full optimizer record that a worker owning `owns` keeps (fsdp).
-pub(crate) fn shard_of<B, M, S>(
-    model: &M,
-    mut record: OptimRecord<S, B, M>,
-    owns: &dyn Fn(usize) -> bool,
-) -> OptimRecord<S, B, M>
-where
-    B: AutodiffBackend,
-    M: AutodiffModule<B>,
-    S: SimpleOptimizer<B::InnerBackend>,
-{
-    struct Owned<'a> {
-        keep: Vec<ParamId>,
-        owns: &'a dyn Fn(usize) -> bool,
-        index: usize,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Owned<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if (self.owns)(self.index) {
-                self.keep.push(param.id);
-            }
-            self.index += 1;
-        }
-    }
-    let mut owned = Owned {
-        keep: Vec::new(),
-        owns,
-        index: 0,
-    };
-    model.visit(&mut owned);
-    record.retain(|id, _| owned.keep.contains(id));
-    record
 }
 
 /// Compares this worker's weights with the group's mean (an exchange: every worker

@@ -40,6 +40,7 @@ mod learner;
 mod native;
 mod objective;
 mod optim;
+mod outputs;
 mod plan;
 mod precision;
 mod progress;
@@ -55,9 +56,10 @@ mod workload;
 pub use builder::CoordinatorBuilder;
 pub use coordinator::{Trained, TrainingCoordinator};
 pub use error::CoordinatorError;
+pub use outputs::StepOutput;
 pub use plan::resolve_plan;
 pub use stop::StopHandle;
-pub use workload::{Datasets, StepOutput};
+pub use workload::Datasets;
 
 /// Result alias for the coordinator.
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;

@@ -28,7 +28,7 @@ use crate::collective::{Link, Peer};
 use crate::grad::{self, global_norm};
 use crate::group::{
     Group, Offer, check_replicas, exchange_failure, exchange_step, failure_text, gather_shards,
-    guard, shard_of,
+    guard,
 };
 use crate::objective::EvalSums;
 use crate::optim::{OptimRecord, Optimization};
@@ -36,12 +36,12 @@ use crate::precision::{self, LossScaler};
 use crate::progress::Progress;
 use crate::run::{
     CheckpointCtx, Failure, LoopInputs, LoopStats, RunShape, SaveAt, SaveClock, StepRecord,
-    book_step, book_validation, ready_gradients, restore_stats, resume_position, trainer_state,
-    write_checkpoint,
+    book_step, book_validation, ready_gradients, restore_stats, resume_optimization,
+    resume_position, trainer_state, write_checkpoint,
 };
 use crate::step::MicroStep;
 use crate::tracking::Metrics;
-use crate::workload::Workload;
+use crate::workload::{Steps, Validates, Workload};
 
 /// This worker's place in a data-parallel group; [`Replica::single`] for a run on
 /// one device.
@@ -160,37 +160,39 @@ where
     let writes = rank == 0;
 
     B::seed(device, config.seed);
-    let Optimization {
-        optimizer: mut optim,
-        mut scheduler,
-        cast_state,
-    } = optimization;
     let mut model = model;
     let (start_epoch, start_batch) = resume_position(resume, per_epoch);
     // True modes store the parameters (and so the optimizer's state) in their
     // dtype; checkpoints hold f32. The coordinator refuses a true mode for an
     // optimizer whose state kiln cannot cast.
-    let stored = precision::stored_dtype(replica.precision).zip(cast_state);
+    let stored =
+        precision::stored_dtype(replica.precision).filter(|_| optimization.cast_state.is_some());
     if let Some(loaded) = resume {
         model = loaded.model::<B, M>(model, device)?;
     }
-    if let Some((dtype, _)) = stored {
+    if let Some(dtype) = stored {
         model = precision::store_as(model, dtype);
     }
-    if let Some(loaded) = resume {
-        let mut record: OptimRecord<S, B, M> = loaded.optim::<B, _>(device)?;
-        if let Some((dtype, cast)) = stored {
-            record = cast(&model, record, dtype);
+    let optimization = match resume {
+        Some(loaded) => {
+            restore_stats(loaded, stats);
+            let owns = |i| replica.owns(i);
+            resume_optimization(
+                optimization,
+                loaded,
+                &model,
+                device,
+                stored,
+                replica.sharded.then_some(&owns as &dyn Fn(usize) -> bool),
+            )?
         }
-        if replica.sharded {
-            record = shard_of(&model, record, &|i| replica.owns(i));
-        }
-        optim = optim.load_record(record);
-        if let Some(record) = loaded.scheduler::<B, LR::Record<B>>(device)? {
-            scheduler = scheduler.load_record::<B>(record);
-        }
-        restore_stats(loaded, stats);
-    }
+        None => optimization,
+    };
+    let Optimization {
+        optimizer: mut optim,
+        mut scheduler,
+        ..
+    } = optimization;
     let mut scaler = (replica.precision == kiln_core::Precision::F16Mixed).then(|| {
         LossScaler::new(
             &config.loss_scaling,
@@ -635,14 +637,6 @@ fn defer(deferred: &mut Option<Failure>, failure: Failure, in_group: bool) -> Re
     }
 }
 
-/// The seed of Burn's RNG for micro-batch `m` of optimizer step `step` on worker
-/// `rank`: dropout and any other random op in a model draw the same numbers in two
-/// runs with one seed, and again after a resume; every worker draws its own.
-fn micro_seed(seed: u64, step: u64, m: usize, rank: usize) -> u64 {
-    let per_step = SplitMix64::derived(seed, step).next_u64();
-    SplitMix64::derived(per_step, ((m as u64) << 20) ^ rank as u64).next_u64()
-}
-
 /// The forward and backward passes of one accumulation group on this worker's
 /// shards: micro-batches `b..b + group` of `order`.
 #[allow(clippy::too_many_arguments)]
@@ -668,6 +662,7 @@ where
     let batch_size = config.batch_size;
     let global_batch = batch_size * world;
     let n_train = order.len();
+    let steps = work.steps();
     let mut accumulator = GradientsAccumulator::<M>::new();
     let mut single = None;
     let mut local = Local {
@@ -705,8 +700,8 @@ where
             epoch,
             batch: m,
         };
-        B::seed(device, micro_seed(config.seed, step, m, rank));
-        let (grads, value) = work.backward(model, batch, &micro)?;
+        B::seed(device, micro.seed(config.seed, rank));
+        let (grads, value) = steps.backward(model, batch, &micro, None)?;
         local.loss += value * share;
         if group > 1 {
             accumulator.accumulate(model, grads);
@@ -784,9 +779,11 @@ where
         batches = batches.min(limit);
     }
     let all: Vec<usize> = (0..n_valid).collect();
+    let steps = work.steps();
     let mut sums = EvalSums::default();
     for chunk in all.chunks(config.batch_size).take(batches) {
-        work.evaluate(&inner, chunk, inputs.device, precision, &mut sums)?;
+        let batch = work.valid_batch(chunk, inputs.device)?;
+        sums.add(steps.evaluate(&inner, batch, chunk.len(), precision)?);
         metrics.heartbeat()?;
     }
     Ok(sums.metrics(&inputs.task.kind))

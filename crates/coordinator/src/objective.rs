@@ -16,7 +16,8 @@ pub(crate) fn loss<B: Backend>(
     })
 }
 
-/// Sums over a validation batch: (loss × count, correct predictions, count).
+/// Sums over a validation batch: the loss × count, the correct predictions, the
+/// count.
 pub(crate) fn evaluate<B: Backend>(
     kind: &TaskKind,
     prediction: Prediction<B>,
@@ -37,8 +38,8 @@ pub(crate) fn evaluate<B: Backend>(
             let loss = cross_entropy(logits, targets).into_scalar().elem::<f64>();
             EvalSums {
                 loss_sum: loss * n as f64,
-                correct: Some(correct),
                 count: n as f64,
+                others: vec![("accuracy", correct)],
             }
         }
         Flat::Values { pred, targets } => {
@@ -50,49 +51,80 @@ pub(crate) fn evaluate<B: Backend>(
                 .elem::<f64>();
             EvalSums {
                 loss_sum: loss * n as f64,
-                correct: None,
                 count: n as f64,
+                others: Vec::new(),
             }
         }
     })
 }
 
-/// Running sums of a validation pass.
-#[derive(Debug, Clone, Copy, Default)]
+/// Running sums of a validation pass: each batch's values weighted by its count
+/// (its examples, or its tokens where the loss is per token).
+#[derive(Debug, Clone, Default)]
 pub(crate) struct EvalSums {
     pub loss_sum: f64,
-    pub correct: Option<f64>,
     pub count: f64,
+    /// `(name, Σ value × count)` of every further metric, in the order first seen;
+    /// for `perplexity`, Σ ln(value) × count (the pass's perplexity is then the
+    /// exponential of the mean log-likelihood, as one batch's is).
+    pub others: Vec<(&'static str, f64)>,
 }
 
 impl EvalSums {
+    /// One batch of `count` examples: its mean loss and further metrics.
+    pub fn of_batch(loss: f64, count: f64, metrics: &[(&'static str, f64)]) -> Self {
+        Self {
+            loss_sum: loss * count,
+            count,
+            others: metrics
+                .iter()
+                .map(|&(name, value)| match name {
+                    "perplexity" => (name, value.ln() * count),
+                    _ => (name, value * count),
+                })
+                .collect(),
+        }
+    }
+
     pub fn add(&mut self, other: EvalSums) {
         self.loss_sum += other.loss_sum;
         self.count += other.count;
-        self.correct = match (self.correct, other.correct) {
-            (Some(a), Some(b)) => Some(a + b),
-            (None, b) => b,
-            (a, None) => a,
-        };
+        for (name, sum) in other.others {
+            match self.others.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, total)) => *total += sum,
+                None => self.others.push((name, sum)),
+            }
+        }
     }
 
-    /// `(name, value)` of each metric of `kind`, as [`TaskKind::metric_names`] lists them
-    /// (a custom task: the loss, and the accuracy where its outputs give one).
+    /// `(name, value)` of each metric of `kind`, as [`TaskKind::metric_names`] lists
+    /// them; a custom task's: the loss, then every metric its outputs gave.
     pub fn metrics(&self, kind: &TaskKind) -> Vec<(&'static str, f64)> {
         let count = self.count.max(1.0);
         let loss = self.loss_sum / count;
-        let names = match (kind, self.correct) {
-            (TaskKind::Custom, Some(_)) => &["loss", "accuracy"][..],
-            _ => kind.metric_names(),
+        let mean = |name: &'static str, sum: f64| match name {
+            "perplexity" => (sum / count).exp(),
+            _ => sum / count,
         };
-        names
+        if *kind == TaskKind::Custom {
+            return std::iter::once(("loss", loss))
+                .chain(
+                    self.others
+                        .iter()
+                        .map(|&(name, sum)| (name, mean(name, sum))),
+                )
+                .collect();
+        }
+        kind.metric_names()
             .iter()
             .filter_map(|&name| {
                 let value = match name {
                     "loss" => loss,
                     "perplexity" => perplexity(loss),
-                    "accuracy" => self.correct? / count,
-                    _ => return None,
+                    other => {
+                        let (_, sum) = self.others.iter().find(|(n, _)| *n == other)?;
+                        mean(other, *sum)
+                    }
                 };
                 Some((name, value))
             })
@@ -243,7 +275,7 @@ mod tests {
             Targets::Classes(targets),
         )
         .unwrap();
-        assert_eq!(sums.correct, Some(2.0));
+        assert_eq!(sums.others, [("accuracy", 2.0)]);
         assert_eq!(sums.count, 3.0);
     }
 

@@ -2,9 +2,10 @@
 //! records: any burn-optim optimizer with any `LrScheduler` (the general path), or
 //! kiln's AdamW with kiln's schedule (the simple path).
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, Optimizer, SimpleOptimizer};
+use burn::prelude::*;
 use burn::tensor::FloatDType;
 use burn::tensor::backend::AutodiffBackend;
 use kiln_core::CoordinatorConfig;
@@ -40,6 +41,40 @@ where
     /// Puts the optimizer's state in a dtype (true precision modes keep it in the
     /// parameters' dtype); `None` where that is not implemented for `S`.
     pub cast_state: Option<CastState<B, M, S>>,
+}
+
+/// The part of a full optimizer record that a worker owning `owns` keeps (fsdp).
+pub(crate) fn shard_of<B, M, S>(
+    model: &M,
+    mut record: OptimRecord<S, B, M>,
+    owns: &dyn Fn(usize) -> bool,
+) -> OptimRecord<S, B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    S: SimpleOptimizer<B::InnerBackend>,
+{
+    struct Owned<'a> {
+        keep: Vec<ParamId>,
+        owns: &'a dyn Fn(usize) -> bool,
+        index: usize,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Owned<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if (self.owns)(self.index) {
+                self.keep.push(param.id);
+            }
+            self.index += 1;
+        }
+    }
+    let mut owned = Owned {
+        keep: Vec::new(),
+        owns,
+        index: 0,
+    };
+    model.visit(&mut owned);
+    record.retain(|id, _| owned.keep.contains(id));
+    record
 }
 
 /// Casts an optimizer record's state to a dtype.

@@ -1,4 +1,5 @@
-//! What both engines share about one run: its inputs, its counters, when steps end
+//! What both engines share about one run: its inputs, its counters, where a resumed
+//! run continues (its position, counters, optimizer and scheduler), when steps end
 //! epochs and when checkpoints are due, and how a step and a checkpoint are booked.
 //!
 //! The native loop and the Learner engine train differently but must book the same
@@ -9,8 +10,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::GradientsParams;
+use burn::optim::lr_scheduler::LrScheduler;
+use burn::optim::{GradientsParams, Optimizer, SimpleOptimizer};
 use burn::prelude::Backend;
+use burn::tensor::FloatDType;
 use burn::tensor::backend::AutodiffBackend;
 use kiln_core::{CheckpointPolicy, CoordinatorConfig, TaskSpec};
 
@@ -18,6 +21,7 @@ use crate::CoordinatorError;
 use crate::checkpoint::{self, Loaded, Signatures, Snapshot, TrainerState};
 use crate::grad::{clip_global_norm, clip_to, global_norm, retain_owned};
 use crate::objective::perplexity;
+use crate::optim::{OptimRecord, Optimization, shard_of};
 use crate::progress::Progress;
 use crate::tracking::Metrics;
 
@@ -93,6 +97,47 @@ pub(crate) fn restore_stats(loaded: &Loaded, stats: &mut LoopStats) {
     stats.train_seconds = s.train_seconds;
 }
 
+/// The optimizer and the scheduler as `loaded` left them, for this worker's
+/// replica `model` on `device`: the optimizer's state cast to `stored` (a true
+/// mode's dtype; checkpoints hold f32) and cut to the parameters this worker `owns`
+/// (fsdp).
+pub(crate) fn resume_optimization<B, M, S, LR>(
+    optimization: Optimization<B, M, S, LR>,
+    loaded: &Loaded,
+    model: &M,
+    device: &B::Device,
+    stored: Option<FloatDType>,
+    owns: Option<&dyn Fn(usize) -> bool>,
+) -> Result<Optimization<B, M, S, LR>, CoordinatorError>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
+    LR: LrScheduler,
+{
+    let Optimization {
+        mut optimizer,
+        mut scheduler,
+        cast_state,
+    } = optimization;
+    let mut record: OptimRecord<S, B, M> = loaded.optim::<B, _>(device)?;
+    if let Some((dtype, cast)) = stored.zip(cast_state) {
+        record = cast(model, record, dtype);
+    }
+    if let Some(owns) = owns {
+        record = shard_of(model, record, owns);
+    }
+    optimizer = optimizer.load_record(record);
+    if let Some(record) = loaded.scheduler::<B, LR::Record<B>>(device)? {
+        scheduler = scheduler.load_record::<B>(record);
+    }
+    Ok(Optimization {
+        optimizer,
+        scheduler,
+        cast_state,
+    })
+}
+
 /// Everything a loop reads but does not change.
 pub(crate) struct LoopInputs<'a, B: Backend, D> {
     pub config: &'a CoordinatorConfig,
@@ -105,23 +150,6 @@ pub(crate) struct LoopInputs<'a, B: Backend, D> {
     pub device: &'a B::Device,
     pub n_epochs: usize,
     pub checkpoints: Option<CheckpointCtx<'a>>,
-}
-
-impl<'a, B: Backend, D> LoopInputs<'a, B, D> {
-    /// The same inputs over other data (a workload hands its data module on).
-    #[cfg(feature = "learner")]
-    pub fn with_data<E>(&self, data: &'a E) -> LoopInputs<'a, B, E> {
-        LoopInputs {
-            config: self.config,
-            run_dir: self.run_dir,
-            stop: self.stop,
-            task: self.task,
-            data,
-            device: self.device,
-            n_epochs: self.n_epochs,
-            checkpoints: self.checkpoints.clone(),
-        }
-    }
 }
 
 /// Where checkpoints go and what they must carry; `None` in [`LoopInputs`] when

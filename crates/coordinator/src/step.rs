@@ -1,14 +1,14 @@
 //! One micro-batch's forward and backward passes, as both engines take them: how
 //! its loss counts in the optimizer step (accumulation, a worker's share of a
-//! group's batch, `16-mixed`'s scale), the rule for a non-finite loss, and a task
-//! model's forward, loss and backward. The native loop reaches it through its
-//! [`Workload`](crate::workload::Workload); the Learner engine's stepper calls it
-//! directly.
+//! group's batch, `16-mixed`'s scale), the seed of Burn's RNG for it, the rule for
+//! a non-finite loss, and a task model's forward, loss and backward. Both engines
+//! reach it through a workload's [`Steps`](crate::workload::Steps).
 
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use kiln_core::rng::SplitMix64;
 use kiln_core::{Batch, Precision, TaskKind, TaskModel};
 
 use crate::objective;
@@ -66,6 +66,15 @@ impl MicroStep {
             Weighting::Mean(group) => loss.div_scalar(group),
             Weighting::Share(factor) => loss.mul_scalar(factor),
         }
+    }
+
+    /// The seed of Burn's RNG for this micro-batch on worker `rank` of a run seeded
+    /// with `seed`: dropout and any other random op in a model draw the same
+    /// numbers in two runs with one seed, on either engine, and again after a
+    /// resume; every worker draws its own.
+    pub fn seed(&self, seed: u64, rank: usize) -> u64 {
+        let per_step = SplitMix64::derived(seed, self.step).next_u64();
+        SplitMix64::derived(per_step, ((self.batch as u64) << 20) ^ rank as u64).next_u64()
     }
 
     /// `Ok` for a finite loss; a non-finite one ends the run, named here.

@@ -90,7 +90,7 @@ impl<'t> Metrics<'t> {
 
     /// Records one value; it reaches the store at the next [`flush`](Self::flush).
     pub fn record(&mut self, split: &str, key: &str, step: u64, epoch: usize, value: f64) {
-        let higher_is_better = key == "accuracy";
+        let higher_is_better = kiln_core::higher_is_better(key);
         let entry = self
             .summaries
             .entry(format!("{split}/{key}"))
@@ -190,5 +190,33 @@ impl<'t> Metrics<'t> {
 
     pub fn summaries(&self) -> &BTreeMap<String, MetricSummary> {
         &self.summaries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    /// A summary's best is the largest value of a metric where larger is better
+    /// (throughput, accuracies, scores), the smallest otherwise.
+    #[rstest]
+    #[case::throughput("train", "items_per_s", 9.0)]
+    #[case::accuracy("valid", "accuracy", 9.0)]
+    #[case::f1("valid", "f1", 9.0)]
+    #[case::loss("valid", "loss", 5.0)]
+    #[case::error_rate("valid", "wer", 5.0)]
+    fn the_best_value_follows_the_metric(
+        #[case] split: &str,
+        #[case] key: &str,
+        #[case] best: f64,
+    ) {
+        let mut metrics = Metrics::detached();
+        for (step, value) in [(1, 7.0), (2, 9.0), (3, 5.0), (4, 8.0)] {
+            metrics.record(split, key, step, 0, value);
+        }
+        let summary = &metrics.summaries()[&format!("{split}/{key}")];
+        assert_eq!(summary.best, best);
+        assert_eq!(summary.last, 8.0);
     }
 }

@@ -2,20 +2,22 @@
 //! them: the examples of each split, one micro-batch's forward and backward passes,
 //! and one validation batch.
 //!
-//! Two workloads exist:
-//! - [`StepWork`]: a Burn user's own training code, i.e. a model implementing
-//!   burn-train's `TrainStep` (on the autodiff backend) and `InferenceStep` (on the
-//!   inner one), datasets of items and a `Batcher` (the general path,
-//!   [`TrainingCoordinator::fit`](crate::TrainingCoordinator::fit));
-//! - [`TaskWork`]: kiln's simple path, a `TaskModel` with a `DataModule` and a
-//!   `TaskSpec` whose kind gives the loss
+//! A [`Workload`] builds batches from its data (borrowed for the run); its
+//! [`Steps`] run on them (owned, so that burn-train's `'static` stepper can hold
+//! them). Two workloads exist:
+//! - [`StepWork`] with [`ModelSteps`]: a Burn user's own training code, i.e. a
+//!   model implementing burn-train's `TrainStep` (on the autodiff backend) and
+//!   `InferenceStep` (on the inner one), datasets of items and a `Batcher` (the
+//!   general path, [`TrainingCoordinator::fit`](crate::TrainingCoordinator::fit));
+//! - [`TaskWork`] with [`TaskSteps`]: kiln's simple path, a `TaskModel` with a
+//!   `DataModule` and a `TaskSpec` whose kind gives the loss
 //!   ([`TrainingCoordinator::train`](crate::TrainingCoordinator::train)).
 //!
-//! The loop itself (`native.rs`) owns everything else: the data order, the shards
-//! of a data-parallel group, accumulation, the exchange, clipping, the optimizer and
-//! the schedule, validation's batching, checkpoints and the books.
+//! The engines own everything else (the native loop in `native.rs`, burn-train's
+//! Learner in `learner/`): the data order, the shards of a data-parallel group,
+//! accumulation, the exchange, clipping, the optimizer and the schedule,
+//! validation's batching, checkpoints and the books.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use burn::data::dataloader::batcher::Batcher;
@@ -24,33 +26,33 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::train::metric::{
-    AccuracyInput, AccuracyMetric, Adaptor, LossInput, LossMetric, Metric, MetricMetadata, Numeric,
-    NumericEntry,
-};
-use burn::train::{ClassificationOutput, InferenceStep, SequenceOutput, TrainOutput, TrainStep};
-use kiln_core::{Batch, DataModule, Precision, Split, TaskModel, TaskSpec};
+use burn::train::{InferenceStep, TrainOutput, TrainStep};
+use kiln_core::{Batch, DataModule, Precision, Split, TaskKind, TaskModel, TaskSpec};
 
-#[cfg(feature = "learner")]
-use crate::checkpoint::Loaded;
 use crate::grad;
 use crate::objective::{self, EvalSums};
+use crate::outputs::StepOutput;
 use crate::precision;
 use crate::run::Failure;
 use crate::step::{MicroStep, task_backward};
 use crate::{CoordinatorError, Result};
-#[cfg(feature = "learner")]
-use crate::{
-    progress::Progress,
-    run::{LoopInputs, LoopStats},
-    sync::BackendSync,
-    tracking::Metrics,
-};
 
-/// What the loop needs of a model `M` (trained on `B`) and its data.
+/// What the loop needs of a model `M` (trained on `B`) and its data: the examples
+/// of each split, and batches of them. What runs on a batch is the workload's
+/// [`Steps`], which both engines call.
 pub(crate) trait Workload<B: AutodiffBackend, M: AutodiffModule<B>>: Sync {
-    /// A training batch, built before the loop checks for a stop request.
-    type Batch;
+    /// The forward and backward passes and the validation of one batch.
+    type Steps: Steps<B, M>;
+
+    /// Whether kiln runs the backward pass itself (a task model: kiln takes the
+    /// loss, so it can cast the inputs, scale the loss and add a term to it), so
+    /// that every precision and the backend's gradient synchronisation can run.
+    /// A model with its own `TrainStep` runs backward in its step: `32-true` and
+    /// burn-collective's exchange only.
+    const KILN_BACKWARD: bool;
+
+    /// The passes over one batch, for the loop to call (cheap: built per step).
+    fn steps(&self) -> Self::Steps;
 
     /// Examples in `split`.
     fn len(&self, split: Split) -> usize;
@@ -62,61 +64,62 @@ pub(crate) trait Workload<B: AutodiffBackend, M: AutodiffModule<B>>: Sync {
     }
 
     /// Builds the training batch of examples `indices` on `device`.
-    fn batch(&self, indices: &[usize], device: &B::Device) -> Result<Self::Batch>;
+    fn batch(&self, indices: &[usize], device: &B::Device) -> Result<TrainBatch<B, M, Self>>;
+
+    /// Builds the validation batch of examples `indices` on `device` (the inner
+    /// backend's: no autodiff).
+    fn valid_batch(&self, indices: &[usize], device: &B::Device) -> Result<ValidBatch<B, M, Self>>;
+}
+
+/// A workload's training batch.
+pub(crate) type TrainBatch<B, M, W> = <<W as Workload<B, M>>::Steps as Steps<B, M>>::Batch;
+
+/// A workload's validation batch.
+pub(crate) type ValidBatch<B, M, W> = <<W as Workload<B, M>>::Steps as Validates<
+    <B as AutodiffBackend>::InnerBackend,
+    <M as AutodiffModule<B>>::InnerModule,
+>>::ValidBatch;
+
+/// What runs on one training batch of model `M`: owned, so that burn-train's
+/// `'static` stepper can hold it (the Learner engine), and called by the native
+/// loop alike.
+pub(crate) trait Steps<B: AutodiffBackend, M: AutodiffModule<B>>:
+    Validates<B::InnerBackend, M::InnerModule> + Clone + Send + Sync + 'static
+{
+    /// A training batch.
+    type Batch: Send + 'static;
 
     /// Forward and backward passes of one micro-batch: the gradients of the loss
     /// weighted as `micro` says (× the loss scale under `16-mixed`), and the loss
-    /// itself; a non-finite loss is an error ([`MicroStep::check`]).
+    /// itself; a non-finite loss is an error ([`MicroStep::check`]). `extra` is
+    /// added to the loss before backward (the zero term of the backend's gradient
+    /// synchronisation); only a workload with
+    /// [`Workload::KILN_BACKWARD`] is given one.
     fn backward(
         &self,
         model: &M,
         batch: Self::Batch,
         micro: &MicroStep,
+        extra: Option<Tensor<B, 1>>,
     ) -> Result<(GradientsParams, f64), Failure>;
+}
 
-    /// Whether the Learner engine can train this workload.
-    const ON_LEARNER: bool = false;
+/// What runs on one validation batch of the inner model `IM` (on `IB`, without
+/// autodiff). A trait of its own: burn-train's inference step is implemented for
+/// the inner model's types alone.
+pub(crate) trait Validates<IB: Backend, IM>: Send + Sync + 'static {
+    /// A validation batch.
+    type ValidBatch: Send + 'static;
 
-    /// Whether every precision can run (else `32-true` alone).
-    const ALL_PRECISIONS: bool = false;
-
-    /// Trains on the Learner engine (burn-train's `SupervisedTraining`), where
-    /// [`ON_LEARNER`](Self::ON_LEARNER) says it can.
-    #[cfg(feature = "learner")]
-    #[allow(clippy::too_many_arguments)]
-    fn fit_learner(
-        &self,
-        inputs: &LoopInputs<'_, B, Self>,
-        devices: &[B::Device],
-        model: M,
-        resume: Option<&Loaded>,
-        sharded: bool,
-        sync: Option<BackendSync<B>>,
-        metrics: &mut Metrics<'_>,
-        progress: &mut Progress,
-        stats: &mut LoopStats,
-    ) -> Result<M, Failure>
-    where
-        Self: Sized,
-    {
-        let _ = (
-            inputs, devices, model, resume, sharded, sync, metrics, progress, stats,
-        );
-        Err(Failure::Error(CoordinatorError::NotAvailable {
-            what: "the Learner engine".into(),
-            reason: "this model trains on kiln's native loop".into(),
-        }))
-    }
-
-    /// Validates on examples `indices` of the validation split, adding to `sums`.
+    /// The sums of one validation batch of `examples` examples; true precision
+    /// modes store the model in their dtype, mixed ones validate the f32 masters.
     fn evaluate(
         &self,
-        model: &M::InnerModule,
-        indices: &[usize],
-        device: &B::Device,
+        model: &IM,
+        batch: Self::ValidBatch,
+        examples: usize,
         precision: Precision,
-        sums: &mut EvalSums,
-    ) -> Result<()>;
+    ) -> Result<EvalSums>;
 }
 
 /// kiln's simple path: a [`TaskModel`] on a [`DataModule`], the loss from the
@@ -126,6 +129,12 @@ pub(crate) struct TaskWork<'a, D> {
     pub task: &'a TaskSpec,
 }
 
+/// A task model's passes: the task kind's loss.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskSteps {
+    kind: TaskKind,
+}
+
 impl<B, M, D> Workload<B, M> for TaskWork<'_, D>
 where
     B: AutodiffBackend,
@@ -133,36 +142,14 @@ where
     M::InnerModule: TaskModel<B::InnerBackend>,
     D: DataModule,
 {
-    type Batch = Batch<B>;
+    type Steps = TaskSteps;
 
-    const ON_LEARNER: bool = true;
+    const KILN_BACKWARD: bool = true;
 
-    const ALL_PRECISIONS: bool = true;
-
-    #[cfg(feature = "learner")]
-    fn fit_learner(
-        &self,
-        inputs: &LoopInputs<'_, B, Self>,
-        devices: &[B::Device],
-        model: M,
-        resume: Option<&Loaded>,
-        sharded: bool,
-        sync: Option<BackendSync<B>>,
-        metrics: &mut Metrics<'_>,
-        progress: &mut Progress,
-        stats: &mut LoopStats,
-    ) -> Result<M, Failure> {
-        crate::learner::fit::<B, M, D>(
-            &inputs.with_data(self.data),
-            devices,
-            model,
-            resume,
-            sharded,
-            sync,
-            metrics,
-            progress,
-            stats,
-        )
+    fn steps(&self) -> TaskSteps {
+        TaskSteps {
+            kind: self.task.kind.clone(),
+        }
     }
 
     fn len(&self, split: Split) -> usize {
@@ -177,26 +164,42 @@ where
         Ok(self.data.batch::<B>(Split::Train, indices, device)?)
     }
 
+    fn valid_batch(&self, indices: &[usize], device: &B::Device) -> Result<Batch<B::InnerBackend>> {
+        Ok(self
+            .data
+            .batch::<B::InnerBackend>(Split::Valid, indices, device)?)
+    }
+}
+
+impl<B, M> Steps<B, M> for TaskSteps
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TaskModel<B>,
+    M::InnerModule: TaskModel<B::InnerBackend>,
+{
+    type Batch = Batch<B>;
+
     fn backward(
         &self,
         model: &M,
         batch: Batch<B>,
         micro: &MicroStep,
+        extra: Option<Tensor<B, 1>>,
     ) -> Result<(GradientsParams, f64), Failure> {
-        task_backward(&self.task.kind, model, batch, micro, None)
+        task_backward(&self.kind, model, batch, micro, extra)
     }
+}
+
+impl<IB: Backend, IM: TaskModel<IB>> Validates<IB, IM> for TaskSteps {
+    type ValidBatch = Batch<IB>;
 
     fn evaluate(
         &self,
-        model: &M::InnerModule,
-        indices: &[usize],
-        device: &B::Device,
+        model: &IM,
+        batch: Batch<IB>,
+        _examples: usize,
         precision: Precision,
-        sums: &mut EvalSums,
-    ) -> Result<()> {
-        let batch = self
-            .data
-            .batch::<B::InnerBackend>(Split::Valid, indices, device)?;
+    ) -> Result<EvalSums> {
         // True modes store the model in their dtype: the inputs follow, the loss is
         // taken in f32. Mixed modes validate the f32 masters.
         let prediction = match precision::stored_dtype(precision) {
@@ -205,87 +208,7 @@ where
             }
             None => model.forward(batch.inputs)?,
         };
-        sums.add(objective::evaluate(
-            &self.task.kind,
-            prediction,
-            batch.targets,
-        )?);
-        Ok(())
-    }
-}
-
-/// The output of a model's step, as kiln reads it: the loss through burn-train's
-/// own [`Adaptor`] to [`LossInput`], as burn-train's `LossMetric` reads it.
-///
-/// Every output burn-train provides (`ClassificationOutput`, `RegressionOutput`,
-/// `MultiLabelClassificationOutput`, `SequenceOutput`) has it; a user's own output
-/// type implements `Adaptor<LossInput<B>>`:
-///
-/// ```compile_fail
-/// // An output kiln cannot read a loss from does not compile:
-/// use burn::prelude::Backend;
-/// struct NoLoss;
-/// fn needs_a_loss<B: Backend, O: kiln_coordinator::StepOutput<B>>() {}
-/// fn train<B: Backend>() {
-///     needs_a_loss::<B, NoLoss>();
-/// }
-/// ```
-///
-/// Besides the loss, kiln validates with the accuracy of burn-train's
-/// `ClassificationOutput` and `SequenceOutput` (burn-train's `AccuracyMetric`
-/// through their `Adaptor<AccuracyInput<B>>`), logged as `valid/accuracy`.
-#[diagnostic::on_unimplemented(
-    message = "kiln reads the training loss from `{Self}` and cannot: implement \
-               burn-train's `Adaptor<LossInput<B>>` for it",
-    label = "this step output has no loss adaptor",
-    note = "burn-train's ClassificationOutput, RegressionOutput, \
-            MultiLabelClassificationOutput and SequenceOutput have one"
-)]
-pub trait StepOutput<B: Backend> {
-    /// The mean loss of the step, as an `f64`.
-    fn loss_value(&self) -> f64;
-
-    /// The fraction of correct predictions, for the outputs burn-train gives an
-    /// accuracy (`ClassificationOutput`, `SequenceOutput`); `None` for others.
-    fn accuracy(&self) -> Option<f64>;
-}
-
-impl<B: Backend, T: Adaptor<LossInput<B>> + 'static> StepOutput<B> for T {
-    fn loss_value(&self) -> f64 {
-        numeric(LossMetric::<B>::new(), &self.adapt())
-    }
-
-    fn accuracy(&self) -> Option<f64> {
-        // Rust cannot ask whether `T` adapts to the accuracy's input; burn-train's
-        // own outputs are known types, so they are recognised by type.
-        let any = self as &dyn Any;
-        let input: AccuracyInput<B> = match (
-            any.downcast_ref::<ClassificationOutput<B>>(),
-            any.downcast_ref::<SequenceOutput<B>>(),
-        ) {
-            (Some(output), _) => output.adapt(),
-            (_, Some(output)) => output.adapt(),
-            _ => return None,
-        };
-        // burn-train reports a percentage; kiln logs fractions.
-        Some(numeric(AccuracyMetric::<B>::new(), &input) / 100.0)
-    }
-}
-
-/// The value burn-train's `metric` gives for one `input`.
-fn numeric<T: Metric + Numeric>(mut metric: T, input: &T::Input) -> f64 {
-    let metadata = MetricMetadata {
-        progress: burn::data::dataloader::Progress::new(1, 1),
-        global_progress: burn::data::dataloader::Progress::new(0, 1),
-        iteration: None,
-        lr: None,
-    };
-    metric.update(input, &metadata);
-    match metric.value() {
-        NumericEntry::Value(v) => v,
-        NumericEntry::Aggregated {
-            aggregated_value, ..
-        } => aggregated_value,
+        Ok(objective::evaluate(&self.kind, prediction, batch.targets)?)
     }
 }
 
@@ -365,6 +288,11 @@ impl<I, T> StepWork<'_, I, T> {
     }
 }
 
+/// A Burn model's own passes: its `TrainStep` and its inner module's
+/// `InferenceStep`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ModelSteps;
+
 impl<B, M, I, T> Workload<B, M> for StepWork<'_, I, T>
 where
     B: AutodiffBackend,
@@ -376,7 +304,13 @@ where
     T: Batcher<B, I, M::Input>
         + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
 {
-    type Batch = M::Input;
+    type Steps = ModelSteps;
+
+    const KILN_BACKWARD: bool = false;
+
+    fn steps(&self) -> ModelSteps {
+        ModelSteps
+    }
 
     fn len(&self, split: Split) -> usize {
         self.data.len(split)
@@ -391,12 +325,45 @@ where
         ))
     }
 
+    fn valid_batch(
+        &self,
+        indices: &[usize],
+        device: &B::Device,
+    ) -> Result<<M::InnerModule as InferenceStep>::Input> {
+        let items = self.items(Split::Valid, indices)?;
+        Ok(Batcher::<B::InnerBackend, I, _>::batch(
+            &self.data.batcher,
+            items,
+            device,
+        ))
+    }
+}
+
+impl<B, M> Steps<B, M> for ModelSteps
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TrainStep,
+    M::Output: StepOutput<B>,
+    M::InnerModule: InferenceStep,
+    <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+{
+    type Batch = M::Input;
+
     fn backward(
         &self,
         model: &M,
         batch: M::Input,
         micro: &MicroStep,
+        extra: Option<Tensor<B, 1>>,
     ) -> Result<(GradientsParams, f64), Failure> {
+        if extra.is_some() {
+            // The coordinator refuses the backend's synchronisation for such a
+            // model (`Workload::KILN_BACKWARD`); this is its last guard.
+            return Err(Failure::Error(CoordinatorError::NotAvailable {
+                what: "a term added to the loss of a model with its own TrainStep".into(),
+                reason: "the model's step runs its own backward pass".into(),
+            }));
+        }
         // The model's own step runs backward; its gradients are weighted after
         // (the same sum as weighting the loss, up to float rounding).
         let TrainOutput { mut grads, item } = model.step(batch);
@@ -408,25 +375,29 @@ where
         }
         Ok((grads, value))
     }
+}
+
+impl<IB, IM> Validates<IB, IM> for ModelSteps
+where
+    IB: Backend,
+    IM: InferenceStep,
+    IM::Output: StepOutput<IB>,
+{
+    type ValidBatch = IM::Input;
 
     fn evaluate(
         &self,
-        model: &M::InnerModule,
-        indices: &[usize],
-        device: &B::Device,
+        model: &IM,
+        batch: IM::Input,
+        examples: usize,
         _precision: Precision,
-        sums: &mut EvalSums,
-    ) -> Result<()> {
-        let items = self.items(Split::Valid, indices)?;
-        let batch = Batcher::<B::InnerBackend, I, _>::batch(&self.data.batcher, items, device);
-        let output = InferenceStep::step(model, batch);
+    ) -> Result<EvalSums> {
+        let output = model.step(batch);
         // The mean over examples: each batch weighs as many examples as it holds.
-        let n = indices.len() as f64;
-        sums.add(EvalSums {
-            loss_sum: output.loss_value() * n,
-            correct: output.accuracy().map(|accuracy| accuracy * n),
-            count: n,
-        });
-        Ok(())
+        Ok(EvalSums::of_batch(
+            output.loss_value(),
+            examples as f64,
+            &output.metrics(),
+        ))
     }
 }

@@ -34,7 +34,7 @@ pub use model::{Inputs, Prediction, Targets, TaskModel};
 pub use report::{
     Engine, MetricSummary, ProcessGroupBackend, ResolvedPlan, RunStatus, Throughput, TrainReport,
 };
-pub use task::{TASK_SPEC_SCHEMA_VERSION, TaskKind, TaskSpec};
+pub use task::{TASK_SPEC_SCHEMA_VERSION, TaskKind, TaskSpec, higher_is_better};
 
 /// Result alias for kiln-core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -73,6 +73,18 @@ impl TaskKind {
     }
 }
 
+/// Whether a larger value of the metric `name` is better: accuracies, scores and
+/// throughputs (`accuracy`, `top5_accuracy`, `precision`, `recall`, `f1`, `auroc`,
+/// `hamming_score`, `items_per_s`); for every other metric (losses, perplexity,
+/// error rates such as `cer` and `wer`) a smaller one is. A run's summaries keep
+/// each metric's best value by this rule.
+pub fn higher_is_better(name: &str) -> bool {
+    matches!(
+        name,
+        "accuracy" | "top5_accuracy" | "precision" | "recall" | "f1" | "auroc" | "hamming_score"
+    ) || name.ends_with("_per_s")
+}
+
 /// A description of the task a run learns, stored with every run.
 ///
 /// It mirrors the upstream Python `TaskSpec` (name, task type, model family, input
@@ -252,6 +264,20 @@ impl TaskSpec {
 mod tests {
     use super::*;
     use rstest::rstest;
+
+    #[rstest]
+    #[case("accuracy", true)]
+    #[case("top5_accuracy", true)]
+    #[case("f1", true)]
+    #[case("hamming_score", true)]
+    #[case("items_per_s", true)]
+    #[case("loss", false)]
+    #[case("perplexity", false)]
+    #[case("cer", false)]
+    #[case("grad_norm", false)]
+    fn a_metric_knows_which_end_is_best(#[case] name: &str, #[case] higher: bool) {
+        assert_eq!(higher_is_better(name), higher);
+    }
 
     #[rstest]
     #[case("lm_tiny")]

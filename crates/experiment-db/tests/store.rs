@@ -115,7 +115,11 @@ fn schema_snapshot() {
         .collect::<rusqlite::Result<_>>()
         .unwrap();
     let actual: String = statements.iter().map(|s| format!("{s};\n\n")).collect();
-    let snapshot = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schema.snapshot.sql");
+    // Read at run time first: cargo may reuse a binary built in another checkout.
+    let snapshot = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("tests/schema.snapshot.sql");
     if std::env::var_os("KILN_UPDATE_SNAPSHOTS").is_some() {
         std::fs::write(&snapshot, &actual).unwrap();
     }

@@ -17,33 +17,45 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use burn::data::dataloader::{DataLoader, Progress};
 use burn::module::AutodiffModule;
-use burn::optim::GradientsParams;
 use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{GradientsParams, SimpleOptimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::{
     EventProcessorTraining, InferenceStep, Learner, LearnerEvent, LearningComponentsMarker,
     SupervisedLearningStrategy, SupervisedTrainingEventProcessor, TrainingComponents, TrainingItem,
 };
-use kiln_core::{Batch, TaskModel};
 
-use super::KilnLr;
-use super::loader::Micro;
+use super::ShownLr;
+use super::loader::{Counted, Micro};
 use super::shared::Shared;
-use super::stepper::Stepper;
+use super::stepper::{Stepper, StepperOptim};
 use crate::CoordinatorError;
 use crate::checkpoint::{decode_record, encode_record};
 use crate::collective::Peer;
 use crate::group::{Group, Offer, check_replicas, exchange_step, gather_shards, guard};
-use crate::optim::AdamWRecord;
+use crate::optim::OptimRecord;
 use crate::run::Failure;
+use crate::workload::{Steps, Validates};
 
-/// burn-train's components for a kiln model `M`.
-pub(crate) type Components<B, M> = LearningComponentsMarker<
+/// burn-train's components for model `M` with its workload's steps `St`, trained
+/// with optimizer `S`.
+pub(crate) type Components<B, M, St, S> = LearningComponentsMarker<
     B,
-    KilnLr,
-    Stepper<B, M>,
-    OptimizerAdaptor<burn::optim::AdamW, Stepper<B, M>, B>,
+    ShownLr,
+    Stepper<B, M, St>,
+    StepperOptim<OptimizerAdaptor<S, M, B>>,
+>;
+
+/// A training batch of steps `St`.
+type TrainItem<B, M, St> = Micro<<St as Steps<B, M>>::Batch>;
+
+/// A validation batch of steps `St`.
+type ValidItem<B, M, St> = Counted<
+    <St as Validates<
+        <B as AutodiffBackend>::InnerBackend,
+        <M as AutodiffModule<B>>::InnerModule,
+    >>::ValidBatch,
 >;
 
 /// One worker's place in the group, reached by its [`Stepper`] through its
@@ -59,7 +71,34 @@ pub(crate) struct Member<B: AutodiffBackend, M> {
     pub group: Arc<Group<Vec<u8>>>,
     /// Registered on the worker's own thread when it starts.
     pub peer: OnceLock<Peer<B>>,
+    /// fsdp checkpoints: merges encoded optimizer shards into one record
+    /// ([`merge_shards`] for the run's optimizer).
+    pub merge: MergeShards<B>,
     pub marker: std::marker::PhantomData<fn() -> M>,
+}
+
+/// Merges rank 0's encoded optimizer shard with the others' into one encoded
+/// record.
+pub(crate) type MergeShards<B> =
+    fn(Vec<u8>, Vec<Vec<u8>>, &burn::tensor::Device<B>) -> Result<Vec<u8>, CoordinatorError>;
+
+/// [`MergeShards`] for optimizer `S` and model `M`.
+pub(crate) fn merge_shards<B, M, S>(
+    mine: Vec<u8>,
+    others: Vec<Vec<u8>>,
+    device: &B::Device,
+) -> Result<Vec<u8>, CoordinatorError>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    S: SimpleOptimizer<B::InnerBackend>,
+{
+    let mut whole: OptimRecord<S, B, M> = decode_record::<B, _>(mine, device)?;
+    for shard in others {
+        let shard: OptimRecord<S, B, M> = decode_record::<B, _>(shard, device)?;
+        whole.extend(shard);
+    }
+    encode_record::<B, _>(whole)
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {
@@ -174,55 +213,54 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {
             return Some(Err(e));
         }
         let (mine, others) = gathered?;
-        let merge = || -> Result<Vec<u8>, CoordinatorError> {
-            let mut whole: AdamWRecord<B, M> = decode_record::<B, _>(mine, &self.device)?;
-            for shard in others {
-                let shard: AdamWRecord<B, M> = decode_record::<B, _>(shard, &self.device)?;
-                whole.extend(shard);
-            }
-            encode_record::<B, _>(whole)
-        };
-        Some(merge())
+        Some((self.merge)(mine, others, &self.device))
     }
 }
 
 /// One worker other than rank 0, put together before training.
-pub(crate) struct Worker<B: AutodiffBackend, M: AutodiffModule<B> + TaskModel<B> + 'static>
+pub(crate) struct Worker<B, M, St, S>
 where
-    M::InnerModule: TaskModel<B::InnerBackend>,
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + 'static,
+    St: Steps<B, M>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
 {
-    pub learner: Learner<Components<B, M>>,
-    pub loader: Arc<dyn DataLoader<B, Micro<B>>>,
+    pub learner: Learner<Components<B, M, St, S>>,
+    pub loader: Arc<dyn DataLoader<B, TrainItem<B, M, St>>>,
     pub shared: Arc<Shared>,
     pub member: Arc<Member<B, M>>,
 }
 
 /// kiln's data-parallel group as a burn-train training strategy: rank 0 is the
 /// learner burn-train launches; the others are handed over ready-made.
-pub(crate) struct GroupStrategy<B: AutodiffBackend, M: AutodiffModule<B> + TaskModel<B> + 'static>
-where
-    M::InnerModule: TaskModel<B::InnerBackend>,
-{
-    pub first: (Arc<Shared>, Arc<Member<B, M>>),
-    pub others: Mutex<Vec<Worker<B, M>>>,
-}
-
-impl<B, M> SupervisedLearningStrategy<Components<B, M>> for GroupStrategy<B, M>
+pub(crate) struct GroupStrategy<B, M, St, S>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TaskModel<B> + 'static,
-    M::InnerModule: TaskModel<B::InnerBackend>,
+    M: AutodiffModule<B> + 'static,
+    St: Steps<B, M>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
+{
+    pub first: (Arc<Shared>, Arc<Member<B, M>>),
+    pub others: Mutex<Vec<Worker<B, M, St, S>>>,
+}
+
+impl<B, M, St, S> SupervisedLearningStrategy<Components<B, M, St, S>> for GroupStrategy<B, M, St, S>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + 'static,
+    St: Steps<B, M>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
 {
     fn fit(
         &self,
-        components: TrainingComponents<Components<B, M>>,
-        learner: Learner<Components<B, M>>,
-        dataloader_train: Arc<dyn DataLoader<B, Micro<B>>>,
-        dataloader_valid: Arc<dyn DataLoader<B::InnerBackend, Batch<B::InnerBackend>>>,
+        components: TrainingComponents<Components<B, M, St, S>>,
+        learner: Learner<Components<B, M, St, S>>,
+        dataloader_train: Arc<dyn DataLoader<B, TrainItem<B, M, St>>>,
+        dataloader_valid: Arc<dyn DataLoader<B::InnerBackend, ValidItem<B, M, St>>>,
         starting_epoch: usize,
     ) -> (
-        Stepper<B, M>,
-        SupervisedTrainingEventProcessor<Components<B, M>>,
+        Stepper<B, M, St>,
+        SupervisedTrainingEventProcessor<Components<B, M, St, S>>,
     ) {
         let mut processor = components.event_processor;
         let others = std::mem::take(&mut *self.others.lock().unwrap_or_else(|p| p.into_inner()));
@@ -280,29 +318,33 @@ where
 }
 
 /// Rank 0's extra duties: burn-train's event processor and validation.
-struct Books<'a, B: AutodiffBackend, M: AutodiffModule<B> + TaskModel<B> + 'static>
+struct Books<'a, B, M, St, S>
 where
-    M::InnerModule: TaskModel<B::InnerBackend>,
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + 'static,
+    St: Steps<B, M>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
 {
-    processor: &'a mut SupervisedTrainingEventProcessor<Components<B, M>>,
-    valid: &'a dyn DataLoader<B::InnerBackend, Batch<B::InnerBackend>>,
+    processor: &'a mut SupervisedTrainingEventProcessor<Components<B, M, St, S>>,
+    valid: &'a dyn DataLoader<B::InnerBackend, ValidItem<B, M, St>>,
 }
 
 /// One worker's training: burn-train's step calls, epoch after epoch, until the
 /// group ends the run or the epochs are done; then one last exchange, so that a
 /// failure after the last step (rank 0's books) ends every worker's run alike.
-fn run<B, M>(
-    mut learner: Learner<Components<B, M>>,
-    loader: &dyn DataLoader<B, Micro<B>>,
+fn run<B, M, St, S>(
+    mut learner: Learner<Components<B, M, St, S>>,
+    loader: &dyn DataLoader<B, TrainItem<B, M, St>>,
     shared: &Shared,
     member: &Member<B, M>,
-    mut books: Option<Books<'_, B, M>>,
+    mut books: Option<Books<'_, B, M, St, S>>,
     (starting_epoch, num_epochs): (usize, usize),
-) -> Stepper<B, M>
+) -> Stepper<B, M, St>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TaskModel<B> + 'static,
-    M::InnerModule: TaskModel<B::InnerBackend>,
+    M: AutodiffModule<B> + 'static,
+    St: Steps<B, M>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
 {
     let _worker = tracing::info_span!("worker", rank = member.rank).entered();
     if let Err(failure) = join(&learner, shared, member) {
@@ -388,15 +430,16 @@ where
 
 /// Joins the group on this worker's thread and checks that every replica starts
 /// from the same weights.
-fn join<B, M>(
-    learner: &Learner<Components<B, M>>,
+fn join<B, M, St, S>(
+    learner: &Learner<Components<B, M, St, S>>,
     shared: &Shared,
     member: &Member<B, M>,
 ) -> Result<(), Failure>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TaskModel<B> + 'static,
-    M::InnerModule: TaskModel<B::InnerBackend>,
+    M: AutodiffModule<B> + 'static,
+    St: Steps<B, M>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
 {
     let peer = Peer::<B>::register(
         member.rank,

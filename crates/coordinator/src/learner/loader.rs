@@ -1,8 +1,9 @@
 //! kiln's data order as burn-train data loaders.
 //!
-//! burn-train wants `'static` loaders; a kiln [`DataModule`] is borrowed for the
-//! call to `train`. So the loaders hold no data: they ask a producer thread, which
-//! borrows the data module, for each batch by index, one batch ahead of training.
+//! burn-train wants `'static` loaders; a run's data (a kiln `DataModule`, or Burn
+//! datasets with a batcher) is borrowed for the call to `train` or `fit`. So the
+//! loaders hold no data: they ask a producer thread, which borrows the
+//! [`Workload`], for each batch by index, one batch ahead of training.
 //! The order is kiln's (a permutation per `(seed, epoch)`), so both engines see the
 //! same batches, and a resumed run starts at the micro-batch its checkpoint names.
 //! In a group of workers each worker's loader serves its shard of every global
@@ -15,37 +16,43 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
-use burn::prelude::Backend;
+use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use kiln_core::rng::{SplitMix64, permutation};
-use kiln_core::{Batch, DataModule, Split};
 
 use super::shared::{Event, Shared};
 use crate::run::{Failure, epoch_stop};
+use crate::workload::{TrainBatch, ValidBatch, Workload};
 
-/// A request for one batch.
-pub(crate) struct Job<BB: Backend> {
+/// A request for one batch of type `T`, built on a device `D`.
+pub(crate) struct Job<D, T> {
     indices: Vec<usize>,
-    split: Split,
-    device: BB::Device,
-    reply: SyncSender<Result<Batch<BB>, Failure>>,
+    device: D,
+    reply: SyncSender<Result<T, Failure>>,
 }
 
-/// A request to the producer: a training batch (autodiff backend) or a validation
-/// batch (its inner backend).
-pub(crate) enum Request<B: AutodiffBackend> {
-    Train(Job<B>),
-    Valid(Job<B::InnerBackend>),
+/// A request to the producer: a training batch `T` (autodiff backend) or a
+/// validation batch `V` (its inner backend), on a device `D`.
+pub(crate) enum Request<D, T, V> {
+    Train(Job<D, T>),
+    Valid(Job<D, V>),
 }
+
+/// The requests of workload `W`'s loaders.
+pub(crate) type Requests<B, M, W> =
+    Request<burn::tensor::Device<B>, TrainBatch<B, M, W>, ValidBatch<B, M, W>>;
 
 /// Builds the batches asked for until every loader is gone.
-pub(crate) fn produce<B: AutodiffBackend, D: DataModule>(data: &D, requests: Receiver<Request<B>>) {
-    fn answer<BB: Backend, D: DataModule>(data: &D, job: Job<BB>) {
-        // A panicking data module ends the run FAILED with its message, as it does
-        // in the native loop.
-        let built = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            data.batch::<BB>(job.split, &job.indices, &job.device)
-        }));
+pub(crate) fn produce<B, M, W>(work: &W, requests: Receiver<Requests<B, M, W>>)
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    W: Workload<B, M>,
+{
+    fn answer<D, T>(job: Job<D, T>, build: impl FnOnce(&[usize], &D) -> crate::Result<T>) {
+        // A panicking data module or batcher ends the run FAILED with its message,
+        // as it does in the native loop.
+        let built = std::panic::catch_unwind(AssertUnwindSafe(|| build(&job.indices, &job.device)));
         let batch = match built {
             Ok(batch) => batch.map_err(Failure::from),
             Err(panic) => Err(Failure::Panicked(crate::run::panic_message(panic.as_ref()))),
@@ -55,26 +62,34 @@ pub(crate) fn produce<B: AutodiffBackend, D: DataModule>(data: &D, requests: Rec
     }
     for request in requests {
         match request {
-            Request::Train(job) => answer(data, job),
-            Request::Valid(job) => answer(data, job),
+            Request::Train(job) => answer(job, |indices, device| work.batch(indices, device)),
+            Request::Valid(job) => answer(job, |indices, device| work.valid_batch(indices, device)),
         }
     }
 }
 
 /// One micro-batch as the training step gets it.
-pub(crate) struct Micro<B: Backend> {
+pub(crate) struct Micro<T> {
     /// This worker's examples; none when it has no share of a short global batch,
     /// or once it failed or was asked to stop (in a group it still takes part in
     /// the step's exchange).
-    pub batch: Option<Batch<B>>,
+    pub batch: Option<T>,
     /// This worker's share of the global micro-batch (1 on one device).
     pub share: f64,
 }
 
+/// One validation batch as the inference step gets it, with its number of
+/// examples (a batch's loss weighs by them).
+pub(crate) struct Counted<V> {
+    pub batch: V,
+    pub examples: usize,
+}
+
 /// The training loader: one epoch of kiln's order per `iter()`, this worker's
-/// shard of it.
-pub(crate) struct TrainLoader<B: AutodiffBackend> {
-    pub requests: Sender<Request<B>>,
+/// shard of it; batches `T` (and the validation loader's `V` through the same
+/// producer).
+pub(crate) struct TrainLoader<B: AutodiffBackend, T, V> {
+    pub requests: Sender<Request<B::Device, T, V>>,
     pub device: B::Device,
     pub shared: Arc<Shared>,
     pub seed: u64,
@@ -88,8 +103,13 @@ pub(crate) struct TrainLoader<B: AutodiffBackend> {
     pub next: Arc<Mutex<(usize, usize)>>,
 }
 
-impl<B: AutodiffBackend> DataLoader<B, Micro<B>> for TrainLoader<B> {
-    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<Micro<B>> + 'a> {
+impl<B, T, V> DataLoader<B, Micro<T>> for TrainLoader<B, T, V>
+where
+    B: AutodiffBackend,
+    T: Send + 'static,
+    V: Send + 'static,
+{
+    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<Micro<T>> + 'a> {
         let (epoch, from) = {
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
             let current = *next;
@@ -124,12 +144,12 @@ impl<B: AutodiffBackend> DataLoader<B, Micro<B>> for TrainLoader<B> {
                 (mine.to_vec(), len)
             })
             .collect();
-        Box::new(Batches::<B, B, Micro<B>> {
+        Box::new(Batches::<B::Device, T, V, T, Micro<T>> {
             requests: self.requests.clone(),
             wrap: Request::Train,
-            finish: |batch, share| Some(Micro { batch, share }),
+            finish: |batch, share, _| Some(Micro { batch, share }),
             in_group: self.shared.member.is_some(),
-            split: Split::Train,
+            training: true,
             device: self.device.clone(),
             shared: self.shared.clone(),
             batches,
@@ -143,7 +163,7 @@ impl<B: AutodiffBackend> DataLoader<B, Micro<B>> for TrainLoader<B> {
         self.n_items
     }
 
-    fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, Micro<B>>> {
+    fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, Micro<T>>> {
         Arc::new(Self {
             requests: self.requests.clone(),
             device: device.clone(),
@@ -157,7 +177,7 @@ impl<B: AutodiffBackend> DataLoader<B, Micro<B>> for TrainLoader<B> {
         })
     }
 
-    fn slice(&self, _start: usize, _end: usize) -> Arc<dyn DataLoader<B, Micro<B>>> {
+    fn slice(&self, _start: usize, _end: usize) -> Arc<dyn DataLoader<B, Micro<T>>> {
         // Only burn-train's own multi-device strategies slice a loader; kiln's
         // group strategy gives each worker its own loader over the global order.
         tracing::warn!("kiln's training loader is not sliced: it keeps the global order");
@@ -166,29 +186,34 @@ impl<B: AutodiffBackend> DataLoader<B, Micro<B>> for TrainLoader<B> {
 }
 
 /// The validation loader: the validation split in order, every epoch.
-pub(crate) struct ValidLoader<B: AutodiffBackend> {
-    pub requests: Sender<Request<B>>,
-    pub device: burn::tensor::Device<B::InnerBackend>,
+pub(crate) struct ValidLoader<B: AutodiffBackend, T, V> {
+    pub requests: Sender<Request<B::Device, T, V>>,
+    pub device: B::Device,
     pub shared: Arc<Shared>,
     pub items: Range<usize>,
     pub batch_size: usize,
     pub limit_batches: Option<usize>,
 }
 
-impl<B: AutodiffBackend> DataLoader<B::InnerBackend, Batch<B::InnerBackend>> for ValidLoader<B> {
-    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<Batch<B::InnerBackend>> + 'a> {
+impl<B, T, V> DataLoader<B::InnerBackend, Counted<V>> for ValidLoader<B, T, V>
+where
+    B: AutodiffBackend,
+    T: Send + 'static,
+    V: Send + 'static,
+{
+    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<Counted<V>> + 'a> {
         let all: Vec<usize> = self.items.clone().collect();
         let batches = all
             .chunks(self.batch_size.max(1))
             .take(self.limit_batches.unwrap_or(usize::MAX))
             .map(|chunk| (chunk.to_vec(), chunk.len()))
             .collect();
-        Box::new(Batches::<B, B::InnerBackend, Batch<B::InnerBackend>> {
+        Box::new(Batches::<B::Device, T, V, V, Counted<V>> {
             requests: self.requests.clone(),
             wrap: Request::Valid,
-            finish: |batch, _| batch,
+            finish: |batch, _, examples| batch.map(|batch| Counted { batch, examples }),
             in_group: false,
-            split: Split::Valid,
+            training: false,
             device: self.device.clone(),
             shared: self.shared.clone(),
             batches,
@@ -202,10 +227,7 @@ impl<B: AutodiffBackend> DataLoader<B::InnerBackend, Batch<B::InnerBackend>> for
         self.items.len()
     }
 
-    fn to_device(
-        &self,
-        device: &burn::tensor::Device<B::InnerBackend>,
-    ) -> Arc<dyn DataLoader<B::InnerBackend, Batch<B::InnerBackend>>> {
+    fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B::InnerBackend, Counted<V>>> {
         Arc::new(Self {
             requests: self.requests.clone(),
             device: device.clone(),
@@ -216,11 +238,7 @@ impl<B: AutodiffBackend> DataLoader<B::InnerBackend, Batch<B::InnerBackend>> for
         })
     }
 
-    fn slice(
-        &self,
-        start: usize,
-        end: usize,
-    ) -> Arc<dyn DataLoader<B::InnerBackend, Batch<B::InnerBackend>>> {
+    fn slice(&self, start: usize, end: usize) -> Arc<dyn DataLoader<B::InnerBackend, Counted<V>>> {
         let len = self.items.len();
         let (start, end) = (start.min(len), end.min(len));
         Arc::new(Self {
@@ -234,29 +252,32 @@ impl<B: AutodiffBackend> DataLoader<B::InnerBackend, Batch<B::InnerBackend>> for
     }
 }
 
-/// The batches of one pass, asked of the producer one ahead.
-struct Batches<B: AutodiffBackend, BB: Backend, O> {
-    requests: Sender<Request<B>>,
-    wrap: fn(Job<BB>) -> Request<B>,
-    /// What the iterator yields for a batch (or for none) and this worker's share.
-    finish: fn(Option<Batch<BB>>, f64) -> Option<O>,
+/// The batches `X` of one pass (`T`s for training, `V`s for validation), asked of
+/// the producer one ahead, yielded as `O`s.
+struct Batches<D, T, V, X, O> {
+    requests: Sender<Request<D, T, V>>,
+    wrap: fn(Job<D, X>) -> Request<D, T, V>,
+    /// What the iterator yields for a batch (or for none), given this worker's
+    /// share and its number of examples.
+    finish: fn(Option<X>, f64, usize) -> Option<O>,
     /// A group's training pass: a worker that failed, was asked to stop or has no
     /// share goes on yielding empty micro-batches until the group ends the run,
     /// so that it meets the others at every exchange.
     in_group: bool,
-    split: Split,
-    device: BB::Device,
+    /// A training pass (it counts the examples trained on).
+    training: bool,
+    device: D,
     shared: Arc<Shared>,
     /// This worker's examples of each micro-batch, and the global micro-batch's size.
     batches: Vec<(Vec<usize>, usize)>,
     next: usize,
-    ahead: Option<Receiver<Result<Batch<BB>, Failure>>>,
+    ahead: Option<Receiver<Result<X, Failure>>>,
     /// For a validation pass: when it started; its end is reported once.
     on_end: Option<Instant>,
 }
 
-impl<B: AutodiffBackend, BB: Backend, O> Batches<B, BB, O> {
-    fn ask(&self, i: usize) -> Option<Receiver<Result<Batch<BB>, Failure>>> {
+impl<D: Clone, T, V, X, O> Batches<D, T, V, X, O> {
+    fn ask(&self, i: usize) -> Option<Receiver<Result<X, Failure>>> {
         let indices = self.batches.get(i)?.0.clone();
         if indices.is_empty() {
             return None;
@@ -264,7 +285,6 @@ impl<B: AutodiffBackend, BB: Backend, O> Batches<B, BB, O> {
         let (reply, answer) = sync_channel(1);
         let job = Job {
             indices,
-            split: self.split,
             device: self.device.clone(),
             reply,
         };
@@ -290,13 +310,13 @@ impl<B: AutodiffBackend, BB: Backend, O> Batches<B, BB, O> {
     /// pass otherwise.
     fn nothing(&mut self) -> Option<O> {
         match self.in_group {
-            true => (self.finish)(None, 0.0),
+            true => (self.finish)(None, 0.0, 0),
             false => self.end(),
         }
     }
 }
 
-impl<B: AutodiffBackend, BB: Backend, O> Iterator for Batches<B, BB, O> {
+impl<D: Clone, T, V, X, O> Iterator for Batches<D, T, V, X, O> {
     type Item = O;
 
     fn next(&mut self) -> Option<O> {
@@ -314,13 +334,13 @@ impl<B: AutodiffBackend, BB: Backend, O> Iterator for Batches<B, BB, O> {
             // A short last global batch: this worker sends zero gradients.
             self.next += 1;
             self.shared.position().samples += global as u64;
-            return (self.finish)(None, 0.0);
+            return (self.finish)(None, 0.0, 0);
         }
         let answer = match self.ahead.take().or_else(|| self.ask(i)) {
             Some(answer) => answer,
             None => {
                 self.shared.fail(Failure::Panicked(
-                    "the data producer thread ended (a data module panicked)".into(),
+                    "the data producer thread ended (a data module or batcher panicked)".into(),
                 ));
                 return self.nothing();
             }
@@ -337,10 +357,10 @@ impl<B: AutodiffBackend, BB: Backend, O> Iterator for Batches<B, BB, O> {
         self.ahead = self.ask(self.next);
         match received {
             Ok(Ok(batch)) => {
-                if self.split == Split::Train {
+                if self.training {
                     self.shared.position().samples += global as u64;
                 }
-                (self.finish)(Some(batch), mine as f64 / global as f64)
+                (self.finish)(Some(batch), mine as f64 / global as f64, mine)
             }
             Ok(Err(failure)) => {
                 self.shared.fail(failure);
@@ -348,7 +368,7 @@ impl<B: AutodiffBackend, BB: Backend, O> Iterator for Batches<B, BB, O> {
             }
             Err(_) => {
                 self.shared.fail(Failure::Panicked(
-                    "the data producer thread ended (a data module panicked)".into(),
+                    "the data producer thread ended (a data module or batcher panicked)".into(),
                 ));
                 self.nothing()
             }
@@ -356,7 +376,7 @@ impl<B: AutodiffBackend, BB: Backend, O> Iterator for Batches<B, BB, O> {
     }
 }
 
-impl<B: AutodiffBackend, BB: Backend, O> DataLoaderIterator<O> for Batches<B, BB, O> {
+impl<D: Clone, T, V, X, O> DataLoaderIterator<O> for Batches<D, T, V, X, O> {
     fn progress(&self) -> Progress {
         Progress::new(self.next, self.batches.len())
     }

@@ -7,8 +7,9 @@
 //!   loop, validation and event processing, calling kiln's [`Stepper`] for each
 //!   micro-batch (in a group: rank 0's loop; the other workers run theirs on threads
 //!   of their own);
-//! - the **producer threads** (one per worker) build batches from the borrowed data module when the
-//!   loaders ask (burn-train needs `'static` loaders);
+//! - the **producer threads** (one per worker) build batches from the borrowed
+//!   workload (a data module, or datasets and a batcher) when the loaders ask
+//!   (burn-train needs `'static` loaders);
 //! - the **calling thread** keeps the books: it receives [`Event`]s in order and
 //!   logs metrics, shows progress and writes checkpoints, exactly as the native loop
 //!   does (the experiment store and progress bar stay on the thread that owns them).
@@ -28,8 +29,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
+use burn::optim::SimpleOptimizer;
 use burn::optim::lr_scheduler::LrScheduler;
-use burn::optim::{AdamW, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::logger::MetricLogger;
@@ -40,34 +41,36 @@ use burn::train::renderer::{
     MetricsRendererTraining, ProgressType, TrainingProgress,
 };
 use burn::train::{ExecutionStrategy, Interrupter, Learner, SupervisedTraining, TrainingStrategy};
-use kiln_core::{DataModule, Split, TaskModel};
+use kiln_core::Split;
 
 use crate::checkpoint::Loaded;
-use crate::group::shard_of;
 use crate::objective::EvalSums;
-use crate::optim::{AdamWRecord, adamw};
+use crate::optim::Optimization;
 use crate::progress::Progress;
 use crate::run::{
     Failure, LoopInputs, LoopStats, RunShape, SaveClock, book_step, book_validation, epoch_stop,
-    restore_stats, resume_position, trainer_state, write_checkpoint,
+    restore_stats, resume_optimization, resume_position, trainer_state, write_checkpoint,
 };
 use crate::sync::BackendSync;
 use crate::tracking::Metrics;
-use group::{Components, GroupStrategy, Member, Worker};
+use crate::workload::{Steps, Workload};
+use group::{Components, GroupStrategy, Member, Worker, merge_shards};
 use loader::{TrainLoader, ValidLoader, produce};
-use shared::{Event, Position, Settings, Shared, SharedRef};
-use stepper::Stepper;
+use shared::{Event, OnBackend, Position, Settings, Shared, SharedRef};
+use stepper::{Stepper, StepperOptim};
 
 /// Trains `model` through burn-train on `devices`; the counterpart of
 /// [`crate::native::fit`] (one device) and [`crate::native::fit_group`] (several:
 /// kiln's [`group::GroupStrategy`], `sharded` for fsdp), with the same inputs,
-/// books and result. `sync`: the backend's own gradient synchronisation for a
-/// group (`process_group_backend = nccl`), instead of burn-collective's.
+/// optimizer, scheduler, books and result. `sync`: the backend's own gradient
+/// synchronisation for a group (`process_group_backend = nccl`), instead of
+/// burn-collective's.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn fit<B, M, D>(
-    inputs: &LoopInputs<'_, B, D>,
+pub(crate) fn fit<B, M, W, S, LR>(
+    inputs: &LoopInputs<'_, B, W>,
     devices: &[B::Device],
     model: M,
+    optimization: Optimization<B, M, S, LR>,
     resume: Option<&Loaded>,
     sharded: bool,
     sync: Option<BackendSync<B>>,
@@ -77,13 +80,13 @@ pub(crate) fn fit<B, M, D>(
 ) -> Result<M, Failure>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TaskModel<B> + 'static,
-    M::InnerModule: TaskModel<B::InnerBackend>,
-    D: DataModule,
+    M: AutodiffModule<B> + 'static,
+    W: Workload<B, M>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
+    LR: LrScheduler + 'static,
 {
     let LoopInputs {
         config,
-        task,
         data,
         device,
         n_epochs,
@@ -142,14 +145,13 @@ where
     let mut asked = Vec::with_capacity(world);
     let interrupter = Interrupter::new();
     let settings = Settings {
-        kind: task.kind.clone(),
+        seed: config.seed,
+        rank: 0,
         per_epoch,
         accumulate,
         total,
         log_every_n_steps: config.log_every_n_steps,
         gradient_clip_val: config.gradient_clip_val,
-        base_lr: config.optimizer.lr,
-        schedule: config.optimizer.schedule,
         checkpoints: inputs.checkpoints.as_ref().map(|c| c.policy.clone()),
         check_replicas: config.check_replicas,
         backend_sync,
@@ -172,6 +174,7 @@ where
                 device: worker_device.clone(),
                 group: group.clone(),
                 peer: OnceLock::new(),
+                merge: merge_shards::<B, M, S>,
                 marker: PhantomData,
             })
         });
@@ -180,8 +183,31 @@ where
             0 => events.clone(),
             _ => mpsc::channel().0,
         };
+        let replica = match rank {
+            0 => model.clone(),
+            _ => model.clone().fork(worker_device),
+        };
+        let owns = |i| member.as_ref().is_some_and(|m| m.owns(i));
+        let Optimization {
+            optimizer,
+            scheduler,
+            ..
+        } = match resume {
+            Some(loaded) => resume_optimization(
+                optimization.clone(),
+                loaded,
+                &replica,
+                worker_device,
+                None,
+                sharded.then_some(&owns as &dyn Fn(usize) -> bool),
+            )?,
+            None => optimization.clone(),
+        };
         let shared = Shared::new(
-            settings.clone(),
+            Settings {
+                rank,
+                ..settings.clone()
+            },
             member
                 .clone()
                 .map(|m| m as Arc<dyn std::any::Any + Send + Sync>),
@@ -205,11 +231,13 @@ where
                 collective_seconds: 0.0,
                 replica_spread: None,
                 optimizer_state_bytes: 0,
+                lr: 0.0,
             },
+            Box::new(OnBackend::<B, LR>(scheduler, PhantomData)),
         );
         let (requests, to_serve) = mpsc::channel();
         asked.push(to_serve);
-        let loader = Arc::new(TrainLoader::<B> {
+        let loader = Arc::new(TrainLoader::<B, _, _> {
             requests,
             device: worker_device.clone(),
             shared: shared.clone(),
@@ -220,27 +248,15 @@ where
             world,
             next: Arc::new(Mutex::new((start_epoch, start_batch))),
         });
-        let replica = match rank {
-            0 => model.clone(),
-            _ => model.clone().fork(worker_device),
-        };
         // burn-train's `grad_sharded`: the backend sums these parameters' gradients.
         let replica = match backend_sync {
             true => crate::sync::mark(replica),
             false => replica,
         };
-        let mut optim = adamw(config).init::<B, Stepper<B, M>>();
-        if let Some(loaded) = resume {
-            let mut record: AdamWRecord<B, M> = loaded.optim::<B, _>(worker_device)?;
-            if let Some(member) = member.as_ref().filter(|m| m.sharded) {
-                record = shard_of::<B, _, AdamW>(&replica, record, &|i| member.owns(i));
-            }
-            optim = optim.load_record(record);
-        }
         let learner = Learner::new(
-            Stepper::new(replica, SharedRef(shared.clone())),
-            optim,
-            KilnLr(shared.clone()),
+            Stepper::new(replica, data.steps(), SharedRef(shared.clone())),
+            StepperOptim(optimizer),
+            ShownLr(shared.clone()),
         );
         workers.push((learner, loader, shared, member));
     }
@@ -263,7 +279,7 @@ where
         ),
     });
     let device = device.clone();
-    let valid_loader = Arc::new(ValidLoader::<B> {
+    let valid_loader = Arc::new(ValidLoader::<B, _, _> {
         requests: train_loader.requests.clone(),
         device: device.clone(),
         shared: shared.clone(),
@@ -275,7 +291,7 @@ where
     let tui_asked = config.progress == kiln_core::ProgressMode::Tui;
     // `SupervisedTraining` is not `Send`: it is put together on the thread it runs on.
     let launch = move || {
-        let execution: TrainingStrategy<Components<B, M>> = match strategy {
+        let execution: TrainingStrategy<Components<B, M, W::Steps, S>> = match strategy {
             Some(group) => TrainingStrategy::Custom(Arc::new(group)),
             None => ExecutionStrategy::SingleDevice(device).into(),
         };
@@ -286,7 +302,7 @@ where
             .num_epochs(epochs)
             .with_training_strategy(execution);
         let training = match tui_asked {
-            true => tui::<B, M>(training, interrupter),
+            true => tui::<B, M, W::Steps, S>(training, interrupter),
             false => training.renderer(Quiet),
         };
         training.launch(learner).model
@@ -307,7 +323,7 @@ where
             .map(|(rank, asked)| {
                 std::thread::Builder::new()
                     .name(format!("kiln-worker-{rank}-data"))
-                    .spawn_scoped(scope, move || produce::<B, D>(data, asked))
+                    .spawn_scoped(scope, move || produce::<B, M, W>(data, asked))
             })
             .collect::<std::io::Result<Vec<_>>>();
         // Returning drops the loaders: the producers already started see their
@@ -451,25 +467,22 @@ impl<B: Backend, D> Books<'_, '_, '_, B, D> {
     }
 }
 
-/// kiln's schedule as burn-train's scheduler: the rate of the next optimizer step.
+/// burn-train's scheduler, for its dashboard: the rate of the last optimizer step.
+/// The run's own scheduler is stepped once per optimizer step by the stepper
+/// ([`Shared::step_lr`]); burn-train steps its scheduler once per micro-batch.
 #[derive(Clone)]
-pub(crate) struct KilnLr(Arc<Shared>);
+pub(crate) struct ShownLr(Arc<Shared>);
 
-impl LrScheduler for KilnLr {
-    type Record<B: Backend> = u64;
+impl LrScheduler for ShownLr {
+    type Record<B: Backend> = ();
 
     fn step(&mut self) -> f64 {
-        let s = &self.0.settings;
-        let steps = self.0.position().steps;
-        s.schedule.lr_at(s.base_lr, steps, s.total)
+        self.0.position().lr
     }
 
-    fn to_record<B: Backend>(&self) -> u64 {
-        self.0.position().steps
-    }
+    fn to_record<B: Backend>(&self) {}
 
-    fn load_record<B: Backend>(self, steps: u64) -> Self {
-        self.0.position().steps = steps;
+    fn load_record<B: Backend>(self, _: ()) -> Self {
         self
     }
 }
@@ -514,15 +527,19 @@ impl MetricsRenderer for Quiet {
     fn register_metric(&mut self, _: MetricDefinition) {}
 }
 
-type Training<B, M> = SupervisedTraining<Components<B, M>>;
+type Training<B, M, St, S> = SupervisedTraining<Components<B, M, St, S>>;
 
 /// burn-train's terminal dashboard, showing the loss.
 #[cfg(feature = "tui")]
-fn tui<B, M>(training: Training<B, M>, interrupter: Interrupter) -> Training<B, M>
+fn tui<B, M, St, S>(
+    training: Training<B, M, St, S>,
+    interrupter: Interrupter,
+) -> Training<B, M, St, S>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TaskModel<B> + 'static,
-    M::InnerModule: TaskModel<B::InnerBackend>,
+    M: AutodiffModule<B> + 'static,
+    St: Steps<B, M>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
 {
     use burn::train::metric::LossMetric;
     use burn::train::renderer::tui::TuiMetricsRendererWrapper;
@@ -534,11 +551,12 @@ where
 /// Without the `tui` feature the plan refuses `ProgressMode::Tui` before training;
 /// should it get here, nothing is rendered.
 #[cfg(not(feature = "tui"))]
-fn tui<B, M>(training: Training<B, M>, _: Interrupter) -> Training<B, M>
+fn tui<B, M, St, S>(training: Training<B, M, St, S>, _: Interrupter) -> Training<B, M, St, S>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TaskModel<B> + 'static,
-    M::InnerModule: TaskModel<B::InnerBackend>,
+    M: AutodiffModule<B> + 'static,
+    St: Steps<B, M>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
 {
     training.renderer(Quiet)
 }

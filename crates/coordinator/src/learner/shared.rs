@@ -7,14 +7,18 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use burn::optim::GradientsParams;
-use burn::train::Interrupter;
-use kiln_core::{CheckpointPolicy, LrSchedule, TaskKind};
+use std::marker::PhantomData;
 
-use crate::StopHandle;
+use burn::optim::GradientsParams;
+use burn::optim::lr_scheduler::LrScheduler;
+use burn::prelude::Backend;
+use burn::train::Interrupter;
+use kiln_core::CheckpointPolicy;
+
 use crate::checkpoint::Snapshot;
 use crate::objective::EvalSums;
 use crate::run::{Failure, SaveClock, StepRecord};
+use crate::{CoordinatorError, StopHandle};
 
 /// What the training thread tells the bookkeeping thread, in order.
 pub(crate) enum Event {
@@ -38,14 +42,15 @@ pub(crate) enum Event {
 /// Settings fixed for the whole run.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
-    pub kind: TaskKind,
+    /// The run's seed, and this worker's rank (Burn's RNG is seeded from them
+    /// before every micro-batch).
+    pub seed: u64,
+    pub rank: usize,
     pub per_epoch: usize,
     pub accumulate: usize,
     pub total: u64,
     pub log_every_n_steps: u64,
     pub gradient_clip_val: Option<f64>,
-    pub base_lr: f64,
-    pub schedule: LrSchedule,
     pub checkpoints: Option<CheckpointPolicy>,
     /// Compare the replicas after every step (`check_replicas`).
     pub check_replicas: bool,
@@ -62,6 +67,8 @@ pub(crate) struct Position {
     pub batch: usize,
     /// Optimizer steps taken.
     pub steps: u64,
+    /// The learning rate of the last step.
+    pub lr: f64,
     /// Examples trained on.
     pub samples: u64,
     /// Micro-batch losses of the current accumulation group.
@@ -112,9 +119,13 @@ pub(crate) struct Shared {
     pub interrupter: Interrupter,
     events: Mutex<Option<Sender<Event>>>,
     position: Mutex<Position>,
+    /// The run's learning-rate scheduler (this worker's copy), stepped once per
+    /// optimizer step.
+    scheduler: Mutex<Box<dyn Scheduled>>,
 }
 
 impl Shared {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Settings,
         member: Option<Arc<dyn Any + Send + Sync>>,
@@ -122,6 +133,7 @@ impl Shared {
         interrupter: Interrupter,
         events: Sender<Event>,
         position: Position,
+        scheduler: Box<dyn Scheduled>,
     ) -> Arc<Self> {
         Arc::new(Self {
             settings,
@@ -130,7 +142,27 @@ impl Shared {
             interrupter,
             events: Mutex::new(Some(events)),
             position: Mutex::new(position),
+            scheduler: Mutex::new(scheduler),
         })
+    }
+
+    /// Steps the scheduler: the learning rate of the optimizer step being taken.
+    pub fn step_lr(&self) -> f64 {
+        let lr = self
+            .scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .step();
+        self.position().lr = lr;
+        lr
+    }
+
+    /// `snapshot` with the scheduler's record.
+    pub fn with_scheduler(&self, snapshot: Snapshot) -> Result<Snapshot, CoordinatorError> {
+        self.scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attach(snapshot)
     }
 
     /// The position, even if a panicking thread poisoned the lock (the panic is
@@ -201,5 +233,28 @@ pub(crate) struct SharedRef(pub Arc<Shared>);
 impl std::fmt::Debug for SharedRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("kiln step state")
+    }
+}
+
+/// A learning-rate scheduler with its record's backend fixed, so that the state
+/// shared by every clone of the stepper can hold any scheduler.
+pub(crate) trait Scheduled: Send {
+    /// The next optimizer step's learning rate.
+    fn step(&mut self) -> f64;
+
+    /// `snapshot` with this scheduler's record.
+    fn attach(&self, snapshot: Snapshot) -> Result<Snapshot, CoordinatorError>;
+}
+
+/// Scheduler `LR`, its record on backend `B`.
+pub(crate) struct OnBackend<B, LR>(pub LR, pub PhantomData<fn() -> B>);
+
+impl<B: Backend, LR: LrScheduler> Scheduled for OnBackend<B, LR> {
+    fn step(&mut self) -> f64 {
+        self.0.step()
+    }
+
+    fn attach(&self, snapshot: Snapshot) -> Result<Snapshot, CoordinatorError> {
+        snapshot.with_scheduler::<B, _>(self.0.to_record::<B>())
     }
 }

@@ -1,52 +1,70 @@
-//! [`Stepper`]: a kiln model as burn-train's `TrainStep`/`InferenceStep`.
+//! [`Stepper`]: a model and its workload's [`Steps`] as burn-train's
+//! `TrainStep`/`InferenceStep`, and [`StepperOptim`], the run's optimizer for it.
 //!
 //! burn-train calls, per micro-batch, `lr_step`, `TrainStep::step` and then
 //! `TrainStep::optimize`. kiln keeps its own semantics inside those calls, so that
-//! both engines take the same steps: the loss of the task kind, gradients averaged
-//! over an accumulation group (burn-train would sum them and drop an epoch's last
-//! short group), global-norm clipping (burn-train clips per tensor), the schedule
-//! evaluated per optimizer step, and checkpoints taken between steps.
+//! both engines take the same steps: the workload's passes (a task kind's loss, or
+//! the model's own `TrainStep`) with Burn's RNG seeded per micro-batch, gradients
+//! averaged over an accumulation group (burn-train would sum them and drop an
+//! epoch's last short group), global-norm clipping (burn-train clips per tensor),
+//! the run's scheduler stepped once per optimizer step (burn-train steps its own
+//! per micro-batch), and checkpoints taken between steps.
 
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 
 use burn::module::{AutodiffModule, Devices, Module, ModuleMapper, ModuleVisitor};
-use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, MultiGradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::metric::{Adaptor, ItemLazy, LossInput};
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
-use kiln_core::{Batch, TaskModel};
 
 use super::group::Member;
-use super::loader::Micro;
+use super::loader::{Counted, Micro};
 use super::shared::{Event, SharedRef};
 use crate::checkpoint::Snapshot;
-use crate::objective;
 use crate::run::{Failure, SaveAt, StepRecord, ready_gradients};
-use crate::step::{MicroStep, task_backward};
+use crate::step::MicroStep;
 use crate::sync::zero_over_params;
+use crate::workload::{Steps, Validates};
 
-/// A kiln model wrapped for burn-train; its parameters are the model's (the
-/// [`Module`] implementation delegates every call to it).
-#[derive(Debug, Clone)]
-pub(crate) struct Stepper<B: Backend, M> {
+/// A model wrapped for burn-train with what runs on its batches (`St`, the
+/// workload's [`Steps`]); its parameters are the model's (the [`Module`]
+/// implementation delegates every call to it).
+#[derive(Clone)]
+pub(crate) struct Stepper<B: Backend, M, St> {
     pub model: M,
+    steps: St,
     shared: SharedRef,
     backend: PhantomData<B>,
 }
 
-impl<B: Backend, M> Stepper<B, M> {
-    pub fn new(model: M, shared: SharedRef) -> Self {
+impl<B: Backend, M, St> Stepper<B, M, St> {
+    pub fn new(model: M, steps: St, shared: SharedRef) -> Self {
         Self {
             model,
+            steps,
             shared,
             backend: PhantomData,
         }
     }
 }
 
-impl<B: Backend, M: Module<B>> Module<B> for Stepper<B, M> {
+impl<B: Backend, M: std::fmt::Debug, St> std::fmt::Debug for Stepper<B, M, St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stepper")
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+impl<B, M, St> Module<B> for Stepper<B, M, St>
+where
+    B: Backend,
+    M: Module<B>,
+    St: Clone + Send + Sync + 'static,
+{
     type Record = M::Record;
 
     fn collect_devices(&self, devices: Devices<B>) -> Devices<B> {
@@ -54,11 +72,11 @@ impl<B: Backend, M: Module<B>> Module<B> for Stepper<B, M> {
     }
 
     fn fork(self, device: &B::Device) -> Self {
-        Self::new(self.model.fork(device), self.shared)
+        Self::new(self.model.fork(device), self.steps, self.shared)
     }
 
     fn to_device(self, device: &B::Device) -> Self {
-        Self::new(self.model.to_device(device), self.shared)
+        Self::new(self.model.to_device(device), self.steps, self.shared)
     }
 
     fn visit<V: ModuleVisitor<B>>(&self, visitor: &mut V) {
@@ -66,11 +84,11 @@ impl<B: Backend, M: Module<B>> Module<B> for Stepper<B, M> {
     }
 
     fn map<Mapper: ModuleMapper<B>>(self, mapper: &mut Mapper) -> Self {
-        Self::new(self.model.map(mapper), self.shared)
+        Self::new(self.model.map(mapper), self.steps, self.shared)
     }
 
     fn load_record(self, record: Self::Record) -> Self {
-        Self::new(self.model.load_record(record), self.shared)
+        Self::new(self.model.load_record(record), self.steps, self.shared)
     }
 
     fn into_record(self) -> Self::Record {
@@ -78,21 +96,79 @@ impl<B: Backend, M: Module<B>> Module<B> for Stepper<B, M> {
     }
 }
 
-impl<B: AutodiffBackend, M: AutodiffModule<B>> AutodiffModule<B> for Stepper<B, M> {
-    type InnerModule = Stepper<B::InnerBackend, M::InnerModule>;
+impl<B, M, St> AutodiffModule<B> for Stepper<B, M, St>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    St: Clone + Send + Sync + 'static,
+{
+    type InnerModule = Stepper<B::InnerBackend, M::InnerModule, St>;
 
     fn valid(&self) -> Self::InnerModule {
-        Stepper::new(self.model.valid(), self.shared.clone())
+        Stepper::new(self.model.valid(), self.steps.clone(), self.shared.clone())
     }
 
     fn from_inner(inner: Self::InnerModule) -> Self {
-        Self::new(M::from_inner(inner.model), inner.shared)
+        Self::new(M::from_inner(inner.model), inner.steps, inner.shared)
     }
 }
 
-impl<B: Backend, M: Module<B>> std::fmt::Display for Stepper<B, M> {
+impl<B: Backend, M: Module<B>, St> std::fmt::Display for Stepper<B, M, St> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "kiln model, {} parameters", self.model.num_params())
+    }
+}
+
+/// The run's optimizer `O` (for model `M`) as the optimizer of its [`Stepper`]:
+/// the same state, the same record.
+#[derive(Clone)]
+pub(crate) struct StepperOptim<O>(pub O);
+
+impl<B, M, St, O> Optimizer<Stepper<B, M, St>, B> for StepperOptim<O>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    St: Clone + Send + Sync + 'static,
+    O: Optimizer<M, B>,
+{
+    type Record = O::Record;
+
+    fn step(
+        &mut self,
+        lr: f64,
+        stepper: Stepper<B, M, St>,
+        grads: GradientsParams,
+    ) -> Stepper<B, M, St> {
+        let Stepper {
+            model,
+            steps,
+            shared,
+            ..
+        } = stepper;
+        Stepper::new(self.0.step(lr, model, grads), steps, shared)
+    }
+
+    fn step_multi(
+        &mut self,
+        lr: f64,
+        stepper: Stepper<B, M, St>,
+        grads: MultiGradientsParams,
+    ) -> Stepper<B, M, St> {
+        let Stepper {
+            model,
+            steps,
+            shared,
+            ..
+        } = stepper;
+        Stepper::new(self.0.step_multi(lr, model, grads), steps, shared)
+    }
+
+    fn to_record(&self) -> Self::Record {
+        self.0.to_record()
+    }
+
+    fn load_record(self, record: Self::Record) -> Self {
+        Self(self.0.load_record(record))
     }
 }
 
@@ -117,15 +193,16 @@ impl<B: Backend> Adaptor<LossInput<B>> for StepItem {
     }
 }
 
-impl<B, M> TrainStep for Stepper<B, M>
+impl<B, M, St> TrainStep for Stepper<B, M, St>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TaskModel<B> + 'static,
+    M: AutodiffModule<B> + 'static,
+    St: Steps<B, M>,
 {
-    type Input = Micro<B>;
+    type Input = Micro<St::Batch>;
     type Output = StepItem;
 
-    fn step(&self, micro: Micro<B>) -> TrainOutput<StepItem> {
+    fn step(&self, micro: Micro<St::Batch>) -> TrainOutput<StepItem> {
         let shared = &self.shared.0;
         let in_group = shared.member.is_some();
         let synced = shared.settings.backend_sync;
@@ -150,9 +227,12 @@ where
                         epoch,
                         batch: batch_index,
                     };
+                    if let Some(device) = self.model.devices().first() {
+                        let settings = &shared.settings;
+                        B::seed(device, step.seed(settings.seed, settings.rank));
+                    }
                     let zero = synced.then(|| zero_over_params(&self.model)).flatten();
-                    let (grads, value) =
-                        task_backward(&shared.settings.kind, &self.model, batch, &step, zero)?;
+                    let (grads, value) = self.steps.backward(&self.model, batch, &step, zero)?;
                     Ok(Some((value, grads)))
                 };
                 std::panic::catch_unwind(AssertUnwindSafe(forward)).unwrap_or_else(|panic| {
@@ -216,7 +296,7 @@ where
         }
     }
 
-    fn optimize<BO, O>(self, optim: &mut O, _lr: f64, _grads: GradientsParams) -> Self
+    fn optimize<BO, O>(self, optim: &mut O, _: f64, _: GradientsParams) -> Self
     where
         BO: AutodiffBackend,
         O: Optimizer<Self, BO>,
@@ -265,6 +345,7 @@ where
                 }
             },
         };
+        let lr = shared.step_lr();
         let owner = member.filter(|m| m.sharded);
         let owns = |i| owner.is_some_and(|m| m.owns(i));
         let norm = match ready_gradients::<B, M>(
@@ -284,9 +365,6 @@ where
                 return self;
             }
         };
-        let lr = settings
-            .schedule
-            .lr_at(settings.base_lr, steps, settings.total);
         let mut stepped = optim.step(lr, self, grads);
         if let Some(member) = member.filter(|m| m.sharded) {
             match member.gather(&shared, stepped.model.clone()) {
@@ -341,7 +419,8 @@ where
                         &stepped.model,
                         optim.to_record(),
                     )),
-                };
+                }
+                .map(|snapshot| snapshot.and_then(|s| shared.with_scheduler(s)));
                 match snapshot {
                     Some(Ok(snapshot)) => shared.send(Event::Save {
                         snapshot,
@@ -358,26 +437,25 @@ where
     }
 }
 
-impl<B, M> InferenceStep for Stepper<B, M>
+impl<IB, IM, St> InferenceStep for Stepper<IB, IM, St>
 where
-    B: Backend,
-    M: Module<B> + TaskModel<B>,
+    IB: Backend,
+    IM: Module<IB>,
+    St: Validates<IB, IM>,
 {
-    type Input = Batch<B>;
+    type Input = Counted<St::ValidBatch>;
     type Output = StepItem;
 
-    fn step(&self, batch: Batch<B>) -> StepItem {
+    fn step(&self, counted: Counted<St::ValidBatch>) -> StepItem {
         let shared = &self.shared.0;
         if shared.failed() {
             return StepItem { loss: f64::NAN };
         }
-        let evaluate = || -> Result<_, Failure> {
-            let prediction = self.model.forward(batch.inputs)?;
-            Ok(objective::evaluate(
-                &shared.settings.kind,
-                prediction,
-                batch.targets,
-            )?)
+        let Counted { batch, examples } = counted;
+        let evaluate = || {
+            Ok(self
+                .steps
+                .evaluate(&self.model, batch, examples, kiln_core::Precision::F32)?)
         };
         // A panic is this worker's failure (in a group, told at the next exchange).
         let evaluated =
@@ -386,10 +464,9 @@ where
             });
         match evaluated {
             Ok(sums) => {
+                let loss = sums.loss_sum / sums.count.max(1.0);
                 shared.send(Event::ValidBatch(sums));
-                StepItem {
-                    loss: sums.loss_sum / sums.count.max(1.0),
-                }
+                StepItem { loss }
             }
             Err(failure) => {
                 shared.fail(failure);
