@@ -7,8 +7,10 @@
 //! its turn through [`rng_turn`].
 
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use burn::backend::Autodiff;
 use burn::data::dataloader::batcher::Batcher;
@@ -20,6 +22,7 @@ use burn::optim::{AdamConfig, SgdConfig};
 use burn::prelude::*;
 use kiln_backend_cpu::Flex;
 use kiln_coordinator::{CoordinatorError, Datasets, StopHandle};
+use kiln_core::launch::{NodeFlags, NodeLaunch, NodeSettings, free_master_port};
 use kiln_core::{Engine, RunStatus, Strategy, TrainReport};
 use kiln_examples::image_classifier::{
     ImageBatch, ImageBatcher, ImageClassifier, ImageClassifierConfig, ImageItem, SIDE,
@@ -29,6 +32,7 @@ use kiln_examples::regressor::{
     RegressionBatcher, Regressor, RegressorConfig, synthetic_regression,
 };
 use kiln_experiment_db::ExperimentDb;
+use kiln_tests::process::{collect, wait_within};
 use kiln_tests::{loss_bits, param_values, quiet};
 use rstest::rstest;
 
@@ -469,6 +473,97 @@ fn the_regressor_with_dropout_and_sgd_momentum_resumes_bit_for_bit() {
         RegressionBatcher,
         2,
     );
+}
+
+/// Set in the processes that [`two_nodes_train_the_cnn_as_one_device_does`] starts:
+/// the root directory their run writes to. Such a process is a node.
+const NODE_ROOT: &str = "KILN_TEST_NODE_ROOT";
+
+/// The CNN (no dropout, one worker per node, 8 examples each) trained on `nodes`
+/// nodes, or on one device with the same global batch.
+fn cnn_on_nodes(root: &Path, nodes: u32, node: NodeSettings) -> TrainReport {
+    quiet(root)
+        .experiment("nodes")
+        .run_name("r")
+        .num_nodes(nodes)
+        .node(node)
+        .batch_size(16 / nodes as usize)
+        .max_steps(12)
+        .build()
+        .unwrap()
+        .fit(
+            cnn(0.0),
+            AdamConfig::new().init(),
+            3e-3,
+            &images(ImageBatcher),
+            None,
+            1,
+        )
+        .unwrap()
+        .report
+}
+
+/// A model with its own `TrainStep` trains across two nodes (two processes of this
+/// test binary, wired by torchrun's variables as a user's launcher does): the run
+/// takes the steps one device takes with the global batch.
+#[test]
+fn two_nodes_train_the_cnn_as_one_device_does() {
+    if let Some(root) = std::env::var_os(NODE_ROOT) {
+        let launch = NodeLaunch::from_env(&NodeFlags::default()).unwrap();
+        let report = cnn_on_nodes(Path::new(&root), launch.num_nodes, launch.settings);
+        assert_eq!(report.status, RunStatus::Finished);
+        return;
+    }
+    let _turn = rng_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_master_port(2).expect("a free range of ports");
+    let nodes: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "two_nodes_train_the_cnn_as_one_device_does",
+                    "--test-threads",
+                    "1",
+                ])
+                .env(NODE_ROOT, dir.path())
+                .env("WORLD_SIZE", "2")
+                .env("NODE_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (rank, mut node) in nodes.into_iter().enumerate() {
+        let out = collect(node.stdout.take().unwrap());
+        let err = collect(node.stderr.take().unwrap());
+        let status = wait_within(&mut node, Duration::from_secs(300), &format!("node {rank}"));
+        let (out, err) = (out.join().unwrap(), err.join().unwrap());
+        assert!(status.success(), "node {rank} failed:\n{out}\n{err}");
+    }
+    let report: TrainReport =
+        serde_json::from_slice(&std::fs::read(dir.path().join("nodes/r/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report.plan.num_nodes, 2);
+    assert_eq!(report.plan.world_size, 2);
+    let single_dir = tempfile::tempdir().unwrap();
+    let single = cnn_on_nodes(single_dir.path(), 1, NodeSettings::default());
+    assert_eq!(report.step_losses.len(), 12);
+    for (step, (a, b)) in single
+        .step_losses
+        .iter()
+        .zip(&report.step_losses)
+        .enumerate()
+    {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+            "step {}: one device {a}, two nodes {b}",
+            step + 1
+        );
+    }
 }
 
 /// What a bad input to `fit` gives: an error that names it, the run FAILED in the

@@ -1,5 +1,7 @@
 //! Helpers shared by kiln's cross-crate tests.
 
+pub mod process;
+
 use burn::prelude::Backend;
 use kiln_coordinator::{CoordinatorBuilder, TrainingCoordinator};
 use kiln_core::{Batch, DataModule, ProgressMode, Split, TaskKind, TaskSpec};

@@ -18,9 +18,10 @@ pub struct LaunchArgs {
     #[arg(long, default_value_t = 2)]
     nodes: u32,
     /// `MASTER_PORT` given to the nodes: kiln's orchestrator listens on the next
-    /// port, and node k of N on the two after it + k and + N + k.
-    #[arg(long, default_value_t = kiln_core::launch::NodeSettings::DEFAULT_PORT)]
-    master_port: u16,
+    /// port, and node k of N on the two after it + k and + N + k. Default: the
+    /// first of a range of ports free now.
+    #[arg(long)]
+    master_port: Option<u16>,
     /// Arguments of `kiln train`, after `--`.
     #[arg(last = true)]
     train: Vec<String>,
@@ -42,6 +43,15 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     }) {
         bail!("{flag} is set by kiln launch for each node: leave it out of the train arguments");
     }
+    let master_port = match args.master_port {
+        Some(port) => port,
+        None => kiln_core::launch::free_master_port(args.nodes).with_context(|| {
+            format!(
+                "no range of {} free ports found for the nodes: pass --master-port",
+                2 + 2 * args.nodes
+            )
+        })?,
+    };
     let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
     let started = Instant::now();
     let mut children = Vec::new();
@@ -52,7 +62,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
             .env("WORLD_SIZE", args.nodes.to_string())
             .env("NODE_RANK", rank.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", args.master_port.to_string())
+            .env("MASTER_PORT", master_port.to_string())
             .env_remove("GROUP_RANK")
             .env_remove("LOCAL_WORLD_SIZE")
             .stdout(Stdio::piped())
@@ -65,7 +75,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     }
     eprintln!(
         "kiln launch: {} nodes on 127.0.0.1, rendezvous port {}",
-        args.nodes, args.master_port
+        args.nodes, master_port
     );
     // Every node ends by itself (a missing node makes the others fail within their
     // timeout); the launcher waits for all of them.

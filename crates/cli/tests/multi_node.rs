@@ -7,7 +7,6 @@
 #![cfg(not(feature = "cuda-nccl"))]
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -25,48 +24,14 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
-/// A port `p` such that `p..=p + n` can all be listened on now (under torchrun's
-/// variables kiln listens on `MASTER_PORT + 1` and the 2 × nodes ports after it).
-fn free_ports(n: u16) -> u16 {
-    for _ in 0..100 {
-        let base = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if base > u16::MAX - n - 1 {
-            continue;
-        }
-        if (base..=base + n).all(|p| TcpListener::bind(("0.0.0.0", p)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free range of {n} ports");
+/// A `MASTER_PORT` whose range is free for up to 3 nodes.
+fn free_ports() -> u16 {
+    kiln_core::launch::free_master_port(3).expect("a free range of ports")
 }
 
-/// Waits for `child` at most `limit`; kills it and fails the test past that.
-fn wait_within(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("{what} still running after {limit:?}: it hangs");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Output of `child`, read on a thread so that a full pipe never blocks it.
-fn collect(stream: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = BufReader::new(stream).read_to_string(&mut text);
-        text
-    })
-}
+#[path = "../../../tests/process.rs"]
+mod process;
+use process::{collect, wait_within};
 
 /// The training arguments every run of a comparison shares.
 fn train_args(out_dir: &str, steps: u32) -> Vec<String> {
@@ -192,7 +157,7 @@ fn a_node_killed_mid_run_makes_the_other_fail_within_the_timeout(#[case] victim:
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().to_str().unwrap();
-    let port = free_ports(7);
+    let port = free_ports();
     let timeout_s = 10;
     let args = |progress| {
         vec![
@@ -289,7 +254,7 @@ fn a_node_with_a_wrong_setup_gets_a_clear_error(
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().to_str().unwrap();
-    let port = free_ports(7);
+    let port = free_ports();
     let args = [
         "--max-steps",
         "5",
@@ -331,7 +296,7 @@ fn a_node_with_a_wrong_setup_gets_a_clear_error(
 /// make this suite flaky; any other failure fails the test.
 fn launch(args: &[String], tidy: &dyn Fn()) -> [Value; 2] {
     for attempt in 1..=2 {
-        let port = free_ports(7);
+        let port = free_ports();
         let mut launch = Command::new(KILN)
             .args([
                 "launch",

@@ -116,6 +116,28 @@ impl NodeSettings {
     }
 }
 
+/// A `MASTER_PORT` (torchrun's variable) for a run of `num_nodes` nodes on this
+/// machine: the port and the `1 + 2 × num_nodes` after it (kiln's orchestrator
+/// and two data ports per node, [`NodeSettings::data_ports`]) can all be listened
+/// on now, on every interface. `None` when no such range turned up. For a launcher
+/// that starts every node here (`kiln launch`, like torchrun's `--standalone`);
+/// another process may still take one of the ports before the run does.
+pub fn free_master_port(num_nodes: u32) -> Option<u16> {
+    use std::net::TcpListener;
+    let span = u16::try_from(1 + 2 * num_nodes).ok()?;
+    (0..100).find_map(|_| {
+        let base = TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let last = base.checked_add(span)?;
+        (base..=last)
+            .all(|p| TcpListener::bind(("0.0.0.0", p)).is_ok())
+            .then_some(base)
+    })
+}
+
 impl Default for NodeSettings {
     fn default() -> Self {
         Self {
