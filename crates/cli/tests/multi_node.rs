@@ -6,7 +6,7 @@
 //! train on the CPU backends, which a kiln built with `cuda-nccl` lacks.
 #![cfg(not(feature = "cuda-nccl"))]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
