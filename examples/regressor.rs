@@ -1,14 +1,17 @@
 //! A regression model with a loss of its own (Huber's, written out) and dropout,
 //! written as a burn-train user writes one: `RegressionOutput` from its
-//! `TrainStep`/`InferenceStep`, a `Batcher`, synthetic data. Nothing in it knows
-//! kiln.
+//! `TrainStep`/`InferenceStep`, a `Batcher`, synthetic data. Its one kiln item is
+//! an implementation of `kiln_coordinator::LossStep` (the loss before backward,
+//! and the batch cast to a dtype), with which it trains in mixed precision too.
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::InMemDataset;
 use burn::nn::{Dropout, DropoutConfig, Gelu, Linear, LinearConfig};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::{InferenceStep, RegressionOutput, TrainOutput, TrainStep};
+use kiln_coordinator::LossStep;
 use kiln_core::rng::SplitMix64;
 
 /// Features per example.
@@ -81,8 +84,24 @@ impl<B: AutodiffBackend> TrainStep for Regressor<B> {
     type Output = RegressionOutput<B>;
 
     fn step(&self, batch: RegressionBatch<B>) -> TrainOutput<RegressionOutput<B>> {
+        let (loss, item) = self.forward_loss(batch);
+        TrainOutput::new(self, loss.backward(), item)
+    }
+}
+
+/// The step up to its loss: kiln runs backward itself, so that the model trains
+/// in `bf16-mixed` and `16-mixed` (`TrainingCoordinator::fit_with_loss`).
+impl<B: AutodiffBackend> LossStep<B> for Regressor<B> {
+    fn forward_loss(&self, batch: RegressionBatch<B>) -> (Tensor<B, 1>, RegressionOutput<B>) {
         let item = self.forward_regression(batch.inputs, batch.targets);
-        TrainOutput::new(self, item.loss.backward(), item)
+        (item.loss.clone(), item)
+    }
+
+    fn cast_input(batch: RegressionBatch<B>, dtype: FloatDType) -> RegressionBatch<B> {
+        RegressionBatch {
+            inputs: batch.inputs.cast(dtype),
+            targets: batch.targets.cast(dtype),
+        }
     }
 }
 

@@ -29,7 +29,7 @@ use kiln_examples::image_classifier::{
     synthetic_images,
 };
 use kiln_examples::regressor::{
-    RegressionBatcher, Regressor, RegressorConfig, synthetic_regression,
+    RegressionBatcher, RegressionItem, Regressor, RegressorConfig, synthetic_regression,
 };
 use kiln_experiment_db::ExperimentDb;
 use kiln_tests::process::{collect, wait_within};
@@ -687,30 +687,150 @@ fn a_dataset_shorter_than_its_len_fails_the_run_naming_the_item() {
     );
 }
 
-/// What this version does not run for a model with its own step is an error that
-/// says so, never a silent substitute.
+/// A regressor (dropout, SGD with momentum) seeded like the resume test's.
+fn regressor(dropout: f64) -> Regressor<B> {
+    let device = Default::default();
+    B::seed(&device, 4);
+    RegressorConfig::new().with_dropout(dropout).init(&device)
+}
+
+fn regression<T>(batcher: T) -> Datasets<RegressionItem, T> {
+    Datasets::new(
+        synthetic_regression(256, 1),
+        synthetic_regression(64, 2),
+        batcher,
+    )
+}
+
+/// A model that is also a `LossStep` trains in the mixed precisions through
+/// `fit_with_loss`: kiln runs backward from its loss (scaled under `16-mixed`),
+/// the loss falls as it does in `32-true`, and `32-true` takes the steps `fit`
+/// takes (kiln weighs the loss before backward where `fit` scales the gradients
+/// after: float rounding apart).
 #[rstest]
-#[case::mixed_precision("bf16-mixed", "precision bf16-mixed")]
-#[case::true_precision("bf16-true", "precision bf16-true")]
-fn what_the_general_path_cannot_run_yet_is_named(#[case] precision: &str, #[case] needle: &str) {
+#[case::bf16_mixed("bf16-mixed", 0.05)]
+#[case::f16_mixed("16-mixed", 0.05)]
+#[case::f32("32-true", 1e-5)]
+fn a_loss_step_trains_in_mixed_precision(#[case] precision: &str, #[case] tolerance: f32) {
     let _turn = rng_turn();
+    let builder = |root: &Path, precision: &str| {
+        quiet(root)
+            .precision(precision)
+            .batch_size(16)
+            .accumulate_grad_batches(2)
+            .max_steps(24)
+    };
+    let sgd = || {
+        SgdConfig::new()
+            .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
+            .init()
+    };
     let dir = tempfile::tempdir().unwrap();
-    let err = quiet(dir.path())
-        .precision(precision)
+    let mixed = builder(dir.path(), precision)
+        .build()
+        .unwrap()
+        .fit_with_loss(
+            regressor(0.1),
+            sgd(),
+            0.02,
+            &regression(RegressionBatcher),
+            None,
+            4,
+        )
+        .unwrap()
+        .report;
+    assert_eq!(mixed.plan.precision.to_string(), precision);
+    if precision == "16-mixed" {
+        assert!(
+            mixed.metrics.contains_key("train/loss_scale"),
+            "{:?}",
+            mixed.metrics.keys()
+        );
+    }
+    let reference_dir = tempfile::tempdir().unwrap();
+    let reference = builder(reference_dir.path(), "32-true")
         .build()
         .unwrap()
         .fit(
-            cnn(0.0),
+            regressor(0.1),
+            sgd(),
+            0.02,
+            &regression(RegressionBatcher),
+            None,
+            4,
+        )
+        .unwrap()
+        .report;
+    assert_eq!(mixed.step_losses.len(), 24);
+    if precision != "32-true" {
+        assert_ne!(
+            loss_bits(&mixed),
+            loss_bits(&reference),
+            "{precision} computed in f32"
+        );
+    }
+    let (first, last) = (
+        mean(&mixed.step_losses[..4]),
+        mean(&mixed.step_losses[20..]),
+    );
+    assert!(
+        last < 0.8 * first,
+        "the loss did not fall: {first} -> {last}"
+    );
+    for (step, (a, b)) in mixed
+        .step_losses
+        .iter()
+        .zip(&reference.step_losses)
+        .enumerate()
+    {
+        assert!(
+            (a - b).abs() <= tolerance * b.abs().max(1.0),
+            "step {}: {precision} {a}, fit in 32-true {b}",
+            step + 1
+        );
+    }
+}
+
+/// What this version does not run for a model with its own step is an error that
+/// says so, never a silent substitute: a mixed precision for a model whose
+/// `TrainStep` runs backward names `LossStep`, a true precision the optimizer's
+/// state.
+#[rstest]
+#[case::mixed_precision("16-mixed", false, "LossStep")]
+#[case::true_precision("bf16-true", false, "LossStep")]
+#[case::true_precision_of_a_loss_step("bf16-true", true, "optimizer's state")]
+fn what_the_general_path_cannot_run_is_named(
+    #[case] precision: &str,
+    #[case] with_loss: bool,
+    #[case] needle: &str,
+) {
+    let _turn = rng_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = quiet(dir.path()).precision(precision).build().unwrap();
+    let data = regression(RegressionBatcher);
+    let err = match with_loss {
+        true => coordinator.fit_with_loss(
+            regressor(0.0),
             AdamConfig::new().init(),
             1e-3,
-            &images(ImageBatcher),
+            &data,
             None,
             1,
-        )
-        .unwrap_err();
+        ),
+        false => coordinator.fit(
+            regressor(0.0),
+            AdamConfig::new().init(),
+            1e-3,
+            &data,
+            None,
+            1,
+        ),
+    }
+    .unwrap_err();
     assert!(
         matches!(err, CoordinatorError::NotAvailable { .. }),
         "{err:?}"
     );
     assert!(err.to_string().contains(needle), "{err}");
+    assert!(err.to_string().contains(precision), "{err}");
 }

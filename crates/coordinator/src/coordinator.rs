@@ -27,7 +27,7 @@ use crate::run_dir::RunDir;
 use crate::schedule::KilnSchedule;
 use crate::sync::BackendSync;
 use crate::tracking::Metrics;
-use crate::workload::{StepWork, TaskWork, Workload};
+use crate::workload::{LossStep, LossSteps, ModelSteps, StepWork, Steps, TaskWork, Workload};
 use crate::{CoordinatorBuilder, CoordinatorError, Datasets, Result, StepOutput, StopHandle};
 
 /// A trained model and the report of its run.
@@ -109,10 +109,8 @@ impl TrainingCoordinator {
         M::InnerModule: TaskModel<B::InnerBackend>,
         D: DataModule,
     {
-        let device = B::Device::default();
-        let workers = cpu_workers(&self.config, &<B as Backend>::name(&device));
         self.train_on(
-            &vec![device; workers],
+            &self.default_devices::<B>(),
             model,
             data,
             task,
@@ -225,10 +223,8 @@ impl TrainingCoordinator {
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler + 'static,
     {
-        let device = B::Device::default();
-        let workers = cpu_workers(&self.config, &<B as Backend>::name(&device));
         self.fit_on(
-            &vec![device; workers],
+            &self.default_devices::<B>(),
             model,
             optimizer,
             lr_scheduler,
@@ -263,6 +259,86 @@ impl TrainingCoordinator {
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler + 'static,
     {
+        let work = StepWork {
+            data,
+            steps: ModelSteps,
+        };
+        self.fit_work(
+            devices,
+            model,
+            (optimizer, lr_scheduler),
+            &work,
+            experiment_db,
+            n_epochs,
+        )
+    }
+
+    /// [`fit`](Self::fit) for a model that is also a [`LossStep`]: kiln runs its
+    /// step up to the loss and takes the backward pass itself, so that it trains
+    /// in `bf16-mixed` and `16-mixed` as well (a working copy of the parameters
+    /// in the working dtype, the inputs cast by [`LossStep::cast_input`], the loss
+    /// in f32, scaled before backward under `16-mixed`). In `32-true` it takes the
+    /// steps `fit` takes, up to float rounding (kiln weighs the loss for
+    /// accumulation before backward, where `fit` scales the gradients after).
+    ///
+    /// # Errors
+    /// As [`fit`](Self::fit); [`CoordinatorError::NotAvailable`] for `bf16-true`
+    /// and `16-true`, which would keep the user's optimizer's state in the
+    /// parameters' dtype.
+    pub fn fit_with_loss<B, M, I, T, S, LR>(
+        &self,
+        model: M,
+        optimizer: OptimizerAdaptor<S, M, B>,
+        lr_scheduler: LR,
+        data: &Datasets<I, T>,
+        experiment_db: Option<&mut dyn RunTracker>,
+        n_epochs: usize,
+    ) -> Result<Trained<M>>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + LossStep<B> + 'static,
+        M::Output: StepOutput<B>,
+        M::InnerModule: InferenceStep,
+        <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+        I: Send + Sync,
+        T: Batcher<B, I, M::Input>
+            + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+        S: SimpleOptimizer<B::InnerBackend> + 'static,
+        LR: LrScheduler + 'static,
+    {
+        let work = StepWork {
+            data,
+            steps: LossSteps::default(),
+        };
+        let devices = self.default_devices::<B>();
+        self.fit_work(
+            &devices,
+            model,
+            (optimizer, lr_scheduler),
+            &work,
+            experiment_db,
+            n_epochs,
+        )
+    }
+
+    /// A model with its own step on `work`, with the user's optimizer and
+    /// scheduler; recorded under the model's type name.
+    fn fit_work<'d, B, M, I, T, K, S, LR>(
+        &self,
+        devices: &[B::Device],
+        model: M,
+        (optimizer, lr_scheduler): (OptimizerAdaptor<S, M, B>, LR),
+        work: &StepWork<'d, I, T, K>,
+        experiment_db: Option<&mut dyn RunTracker>,
+        n_epochs: usize,
+    ) -> Result<Trained<M>>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + 'static,
+        StepWork<'d, I, T, K>: Workload<B, M>,
+        S: SimpleOptimizer<B::InnerBackend> + 'static,
+        LR: LrScheduler + 'static,
+    {
         let task = TaskSpec::custom(model_name::<M>());
         let optimization = |_total, _start| Optimization {
             optimizer,
@@ -272,7 +348,7 @@ impl TrainingCoordinator {
         self.run(
             devices,
             model,
-            &StepWork { data },
+            work,
             &task,
             optimization,
             experiment_db,
@@ -387,12 +463,21 @@ impl TrainingCoordinator {
             )
             .into());
         }
-        if precision != kiln_core::Precision::F32 && !W::KILN_BACKWARD {
+        if precision != kiln_core::Precision::F32 && !<W::Steps as Steps<B, M>>::KILN_BACKWARD {
             return Err(CoordinatorError::NotAvailable {
-                what: format!("precision {precision} for a model with its own TrainStep"),
-                reason: "this version trains such a model in 32-true: mixed and true \
-                         precisions cast the model's inputs and scale its loss before \
-                         backward, which a TrainStep does itself (docs/from-burn-train.md)"
+                what: format!("precision {precision} for a model whose TrainStep runs backward"),
+                reason: "kiln casts the model's inputs and scales its loss between the loss \
+                         and backward: implement kiln_coordinator::LossStep for the model \
+                         and train it with fit_with_loss (docs/from-burn-train.md)"
+                    .into(),
+            });
+        }
+        if crate::precision::is_true(precision) && !W::KILN_OPTIMIZER {
+            return Err(CoordinatorError::NotAvailable {
+                what: format!("precision {precision} with an optimizer of the user's"),
+                reason: "a true precision keeps the optimizer's state in the parameters' \
+                         dtype, which kiln converts for its own AdamW only (its simple \
+                         path): train in bf16-mixed or 16-mixed"
                     .into(),
             });
         }
@@ -712,6 +797,16 @@ fn end_for_node0(db: &mut dyn RunTracker, run: i64, node: u32, reason: &str) {
     match db.finish_run(run, EndStatus::Failed, Some(&reason)) {
         Ok(()) => tracing::warn!(run, "node {node} ended the run FAILED (node 0 did not)"),
         Err(e) => tracing::debug!(run, "node 0 ended the run: {e}"),
+    }
+}
+
+impl TrainingCoordinator {
+    /// The devices `train` and `fit` run on: the backend's default device, once
+    /// per worker on a CPU backend ([`cpu_workers`]).
+    fn default_devices<B: Backend>(&self) -> Vec<B::Device> {
+        let device = B::Device::default();
+        let workers = cpu_workers(&self.config, &<B as Backend>::name(&device));
+        vec![device; workers]
     }
 }
 

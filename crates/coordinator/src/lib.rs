@@ -59,7 +59,7 @@ pub use error::CoordinatorError;
 pub use outputs::StepOutput;
 pub use plan::resolve_plan;
 pub use stop::StopHandle;
-pub use workload::Datasets;
+pub use workload::{Datasets, LossStep};
 
 /// Result alias for the coordinator.
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;

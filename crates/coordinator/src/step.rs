@@ -7,6 +7,7 @@
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use burn::tensor::backend::AutodiffBackend;
 use kiln_core::rng::SplitMix64;
 use kiln_core::{Batch, Precision, TaskKind, TaskModel};
@@ -97,10 +98,7 @@ enum Weighting {
 }
 
 /// A task model's forward pass, the task kind's loss and the backward pass of one
-/// micro-batch, as both engines run it: returns the gradients and the loss. A
-/// non-finite loss is an error before backward. `extra` is added to the loss as it
-/// enters backward (the zero term over every parameter of
-/// `process_group_backend = nccl`).
+/// micro-batch, as both engines run it ([`backward_from_loss`]).
 pub(crate) fn task_backward<B, M>(
     kind: &TaskKind,
     model: &M,
@@ -112,21 +110,48 @@ where
     B: AutodiffBackend,
     M: AutodiffModule<B> + TaskModel<B>,
 {
+    backward_from_loss(model, micro, extra, |model, dtype| {
+        // The inputs in the working dtype; the loss in f32.
+        let prediction = match dtype {
+            Some(dtype) => {
+                precision::to_f32(model.forward(precision::cast_inputs(batch.inputs, dtype))?)
+            }
+            None => model.forward(batch.inputs)?,
+        };
+        Ok(objective::loss(kind, prediction, batch.targets)?)
+    })
+}
+
+/// The backward pass of one micro-batch from the loss `forward` computes (in f32)
+/// on the model it is given, with the inputs in the dtype it is given: the
+/// gradients of the loss weighted as `micro` says, on `model`'s parameters, and the
+/// loss. Mixed precisions run `forward` on a working copy in their dtype, made by
+/// casting every parameter inside the autodiff graph (the gradients arrive on the
+/// f32 masters in f32); true modes store `model` in their dtype already. A
+/// non-finite loss is an error before backward. `extra` is added to the loss as it
+/// enters backward (the zero term over every parameter of
+/// `process_group_backend = nccl`); `16-mixed` scales it by the loss scale.
+pub(crate) fn backward_from_loss<B, M>(
+    model: &M,
+    micro: &MicroStep,
+    extra: Option<Tensor<B, 1>>,
+    forward: impl FnOnce(&M, Option<FloatDType>) -> Result<Tensor<B, 1>, Failure>,
+) -> Result<(GradientsParams, f64), Failure>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+{
     let precision = micro.precision;
-    // Mixed precision: forward and backward on a working copy in the working
-    // dtype; the loss in f32; the gradients land on the f32 masters. True modes:
-    // the model is stored in the working dtype already.
-    let prediction = match precision::working_dtype(precision) {
-        Some(dtype) if precision::is_true(precision) => {
-            precision::to_f32(model.forward(precision::cast_inputs(batch.inputs, dtype))?)
+    let dtype = precision::working_dtype(precision);
+    let copy;
+    let runs = match dtype {
+        Some(dtype) if !precision::is_true(precision) => {
+            copy = precision::working_copy(model, dtype);
+            &copy
         }
-        Some(dtype) => precision::to_f32(
-            precision::working_copy(model, dtype)
-                .forward(precision::cast_inputs(batch.inputs, dtype))?,
-        ),
-        None => model.forward(batch.inputs)?,
+        _ => model,
     };
-    let loss = objective::loss(kind, prediction, batch.targets)?;
+    let loss = forward(runs, dtype)?;
     let value = loss.clone().into_scalar().elem::<f64>();
     micro.check(value)?;
     let mut loss = micro.weigh(loss);

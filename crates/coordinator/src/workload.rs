@@ -18,6 +18,7 @@
 //! accumulation, the exchange, clipping, the optimizer and the schedule,
 //! validation's batching, checkpoints and the books.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use burn::data::dataloader::batcher::Batcher;
@@ -25,6 +26,7 @@ use burn::data::dataset::Dataset;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use kiln_core::{Batch, DataModule, Precision, Split, TaskKind, TaskModel, TaskSpec};
@@ -34,7 +36,7 @@ use crate::objective::{self, EvalSums};
 use crate::outputs::StepOutput;
 use crate::precision;
 use crate::run::Failure;
-use crate::step::{MicroStep, task_backward};
+use crate::step::{MicroStep, backward_from_loss, task_backward};
 use crate::{CoordinatorError, Result};
 
 /// What the loop needs of a model `M` (trained on `B`) and its data: the examples
@@ -44,12 +46,9 @@ pub(crate) trait Workload<B: AutodiffBackend, M: AutodiffModule<B>>: Sync {
     /// The forward and backward passes and the validation of one batch.
     type Steps: Steps<B, M>;
 
-    /// Whether kiln runs the backward pass itself (a task model: kiln takes the
-    /// loss, so it can cast the inputs, scale the loss and add a term to it), so
-    /// that every precision and the backend's gradient synchronisation can run.
-    /// A model with its own `TrainStep` runs backward in its step: `32-true` and
-    /// burn-collective's exchange only.
-    const KILN_BACKWARD: bool;
+    /// Whether the run steps kiln's own AdamW, whose state kiln stores in a true
+    /// precision's dtype; a user's optimizer trains in `32-true` or a mixed mode.
+    const KILN_OPTIMIZER: bool;
 
     /// The passes over one batch, for the loop to call (cheap: built per step).
     fn steps(&self) -> Self::Steps;
@@ -89,12 +88,18 @@ pub(crate) trait Steps<B: AutodiffBackend, M: AutodiffModule<B>>:
     /// A training batch.
     type Batch: Send + 'static;
 
+    /// Whether kiln runs the backward pass itself (from a task model's loss, or a
+    /// [`LossStep`]'s), so that it can cast the inputs, scale the loss and add a
+    /// term to it: mixed precisions and the backend's gradient synchronisation
+    /// need it. A model's own `TrainStep` runs backward itself: `32-true` and
+    /// burn-collective's exchange only.
+    const KILN_BACKWARD: bool;
+
     /// Forward and backward passes of one micro-batch: the gradients of the loss
     /// weighted as `micro` says (× the loss scale under `16-mixed`), and the loss
     /// itself; a non-finite loss is an error ([`MicroStep::check`]). `extra` is
     /// added to the loss before backward (the zero term of the backend's gradient
-    /// synchronisation); only a workload with
-    /// [`Workload::KILN_BACKWARD`] is given one.
+    /// synchronisation); only steps with [`Steps::KILN_BACKWARD`] are given one.
     fn backward(
         &self,
         model: &M,
@@ -144,7 +149,7 @@ where
 {
     type Steps = TaskSteps;
 
-    const KILN_BACKWARD: bool = true;
+    const KILN_OPTIMIZER: bool = true;
 
     fn steps(&self) -> TaskSteps {
         TaskSteps {
@@ -178,6 +183,8 @@ where
     M::InnerModule: TaskModel<B::InnerBackend>,
 {
     type Batch = Batch<B>;
+
+    const KILN_BACKWARD: bool = true;
 
     fn backward(
         &self,
@@ -263,12 +270,14 @@ impl<I, T> Datasets<I, T> {
 }
 
 /// The general path: a Burn user's model with its own `TrainStep` and
-/// `InferenceStep`, on [`Datasets`].
-pub(crate) struct StepWork<'a, I, T> {
+/// `InferenceStep`, on [`Datasets`]; its passes are `K`: the model's own step
+/// ([`ModelSteps`]), or kiln's backward from its loss ([`LossSteps`]).
+pub(crate) struct StepWork<'a, I, T, K> {
     pub data: &'a Datasets<I, T>,
+    pub steps: K,
 }
 
-impl<I, T> StepWork<'_, I, T> {
+impl<I, T, K> StepWork<'_, I, T, K> {
     fn items(&self, split: Split, indices: &[usize]) -> Result<Vec<I>> {
         let dataset = match split {
             Split::Train => &self.data.train,
@@ -293,23 +302,27 @@ impl<I, T> StepWork<'_, I, T> {
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct ModelSteps;
 
-impl<B, M, I, T> Workload<B, M> for StepWork<'_, I, T>
+impl<B, M, I, T, K> Workload<B, M> for StepWork<'_, I, T, K>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B> + TrainStep,
-    M::Output: StepOutput<B>,
     M::InnerModule: InferenceStep,
-    <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
     I: Send + Sync,
     T: Batcher<B, I, M::Input>
         + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+    K: Steps<B, M, Batch = M::Input>
+        + Validates<
+            B::InnerBackend,
+            M::InnerModule,
+            ValidBatch = <M::InnerModule as InferenceStep>::Input,
+        >,
 {
-    type Steps = ModelSteps;
+    type Steps = K;
 
-    const KILN_BACKWARD: bool = false;
+    const KILN_OPTIMIZER: bool = false;
 
-    fn steps(&self) -> ModelSteps {
-        ModelSteps
+    fn steps(&self) -> K {
+        self.steps.clone()
     }
 
     fn len(&self, split: Split) -> usize {
@@ -348,6 +361,8 @@ where
     <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
 {
     type Batch = M::Input;
+
+    const KILN_BACKWARD: bool = false;
 
     fn backward(
         &self,
@@ -392,12 +407,140 @@ where
         examples: usize,
         _precision: Precision,
     ) -> Result<EvalSums> {
-        let output = model.step(batch);
-        // The mean over examples: each batch weighs as many examples as it holds.
-        Ok(EvalSums::of_batch(
-            output.loss_value(),
-            examples as f64,
-            &output.metrics(),
-        ))
+        Ok(inference_sums::<IB, IM>(model, batch, examples))
+    }
+}
+
+/// The sums of one validation batch of `examples` examples through the model's
+/// own `InferenceStep`: each batch weighs as many examples as it holds.
+fn inference_sums<IB, IM>(model: &IM, batch: IM::Input, examples: usize) -> EvalSums
+where
+    IB: Backend,
+    IM: InferenceStep,
+    IM::Output: StepOutput<IB>,
+{
+    let output = model.step(batch);
+    EvalSums::of_batch(output.loss_value(), examples as f64, &output.metrics())
+}
+
+/// A model with its own `TrainStep` whose step kiln can also run up to the loss,
+/// taking the backward pass itself: what such a model implements to train in
+/// `bf16-mixed` or `16-mixed`, whose working copy and loss scaling sit between the
+/// loss and backward (Lightning's `training_step` returning the loss). Trained
+/// through [`TrainingCoordinator::fit_with_loss`](crate::TrainingCoordinator::fit_with_loss).
+///
+/// ```
+/// use burn::prelude::*;
+/// use burn::tensor::FloatDType;
+/// use burn::tensor::backend::AutodiffBackend;
+/// use burn::train::{RegressionOutput, TrainOutput, TrainStep};
+/// use kiln_coordinator::LossStep;
+///
+/// #[derive(Module, Debug)]
+/// struct Model<B: Backend> {
+///     linear: burn::nn::Linear<B>,
+/// }
+///
+/// struct Batch<B: Backend> {
+///     x: Tensor<B, 2>,
+///     y: Tensor<B, 2>,
+/// }
+///
+/// impl<B: AutodiffBackend> TrainStep for Model<B> {
+///     type Input = Batch<B>;
+///     type Output = RegressionOutput<B>;
+///
+///     fn step(&self, batch: Batch<B>) -> TrainOutput<RegressionOutput<B>> {
+///         let (loss, output) = self.forward_loss(batch);
+///         TrainOutput::new(self, loss.backward(), output)
+///     }
+/// }
+///
+/// impl<B: AutodiffBackend> LossStep<B> for Model<B> {
+///     fn forward_loss(&self, batch: Batch<B>) -> (Tensor<B, 1>, RegressionOutput<B>) {
+///         let output = self.linear.forward(batch.x);
+///         let loss = (output.clone() - batch.y.clone()).powi_scalar(2).mean();
+///         (loss.clone(), RegressionOutput::new(loss, output, batch.y))
+///     }
+///
+///     fn cast_input(batch: Batch<B>, dtype: FloatDType) -> Batch<B> {
+///         Batch { x: batch.x.cast(dtype), ..batch }
+///     }
+/// }
+/// ```
+pub trait LossStep<B: AutodiffBackend>: TrainStep {
+    /// The step's forward pass without backward: the loss to minimise (one
+    /// element; kiln takes it in f32) and the output the step returns.
+    fn forward_loss(&self, input: Self::Input) -> (Tensor<B, 1>, Self::Output);
+
+    /// `input` with its float tensors cast to `dtype`, the dtype a mixed
+    /// precision computes in (integer tensors such as class ids stay as they are).
+    fn cast_input(input: Self::Input, dtype: FloatDType) -> Self::Input;
+}
+
+/// Kiln's backward pass from a [`LossStep`]'s loss: every mixed precision runs.
+pub(crate) struct LossSteps<B, M>(PhantomData<fn() -> (B, M)>);
+
+impl<B, M> Clone for LossSteps<B, M> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<B, M> Default for LossSteps<B, M> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<B, M> Steps<B, M> for LossSteps<B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + LossStep<B> + 'static,
+    M::Output: StepOutput<B>,
+    M::InnerModule: InferenceStep,
+    <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+{
+    type Batch = M::Input;
+
+    const KILN_BACKWARD: bool = true;
+
+    fn backward(
+        &self,
+        model: &M,
+        batch: M::Input,
+        micro: &MicroStep,
+        extra: Option<Tensor<B, 1>>,
+    ) -> Result<(GradientsParams, f64), Failure> {
+        backward_from_loss(model, micro, extra, |model, dtype| {
+            Ok(match dtype {
+                Some(dtype) => model
+                    .forward_loss(M::cast_input(batch, dtype))
+                    .0
+                    .cast(FloatDType::F32),
+                None => model.forward_loss(batch).0,
+            })
+        })
+    }
+}
+
+impl<B, M> Validates<B::InnerBackend, M::InnerModule> for LossSteps<B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + 'static,
+    M::InnerModule: InferenceStep,
+    <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+{
+    type ValidBatch = <M::InnerModule as InferenceStep>::Input;
+
+    /// Mixed precisions validate the f32 masters; true ones do not run here.
+    fn evaluate(
+        &self,
+        model: &M::InnerModule,
+        batch: Self::ValidBatch,
+        examples: usize,
+        _precision: Precision,
+    ) -> Result<EvalSums> {
+        Ok(inference_sums::<B::InnerBackend, _>(model, batch, examples))
     }
 }
