@@ -702,6 +702,109 @@ fn regression<T>(batcher: T) -> Datasets<RegressionItem, T> {
     )
 }
 
+/// The regressor with an output of the user's own, which names a metric of its own.
+#[derive(Module, Debug)]
+struct WithMae<B: Backend> {
+    inner: Regressor<B>,
+}
+
+/// A user's output type: the loss and the mean absolute error.
+struct MaeOutput<B: Backend> {
+    loss: Tensor<B, 1>,
+    mae: f64,
+}
+
+impl<B: Backend> MaeOutput<B> {
+    fn of(output: burn::train::RegressionOutput<B>) -> Self {
+        let mae = (output.output - output.targets)
+            .abs()
+            .mean()
+            .into_scalar()
+            .elem::<f64>();
+        Self {
+            loss: output.loss,
+            mae,
+        }
+    }
+}
+
+impl<B: Backend> burn::train::metric::ItemLazy for MaeOutput<B> {
+    type ItemSync = Self;
+
+    fn sync(self) -> Self {
+        self
+    }
+}
+
+impl<B: Backend> burn::train::metric::Adaptor<burn::train::metric::LossInput<B>>
+    for MaeOutput<B>
+{
+    fn adapt(&self) -> burn::train::metric::LossInput<B> {
+        burn::train::metric::LossInput::new(self.loss.clone())
+    }
+}
+
+impl<B: Backend> kiln_coordinator::StepOutput<B> for MaeOutput<B> {
+    fn metrics(&self) -> Vec<(&'static str, f64)> {
+        vec![("mae", self.mae)]
+    }
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> burn::train::TrainStep for WithMae<B> {
+    type Input = kiln_examples::regressor::RegressionBatch<B>;
+    type Output = MaeOutput<B>;
+
+    fn step(&self, batch: Self::Input) -> burn::train::TrainOutput<MaeOutput<B>> {
+        let output = self.inner.forward_regression(batch.inputs, batch.targets);
+        let grads = output.loss.backward();
+        burn::train::TrainOutput::new(self, grads, MaeOutput::of(output))
+    }
+}
+
+impl<B: Backend> burn::train::InferenceStep for WithMae<B> {
+    type Input = kiln_examples::regressor::RegressionBatch<B>;
+    type Output = MaeOutput<B>;
+
+    fn step(&self, batch: Self::Input) -> MaeOutput<B> {
+        MaeOutput::of(self.inner.forward_regression(batch.inputs, batch.targets))
+    }
+}
+
+/// A user's own output type is logged with the metrics it names, on both engines.
+#[rstest]
+fn a_users_output_logs_its_own_metrics(#[values("learner", "native")] engine: &str) {
+    let _turn = rng_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let report = quiet(dir.path())
+        .engine(engine)
+        .batch_size(16)
+        .build()
+        .unwrap()
+        .fit(
+            WithMae {
+                inner: regressor(0.0),
+            },
+            AdamConfig::new().init(),
+            1e-2,
+            &regression(RegressionBatcher),
+            None,
+            2,
+        )
+        .unwrap()
+        .report;
+    let mae = report.final_metrics["valid/mae"];
+    let loss = report.final_metrics["valid/loss"];
+    // Huber's loss is at most half the squared error near 0 and below the absolute
+    // error beyond: a positive MAE of the same order.
+    assert!(
+        mae > 0.0 && mae < 2.0 && loss < mae * 1.5,
+        "mae {mae}, loss {loss}"
+    );
+    // The best MAE is the smallest seen (lower is better for a metric not known
+    // to be a score).
+    assert!(report.metrics["valid/mae"].best <= mae);
+}
+
 /// A model that is also a `LossStep` trains in the mixed precisions through
 /// `fit_with_loss`: kiln runs backward from its loss (scaled under `16-mixed`),
 /// the loss falls as it does in `32-true`, and `32-true` takes the steps `fit`

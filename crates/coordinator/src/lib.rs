@@ -56,7 +56,7 @@ mod workload;
 pub use builder::CoordinatorBuilder;
 pub use coordinator::{Trained, TrainingCoordinator};
 pub use error::CoordinatorError;
-pub use outputs::StepOutput;
+pub use outputs::{StepOutput, burn_metric};
 pub use plan::resolve_plan;
 pub use stop::StopHandle;
 pub use workload::{Datasets, LossStep};

@@ -1,9 +1,8 @@
 //! What kiln reads of a step's output ([`StepOutput`]): the loss, through
-//! burn-train's own `Adaptor<LossInput<B>>` and `LossMetric`, and, for the outputs
-//! burn-train defines, every metric burn-train computes from them, through their
-//! adaptors and burn-train's metrics.
-
-use std::any::Any;
+//! burn-train's own `Adaptor<LossInput<B>>` and `LossMetric`, and further
+//! validation metrics: for the outputs burn-train defines, every metric burn-train
+//! computes from them (through their adaptors and burn-train's metrics); for a
+//! user's own output, the ones it names.
 
 use burn::prelude::*;
 use burn::train::metric::{
@@ -11,21 +10,60 @@ use burn::train::metric::{
     HammingScore, LossInput, LossMetric, Metric, MetricMetadata, Numeric, NumericEntry,
     PerplexityMetric, PrecisionMetric, RecallMetric, TopKAccuracyMetric, WordErrorRate,
 };
-use burn::train::{ClassificationOutput, MultiLabelClassificationOutput, SequenceOutput};
+use burn::train::{
+    ClassificationOutput, MultiLabelClassificationOutput, RegressionOutput, SequenceOutput,
+};
 
 /// The `k` of the logged top-k accuracy (`top5_accuracy`), logged where there are
 /// more classes than that.
 const TOP_K: usize = 5;
 
 /// The output of a model's step, as kiln reads it: the loss through burn-train's
-/// own [`Adaptor`] to [`LossInput`], as burn-train's `LossMetric` reads it.
+/// own [`Adaptor`] to [`LossInput`], as burn-train's `LossMetric` reads it, and the
+/// validation metrics of the output.
 ///
-/// Every output burn-train provides (`ClassificationOutput`, `RegressionOutput`,
-/// `MultiLabelClassificationOutput`, `SequenceOutput`) has it; a user's own output
-/// type implements `Adaptor<LossInput<B>>`:
+/// burn-train's outputs implement it, each with every metric burn-train computes
+/// from it, logged as fractions under `valid/<name>`:
+///
+/// | output | metrics |
+/// | --- | --- |
+/// | `ClassificationOutput` | `accuracy`, `top5_accuracy` (more than 5 classes), `precision`, `recall`, `f1` (top-1, macro over classes), `auroc` (2 classes), `perplexity` |
+/// | `MultiLabelClassificationOutput` | `hamming_score`, `precision`, `recall`, `f1` (threshold 0.5, macro over labels) |
+/// | `SequenceOutput` | `accuracy`, `top5_accuracy` (vocabulary over 5), `perplexity`, `cer`, `wer` (token error rates) |
+/// | `RegressionOutput` | the loss |
+///
+/// A user's own output type implements it in one line, on top of its
+/// `Adaptor<LossInput<B>>`, and names its metrics if it has any (rates as
+/// fractions; [`burn_metric`] runs a burn-train metric):
+///
+/// ```
+/// use burn::prelude::*;
+/// use burn::train::metric::{AccuracyInput, AccuracyMetric, Adaptor, LossInput};
+/// use kiln_coordinator::{StepOutput, burn_metric};
+///
+/// struct TwoHeads<B: Backend> {
+///     loss: Tensor<B, 1>,
+///     class_logits: Tensor<B, 2>,
+///     classes: Tensor<B, 1, Int>,
+/// }
+///
+/// impl<B: Backend> Adaptor<LossInput<B>> for TwoHeads<B> {
+///     fn adapt(&self) -> LossInput<B> {
+///         LossInput::new(self.loss.clone())
+///     }
+/// }
+///
+/// impl<B: Backend> StepOutput<B> for TwoHeads<B> {
+///     fn metrics(&self) -> Vec<(&'static str, f64)> {
+///         let input = AccuracyInput::new(self.class_logits.clone(), self.classes.clone());
+///         vec![("accuracy", burn_metric(AccuracyMetric::new(), &input) / 100.0)]
+///     }
+/// }
+/// ```
+///
+/// An output without it does not compile, with a message that says what to add:
 ///
 /// ```compile_fail
-/// // An output kiln cannot read a loss from does not compile:
 /// use burn::prelude::Backend;
 /// struct NoLoss;
 /// fn needs_a_loss<B: Backend, O: kiln_coordinator::StepOutput<B>>() {}
@@ -33,57 +71,51 @@ const TOP_K: usize = 5;
 ///     needs_a_loss::<B, NoLoss>();
 /// }
 /// ```
-///
-/// Besides the loss, kiln validates with every metric burn-train computes from its
-/// own outputs, through their adaptors and burn-train's metrics, logged as fractions
-/// under `valid/<name>`:
-///
-/// | output | metrics |
-/// | --- | --- |
-/// | `ClassificationOutput` | `accuracy`, `top5_accuracy` (more than 5 classes), `precision`, `recall`, `f1` (top-1, macro over classes), `auroc` (2 classes), `perplexity` |
-/// | `MultiLabelClassificationOutput` | `hamming_score`, `precision`, `recall`, `f1` (threshold 0.5, macro over labels) |
-/// | `SequenceOutput` | `accuracy`, `top5_accuracy` (vocabulary over 5), `perplexity`, `cer`, `wer` (token error rates) |
-/// | `RegressionOutput`, a user's own | the loss |
 #[diagnostic::on_unimplemented(
-    message = "kiln reads the training loss from `{Self}` and cannot: implement \
-               burn-train's `Adaptor<LossInput<B>>` for it",
-    label = "this step output has no loss adaptor",
-    note = "burn-train's ClassificationOutput, RegressionOutput, \
-            MultiLabelClassificationOutput and SequenceOutput have one"
+    message = "kiln reads the step's loss and metrics from `{Self}` through `StepOutput`, \
+               which it does not implement",
+    label = "this step output is not a kiln_coordinator::StepOutput",
+    note = "add `impl<B: Backend> kiln_coordinator::StepOutput<B> for {Self} {{}}` (its \
+            loss comes from burn-train's `Adaptor<LossInput<B>>`; name further \
+            metrics in `metrics`); burn-train's own outputs implement it"
 )]
-pub trait StepOutput<B: Backend> {
-    /// The mean loss of the step, as an `f64`.
-    fn loss_value(&self) -> f64;
-
-    /// `(name, value)` of each further metric of this output (see the table
-    /// above); rates and scores as fractions.
-    fn metrics(&self) -> Vec<(&'static str, f64)>;
-}
-
-impl<B: Backend, T: Adaptor<LossInput<B>> + 'static> StepOutput<B> for T {
+pub trait StepOutput<B: Backend>: Adaptor<LossInput<B>> {
+    /// The mean loss of the step, as an `f64` (burn-train's `LossMetric` on the
+    /// output's `LossInput`).
     fn loss_value(&self) -> f64 {
-        numeric(LossMetric::<B>::new(), &self.adapt())
+        burn_metric(LossMetric::<B>::new(), &self.adapt())
     }
 
+    /// `(name, value)` of each further validation metric of this output, rates
+    /// and scores as fractions; none by default.
     fn metrics(&self) -> Vec<(&'static str, f64)> {
-        // Rust cannot ask whether `T` adapts to a metric's input; burn-train's own
-        // outputs are known types, so they are recognised by type.
-        let any = self as &dyn Any;
-        if let Some(output) = any.downcast_ref::<ClassificationOutput<B>>() {
-            classification(output)
-        } else if let Some(output) = any.downcast_ref::<MultiLabelClassificationOutput<B>>() {
-            multilabel(output)
-        } else if let Some(output) = any.downcast_ref::<SequenceOutput<B>>() {
-            sequence(output)
-        } else {
-            Vec::new()
-        }
+        Vec::new()
     }
 }
+
+impl<B: Backend> StepOutput<B> for ClassificationOutput<B> {
+    fn metrics(&self) -> Vec<(&'static str, f64)> {
+        classification(self)
+    }
+}
+
+impl<B: Backend> StepOutput<B> for MultiLabelClassificationOutput<B> {
+    fn metrics(&self) -> Vec<(&'static str, f64)> {
+        multilabel(self)
+    }
+}
+
+impl<B: Backend> StepOutput<B> for SequenceOutput<B> {
+    fn metrics(&self) -> Vec<(&'static str, f64)> {
+        sequence(self)
+    }
+}
+
+impl<B: Backend> StepOutput<B> for RegressionOutput<B> {}
 
 /// burn-train reports rates and scores as percentages; kiln logs fractions.
 fn percent<T: Metric + Numeric>(metric: T, input: &T::Input) -> f64 {
-    numeric(metric, input) / 100.0
+    burn_metric(metric, input) / 100.0
 }
 
 fn classification<B: Backend>(output: &ClassificationOutput<B>) -> Vec<(&'static str, f64)> {
@@ -114,7 +146,7 @@ fn classification<B: Backend>(output: &ClassificationOutput<B>) -> Vec<(&'static
         ),
         (
             "perplexity",
-            numeric(PerplexityMetric::new(), &output.adapt()),
+            burn_metric(PerplexityMetric::new(), &output.adapt()),
         ),
     ];
     if classes > TOP_K {
@@ -167,7 +199,7 @@ fn sequence<B: Backend>(output: &SequenceOutput<B>) -> Vec<(&'static str, f64)> 
         ("accuracy", percent(AccuracyMetric::new(), &output.adapt())),
         (
             "perplexity",
-            numeric(PerplexityMetric::new(), &output.adapt()),
+            burn_metric(PerplexityMetric::new(), &output.adapt()),
         ),
         ("cer", percent(CharErrorRate::new(), &output.adapt())),
         ("wer", percent(WordErrorRate::new(), &output.adapt())),
@@ -181,8 +213,9 @@ fn sequence<B: Backend>(output: &SequenceOutput<B>) -> Vec<(&'static str, f64)> 
     metrics
 }
 
-/// The value burn-train's `metric` gives for one `input`.
-fn numeric<T: Metric + Numeric>(mut metric: T, input: &T::Input) -> f64 {
+/// The value burn-train's `metric` gives for one `input` (as burn-train reports
+/// it: rates in percent).
+pub fn burn_metric<T: Metric + Numeric>(mut metric: T, input: &T::Input) -> f64 {
     let metadata = MetricMetadata {
         progress: burn::data::dataloader::Progress::new(1, 1),
         global_progress: burn::data::dataloader::Progress::new(0, 1),
