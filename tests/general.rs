@@ -262,13 +262,26 @@ fn both_engines_take_the_same_steps(
 
 /// Dropout draws from Burn's RNG, which kiln seeds before every micro-batch from
 /// the run's seed: two runs with one seed take the same steps bit for bit, and a
-/// run without dropout takes others.
-#[test]
-fn two_runs_with_one_seed_and_dropout_take_the_same_steps_bit_for_bit() {
+/// run without dropout takes others. Two workers in one process share Flex's RNG:
+/// `deterministic` gives them turns, on either engine.
+#[rstest]
+#[case::one_device("single", "1", "auto", false)]
+#[case::ddp_deterministic("ddp", "2", "native", true)]
+#[case::ddp_deterministic_on_the_learner("ddp", "2", "learner", true)]
+fn two_runs_with_one_seed_and_dropout_take_the_same_steps_bit_for_bit(
+    #[case] strategy: &str,
+    #[case] devices: &str,
+    #[case] engine: &str,
+    #[case] deterministic: bool,
+) {
     let _turn = rng_turn();
     let run = |model: ImageClassifier<B>| {
         let dir = tempfile::tempdir().unwrap();
         quiet(dir.path())
+            .strategy(strategy)
+            .devices(devices)
+            .engine(engine)
+            .deterministic(deterministic)
             .batch_size(16)
             .max_steps(12)
             .seed(9)
@@ -736,9 +749,7 @@ impl<B: Backend> burn::train::metric::ItemLazy for MaeOutput<B> {
     }
 }
 
-impl<B: Backend> burn::train::metric::Adaptor<burn::train::metric::LossInput<B>>
-    for MaeOutput<B>
-{
+impl<B: Backend> burn::train::metric::Adaptor<burn::train::metric::LossInput<B>> for MaeOutput<B> {
     fn adapt(&self) -> burn::train::metric::LossInput<B> {
         burn::train::metric::LossInput::new(self.loss.clone())
     }

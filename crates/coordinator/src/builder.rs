@@ -34,6 +34,7 @@ use crate::{Result, TrainingCoordinator};
 /// | `learning_rate(lr)`, `lr_schedule(s)` | optimizer / scheduler | kiln's schedule as burn-train's `LrScheduler`, per optimizer step |
 /// | `progress(mode)` | `enable_progress_bar` | a silent renderer (kiln draws), or burn-train's TUI for `ProgressMode::Tui` |
 /// | `default_root_dir(p)` | `default_root_dir` | `SupervisedTraining::new(run dir, ..)` |
+/// | `deterministic(b)` | `deterministic` | kiln seeds Burn's RNG per micro-batch and worker; with it a group's workers in one process draw in turn |
 ///
 /// ```
 /// let err = kiln_coordinator::TrainingCoordinator::builder()
@@ -239,6 +240,14 @@ impl CoordinatorBuilder {
     /// more exchange per step; for debugging and tests).
     pub fn check_replicas(mut self, on: bool) -> Self {
         self.config.check_replicas = on;
+        self
+    }
+
+    /// Lightning's `deterministic`: a data-parallel group in one process takes the
+    /// same steps in every run with one seed, dropout included (the workers'
+    /// passes run one at a time on backends with one RNG per process: slower).
+    pub fn deterministic(mut self, on: bool) -> Self {
+        self.config.deterministic = on;
         self
     }
 

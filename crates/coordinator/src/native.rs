@@ -700,7 +700,8 @@ where
             epoch,
             batch: m,
         };
-        B::seed(device, micro.seed(config.seed, rank));
+        let turn = config.deterministic && replica.local > 1;
+        let _turn = micro.seed_rng::<B>(device, config.seed, rank, turn);
         let (grads, value) = steps.backward(model, batch, &micro, None)?;
         local.loss += value * share;
         if group > 1 {

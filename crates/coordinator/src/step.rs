@@ -4,6 +4,8 @@
 //! a non-finite loss, and a task model's forward, loss and backward. Both engines
 //! reach it through a workload's [`Steps`](crate::workload::Steps).
 
+use std::sync::{Mutex, MutexGuard};
+
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -76,6 +78,24 @@ impl MicroStep {
     pub fn seed(&self, seed: u64, rank: usize) -> u64 {
         let per_step = SplitMix64::derived(seed, self.step).next_u64();
         SplitMix64::derived(per_step, ((self.batch as u64) << 20) ^ rank as u64).next_u64()
+    }
+
+    /// Seeds Burn's RNG on `device` for this micro-batch on worker `rank` of a run
+    /// seeded with `seed` ([`seed`](Self::seed)). `in_turn` (`deterministic`, a
+    /// group of workers in one process): the returned guard is this worker's turn
+    /// with the RNG, held while its passes draw from it, so that every worker's
+    /// draws follow its own seed whatever the threads' timing.
+    pub fn seed_rng<B: Backend>(
+        &self,
+        device: &B::Device,
+        seed: u64,
+        rank: usize,
+        in_turn: bool,
+    ) -> Option<MutexGuard<'static, ()>> {
+        static TURN: Mutex<()> = Mutex::new(());
+        let turn = in_turn.then(|| TURN.lock().unwrap_or_else(|p| p.into_inner()));
+        B::seed(device, self.seed(seed, rank));
+        turn
     }
 
     /// `Ok` for a finite loss; a non-finite one ends the run, named here.

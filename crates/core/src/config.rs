@@ -563,6 +563,15 @@ pub struct CoordinatorConfig {
     /// tests); a difference fails the run. The largest difference seen is in the
     /// report (`replica_spread`).
     pub check_replicas: bool,
+    /// Lightning's `deterministic`: a data-parallel group of workers in one process
+    /// takes the same steps in every run with one seed, random ops in the model
+    /// (dropout) included. Backends whose RNG is one per process (the CPU ones)
+    /// then run the workers' passes of a micro-batch one at a time, each right
+    /// after seeding the RNG with its own seed; slower, as Lightning warns for
+    /// its flag. Without it each worker still draws its own numbers, in an order
+    /// the threads' timing decides. One worker per process is deterministic
+    /// either way.
+    pub deterministic: bool,
     /// Whether checkpoints are written.
     pub enable_checkpointing: bool,
     /// When checkpoints are written and which are kept.
@@ -610,6 +619,7 @@ impl Default for CoordinatorConfig {
             node: NodeSettings::default(),
             process_group_backend: None,
             check_replicas: false,
+            deterministic: false,
             enable_checkpointing: true,
             checkpoint: CheckpointPolicy::default(),
             ckpt_path: None,

@@ -147,6 +147,9 @@ where
     let settings = Settings {
         seed: config.seed,
         rank: 0,
+        // Under the backend's synchronisation a worker's backward pass waits for
+        // the others': no turns (its RNG is the device's).
+        in_turn: config.deterministic && world > 1 && !backend_sync,
         per_epoch,
         accumulate,
         total,

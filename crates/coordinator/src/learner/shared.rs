@@ -46,6 +46,9 @@ pub(crate) struct Settings {
     /// before every micro-batch).
     pub seed: u64,
     pub rank: usize,
+    /// `deterministic` in a group: the workers take turns with Burn's RNG
+    /// ([`MicroStep::seed_rng`](crate::step::MicroStep::seed_rng)).
+    pub in_turn: bool,
     pub per_epoch: usize,
     pub accumulate: usize,
     pub total: u64,

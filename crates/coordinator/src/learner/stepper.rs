@@ -227,10 +227,10 @@ where
                         epoch,
                         batch: batch_index,
                     };
-                    if let Some(device) = self.model.devices().first() {
-                        let settings = &shared.settings;
-                        B::seed(device, step.seed(settings.seed, settings.rank));
-                    }
+                    let settings = &shared.settings;
+                    let _turn = self.model.devices().first().and_then(|device| {
+                        step.seed_rng::<B>(device, settings.seed, settings.rank, settings.in_turn)
+                    });
                     let zero = synced.then(|| zero_over_params(&self.model)).flatten();
                     let (grads, value) = self.steps.backward(&self.model, batch, &step, zero)?;
                     Ok(Some((value, grads)))
