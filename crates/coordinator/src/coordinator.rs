@@ -275,16 +275,17 @@ impl TrainingCoordinator {
 
     /// [`fit`](Self::fit) for a model that is also a [`LossStep`]: kiln runs its
     /// step up to the loss and takes the backward pass itself, so that it trains
-    /// in `bf16-mixed` and `16-mixed` as well (a working copy of the parameters
-    /// in the working dtype, the inputs cast by [`LossStep::cast_input`], the loss
-    /// in f32, scaled before backward under `16-mixed`). In `32-true` it takes the
-    /// steps `fit` takes, up to float rounding (kiln weighs the loss for
-    /// accumulation before backward, where `fit` scales the gradients after).
+    /// in every precision (`docs/precision.md`): mixed modes on a working copy of
+    /// the parameters in the working dtype, true modes with the parameters stored
+    /// in it; the inputs cast by [`LossStep::cast_input`], the loss in f32, scaled
+    /// before backward under `16-mixed`. In `32-true` it takes the steps `fit`
+    /// takes, up to float rounding (kiln weighs the loss for accumulation before
+    /// backward, where `fit` scales the gradients after).
     ///
     /// # Errors
     /// As [`fit`](Self::fit); [`CoordinatorError::NotAvailable`] for `bf16-true`
-    /// and `16-true`, which would keep the user's optimizer's state in the
-    /// parameters' dtype.
+    /// and `16-true` with an optimizer other than Adam and AdamW, whose state
+    /// kiln cannot store in the parameters' dtype (burn-optim keeps it private).
     pub fn fit_with_loss<B, M, I, T, S, LR>(
         &self,
         model: M,
@@ -343,7 +344,7 @@ impl TrainingCoordinator {
         let optimization = |_total, _start| Optimization {
             optimizer,
             scheduler: lr_scheduler,
-            cast_state: None,
+            cast_state: crate::precision::state_cast::<B, M, S>(),
         };
         self.run(
             devices,
@@ -391,7 +392,7 @@ impl TrainingCoordinator {
         let optimization = |total, start| Optimization {
             optimizer: adamw(&self.config).init::<B, M>(),
             scheduler: KilnSchedule::new(o.lr, o.schedule, total, start),
-            cast_state: Some(crate::precision::optim_record_as::<B, M> as _),
+            cast_state: crate::precision::state_cast::<B, M, burn::optim::AdamW>(),
         };
         self.run(
             devices,
@@ -453,7 +454,12 @@ impl TrainingCoordinator {
         // f16's smallest normal number: a smaller eps is flushed to zero or loses its
         // precision where 16-true keeps AdamW's moments.
         const F16_MIN_EPS: f32 = 6.1e-5;
-        if precision == kiln_core::Precision::F16True && config.optimizer.eps < F16_MIN_EPS {
+        // kiln's AdamW (the simple path); a user's optimizer carries its own eps.
+        let kiln_adamw = task.kind != kiln_core::TaskKind::Custom;
+        if precision == kiln_core::Precision::F16True
+            && kiln_adamw
+            && config.optimizer.eps < F16_MIN_EPS
+        {
             return Err(kiln_core::Error::invalid(
                 "eps",
                 config.optimizer.eps,
@@ -472,12 +478,15 @@ impl TrainingCoordinator {
                     .into(),
             });
         }
-        if crate::precision::is_true(precision) && !W::KILN_OPTIMIZER {
+        if crate::precision::is_true(precision)
+            && crate::precision::state_cast::<B, M, S>().is_none()
+        {
             return Err(CoordinatorError::NotAvailable {
-                what: format!("precision {precision} with an optimizer of the user's"),
+                what: format!("precision {precision} with optimizer {}", model_name::<S>()),
                 reason: "a true precision keeps the optimizer's state in the parameters' \
-                         dtype, which kiln converts for its own AdamW only (its simple \
-                         path): train in bf16-mixed or 16-mixed"
+                         dtype, which kiln converts for Adam and AdamW (burn-optim keeps \
+                         the others' state private): train in bf16-mixed or 16-mixed, or \
+                         with Adam or AdamW"
                     .into(),
             });
         }

@@ -4,7 +4,7 @@
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, Optimizer, SimpleOptimizer};
+use burn::optim::{AdamWConfig, Optimizer, SimpleOptimizer};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use burn::tensor::backend::AutodiffBackend;
@@ -13,9 +13,6 @@ use kiln_core::CoordinatorConfig;
 /// The record of optimizer `S` (a burn-optim optimizer) for model `M` on `B`: its
 /// state per parameter.
 pub(crate) type OptimRecord<S, B, M> = <OptimizerAdaptor<S, M, B> as Optimizer<M, B>>::Record;
-
-/// The optimizer record of kiln's AdamW for model `M` on backend `B`.
-pub(crate) type AdamWRecord<B, M> = OptimRecord<AdamW, B, M>;
 
 /// kiln's AdamW, configured from the run's optimizer settings (both engines use it).
 pub(crate) fn adamw(config: &CoordinatorConfig) -> AdamWConfig {

@@ -14,10 +14,12 @@
 //! Either way the inputs are cast to the working dtype and the loss is computed in
 //! f32.
 
+use std::any::{Any, TypeId};
 use std::marker::PhantomData;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::record::AdaptorRecord;
+use burn::optim::{Adam, AdamState, AdamW, AdamWState, AdaptiveMomentumState, SimpleOptimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType};
@@ -25,7 +27,7 @@ use kiln_core::{Inputs, LossScaling, Precision, Prediction};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
-use crate::optim::AdamWRecord;
+use crate::optim::{CastState, OptimRecord};
 
 /// The dtype a precision computes in (`None`: f32).
 pub(crate) fn working_dtype(precision: Precision) -> Option<FloatDType> {
@@ -135,23 +137,86 @@ pub(crate) fn store_as<B: AutodiffBackend, M: AutodiffModule<B>>(model: M, dtype
     model.map(&mut StoreAs(dtype))
 }
 
-/// AdamW's record with its moments in `dtype`: a checkpoint holds them in f32, a
-/// true mode keeps them in the parameters' dtype.
-pub(crate) fn optim_record_as<B: AutodiffBackend, M: AutodiffModule<B>>(
+/// An optimizer whose per-parameter state kiln can store in a true precision's
+/// dtype: burn-optim's Adam and AdamW, whose state is an adaptive momentum with
+/// public tensors. (burn-optim 0.21 keeps the state of SGD's momentum, RmsProp and
+/// AdaGrad private.)
+trait MomentState<B: Backend>: SimpleOptimizer<B> {
+    fn momentum<const D: usize>(state: &mut Self::State<D>) -> &mut AdaptiveMomentumState<B, D>;
+}
+
+impl<B: Backend> MomentState<B> for AdamW {
+    fn momentum<const D: usize>(state: &mut AdamWState<B, D>) -> &mut AdaptiveMomentumState<B, D> {
+        &mut state.momentum
+    }
+}
+
+impl<B: Backend> MomentState<B> for Adam {
+    fn momentum<const D: usize>(state: &mut AdamState<B, D>) -> &mut AdaptiveMomentumState<B, D> {
+        &mut state.momentum
+    }
+}
+
+/// The cast of optimizer `S`'s state to a dtype, for the optimizers kiln can cast
+/// ([`MomentState`]): a checkpoint holds the state in f32, a true mode keeps it in
+/// the parameters' dtype. `None` for the others.
+pub(crate) fn state_cast<B, M, S>() -> Option<CastState<B, M, S>>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + 'static,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
+{
+    let s = TypeId::of::<S>();
+    (s == TypeId::of::<AdamW>() || s == TypeId::of::<Adam>()).then_some(cast_moments::<B, M, S>)
+}
+
+/// `record` with the moments of Adam or AdamW in `dtype` (recognised by type;
+/// another optimizer's record is returned as it is).
+fn cast_moments<B, M, S>(
     model: &M,
-    record: AdamWRecord<B, M>,
+    mut record: OptimRecord<S, B, M>,
     dtype: FloatDType,
-) -> AdamWRecord<B, M> {
-    struct Cast<B: AutodiffBackend, M: AutodiffModule<B>> {
-        record: AdamWRecord<B, M>,
+) -> OptimRecord<S, B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + 'static,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
+{
+    let any = &mut record as &mut dyn Any;
+    if let Some(adamw) = any.downcast_mut::<OptimRecord<AdamW, B, M>>() {
+        *adamw = moments_as::<B, M, AdamW>(model, std::mem::take(adamw), dtype);
+    } else if let Some(adam) = any.downcast_mut::<OptimRecord<Adam, B, M>>() {
+        *adam = moments_as::<B, M, Adam>(model, std::mem::take(adam), dtype);
+    }
+    record
+}
+
+/// The record of optimizer `S` with its moments in `dtype`.
+fn moments_as<B, M, S>(
+    model: &M,
+    record: OptimRecord<S, B, M>,
+    dtype: FloatDType,
+) -> OptimRecord<S, B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    S: MomentState<B::InnerBackend>,
+{
+    struct Cast<B: AutodiffBackend, M: AutodiffModule<B>, S: SimpleOptimizer<B::InnerBackend>> {
+        record: OptimRecord<S, B, M>,
         dtype: FloatDType,
         model: PhantomData<M>,
     }
-    impl<B: AutodiffBackend, M: AutodiffModule<B>> ModuleVisitor<B> for Cast<B, M> {
+    impl<B, M, S> ModuleVisitor<B> for Cast<B, M, S>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B>,
+        S: MomentState<B::InnerBackend>,
+    {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(entry) = self.record.remove(&param.id) {
                 let mut state = entry.into_state::<D>();
-                let m = &mut state.momentum;
+                let m = S::momentum(&mut state);
                 m.moment_1 = m.moment_1.clone().cast(self.dtype);
                 m.moment_2 = m.moment_2.clone().cast(self.dtype);
                 m.max_moment_2 = m.max_moment_2.take().map(|t| t.cast(self.dtype));
@@ -160,7 +225,7 @@ pub(crate) fn optim_record_as<B: AutodiffBackend, M: AutodiffModule<B>>(
             }
         }
     }
-    let mut cast = Cast::<B, M> {
+    let mut cast = Cast::<B, M, S> {
         record,
         dtype,
         model: PhantomData,

@@ -46,10 +46,6 @@ pub(crate) trait Workload<B: AutodiffBackend, M: AutodiffModule<B>>: Sync {
     /// The forward and backward passes and the validation of one batch.
     type Steps: Steps<B, M>;
 
-    /// Whether the run steps kiln's own AdamW, whose state kiln stores in a true
-    /// precision's dtype; a user's optimizer trains in `32-true` or a mixed mode.
-    const KILN_OPTIMIZER: bool;
-
     /// The passes over one batch, for the loop to call (cheap: built per step).
     fn steps(&self) -> Self::Steps;
 
@@ -148,8 +144,6 @@ where
     D: DataModule,
 {
     type Steps = TaskSteps;
-
-    const KILN_OPTIMIZER: bool = true;
 
     fn steps(&self) -> TaskSteps {
         TaskSteps {
@@ -318,8 +312,6 @@ where
         >,
 {
     type Steps = K;
-
-    const KILN_OPTIMIZER: bool = false;
 
     fn steps(&self) -> K {
         self.steps.clone()
@@ -533,14 +525,22 @@ where
 {
     type ValidBatch = <M::InnerModule as InferenceStep>::Input;
 
-    /// Mixed precisions validate the f32 masters; true ones do not run here.
+    /// Mixed precisions validate the f32 masters; true ones an f32 copy of the
+    /// stored model (the batch, built in f32, is the model's to cast, and its
+    /// `InferenceStep` has no cast).
     fn evaluate(
         &self,
         model: &M::InnerModule,
         batch: Self::ValidBatch,
         examples: usize,
-        _precision: Precision,
+        precision: Precision,
     ) -> Result<EvalSums> {
-        Ok(inference_sums::<B::InnerBackend, _>(model, batch, examples))
+        Ok(match precision::stored_dtype(precision) {
+            Some(_) => {
+                let f32_copy = precision::working_copy(model, FloatDType::F32);
+                inference_sums::<B::InnerBackend, _>(&f32_copy, batch, examples)
+            }
+            None => inference_sums::<B::InnerBackend, _>(model, batch, examples),
+        })
     }
 }
