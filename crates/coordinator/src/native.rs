@@ -20,7 +20,6 @@ use burn::optim::lr_scheduler::LrScheduler;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer, SimpleOptimizer};
 use burn::tensor::backend::AutodiffBackend;
 use kiln_core::Split;
-use kiln_core::rng::{SplitMix64, permutation};
 
 use crate::CoordinatorError;
 use crate::checkpoint::{Loaded, Snapshot};
@@ -36,8 +35,8 @@ use crate::precision::{self, LossScaler};
 use crate::progress::Progress;
 use crate::run::{
     CheckpointCtx, Failure, LoopInputs, LoopStats, RunShape, SaveAt, SaveClock, StepRecord,
-    book_step, book_validation, ready_gradients, restore_stats, resume_optimization,
-    resume_position, trainer_state, write_checkpoint,
+    book_step, book_validation, epoch_order, ready_gradients, restore_stats, resume_optimization,
+    resume_position, shard, trainer_state, write_checkpoint,
 };
 use crate::step::MicroStep;
 use crate::tracking::Metrics;
@@ -237,7 +236,7 @@ where
                 break;
             }
             progress.epoch(epoch, n_epochs);
-            let order = permutation(n_train, &mut SplitMix64::derived(config.seed, epoch as u64));
+            let order = epoch_order(config.seed, epoch, n_train);
             let mut b = if epoch == start_epoch { start_batch } else { 0 };
             let mut save_after_validation = None;
             // Writes a checkpoint after micro-batch `b` of this epoch; a failure to
@@ -660,8 +659,6 @@ where
     let (config, work, device) = (inputs.config, inputs.data, inputs.device);
     let (rank, world) = (replica.rank, replica.world);
     let batch_size = config.batch_size;
-    let global_batch = batch_size * world;
-    let n_train = order.len();
     let steps = work.steps();
     let mut accumulator = GradientsAccumulator::<M>::new();
     let mut single = None;
@@ -671,10 +668,8 @@ where
         samples: 0,
     };
     for m in b..b + group {
-        let chunk = &order[m * global_batch..((m + 1) * global_batch).min(n_train)];
-        local.samples += chunk.len() as u64;
-        let mine = &chunk
-            [(rank * batch_size).min(chunk.len())..((rank + 1) * batch_size).min(chunk.len())];
+        let (mine, global) = shard(order, m, batch_size, rank, world);
+        local.samples += global as u64;
         if mine.is_empty() {
             // A short last global batch: this worker sends zero gradients.
             if inputs.stop.is_stopped() {
@@ -689,7 +684,7 @@ where
             return Err(Failure::Stopped);
         }
         // This worker's share of the micro-batch, and of the group.
-        let share = mine.len() as f64 / chunk.len() as f64;
+        let share = mine.len() as f64 / global as f64;
         let micro = MicroStep {
             in_group: world > 1,
             group,

@@ -15,6 +15,7 @@ use burn::optim::{GradientsParams, Optimizer, SimpleOptimizer};
 use burn::prelude::Backend;
 use burn::tensor::FloatDType;
 use burn::tensor::backend::AutodiffBackend;
+use kiln_core::rng::{SplitMix64, permutation};
 use kiln_core::{CheckpointPolicy, CoordinatorConfig, TaskSpec};
 
 use crate::CoordinatorError;
@@ -136,6 +137,31 @@ where
         scheduler,
         cast_state,
     })
+}
+
+/// The training order of `epoch`: a permutation of the `n` examples drawn from the
+/// run's `seed`, the same on every engine, worker and node.
+pub(crate) fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
+    permutation(n, &mut SplitMix64::derived(seed, epoch as u64))
+}
+
+/// Micro-batch `m` of an epoch's `order` as worker `rank` of `world` takes it, with
+/// `batch_size` examples per worker: this worker's examples (fewer, or none, in a
+/// short last global batch) and the size of the global micro-batch.
+pub(crate) fn shard(
+    order: &[usize],
+    m: usize,
+    batch_size: usize,
+    rank: usize,
+    world: usize,
+) -> (&[usize], usize) {
+    let global = batch_size * world;
+    let chunk = &order[(m * global).min(order.len())..((m + 1) * global).min(order.len())];
+    let len = chunk.len();
+    (
+        &chunk[(rank * batch_size).min(len)..((rank + 1) * batch_size).min(len)],
+        len,
+    )
 }
 
 /// Everything a loop reads but does not change.
@@ -474,6 +500,29 @@ pub(crate) fn book_validation(
 mod tests {
     use super::*;
     use rstest::rstest;
+
+    /// Each worker's shard of a global micro-batch; a short last one leaves the
+    /// last worker fewer examples, or none.
+    #[rstest]
+    #[case::whole(0, 0, &[0, 1, 2], 6)]
+    #[case::second_worker(0, 1, &[3, 4, 5], 6)]
+    #[case::short_last(1, 0, &[6, 7, 8], 4)]
+    #[case::short_last_second(1, 1, &[9], 4)]
+    fn a_worker_takes_its_shard(
+        #[case] m: usize,
+        #[case] rank: usize,
+        #[case] want: &[usize],
+        #[case] global: usize,
+    ) {
+        let order: Vec<usize> = (0..10).collect();
+        assert_eq!(shard(&order, m, 3, rank, 2), (want, global));
+    }
+
+    #[test]
+    fn a_worker_past_a_short_last_batch_takes_nothing() {
+        let order: Vec<usize> = (0..7).collect();
+        assert_eq!(shard(&order, 1, 3, 1, 2), (&[][..], 1));
+    }
 
     #[rstest]
     #[case::whole_epoch(10, 1, 0, 0, 100, 10)]

@@ -18,10 +18,9 @@ use std::time::Instant;
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use kiln_core::rng::{SplitMix64, permutation};
 
 use super::shared::{Event, Shared};
-use crate::run::{Failure, epoch_stop};
+use crate::run::{Failure, epoch_order, epoch_stop, shard};
 use crate::workload::{TrainBatch, ValidBatch, Workload};
 
 /// A request for one batch of type `T`, built on a device `D`.
@@ -130,18 +129,11 @@ where
             stop
         };
         self.shared.send(Event::Epoch(epoch));
-        let order = permutation(
-            self.n_items,
-            &mut SplitMix64::derived(self.seed, epoch as u64),
-        );
-        let (n, size) = (self.n_items, self.batch_size);
-        let global = size * self.world;
+        let order = epoch_order(self.seed, epoch, self.n_items);
         let batches = (from..stop)
             .map(|b| {
-                let chunk = &order[b * global..((b + 1) * global).min(n)];
-                let len = chunk.len();
-                let mine = &chunk[(self.rank * size).min(len)..((self.rank + 1) * size).min(len)];
-                (mine.to_vec(), len)
+                let (mine, global) = shard(&order, b, self.batch_size, self.rank, self.world);
+                (mine.to_vec(), global)
             })
             .collect();
         Box::new(Batches::<B::Device, T, V, T, Micro<T>> {
