@@ -366,3 +366,36 @@ fn a_replacement_cut_short_puts_the_old_checkpoint_back() {
         "steps 1-3 come from the restored checkpoint"
     );
 }
+
+/// A resume from a checkpoint's directory continues that checkpoint's run: another
+/// run name with it is a conflict named before anything is written, never silently
+/// ignored. (With `last` or `best` the run name says which run to resume.)
+#[test]
+fn a_resume_under_another_run_name_is_refused() {
+    let (data, task) = corpus_data(20_000, 32);
+    let dir = tempfile::tempdir().unwrap();
+    builder(dir.path())
+        .max_steps(3)
+        .build()
+        .unwrap()
+        .train::<B, _, _>(model(data.vocab_size()), &data, &task, None, 1)
+        .unwrap();
+    let checkpoint = dir.path().join("default/r/checkpoints/step-00000003");
+    assert!(checkpoint.is_dir());
+    let err = builder(dir.path())
+        .run_name("other")
+        .ckpt_path(checkpoint.to_str().unwrap())
+        .build()
+        .unwrap()
+        .train::<B, _, _>(model(data.vocab_size()), &data, &task, None, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("invalid run_name \"other\": expected the resumed run's name \"r\""),
+        "{err}"
+    );
+    let runs: Vec<_> = std::fs::read_dir(dir.path().join("default"))
+        .unwrap()
+        .collect();
+    assert_eq!(runs.len(), 1, "a second run directory was made");
+}

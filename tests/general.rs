@@ -562,6 +562,14 @@ fn two_nodes_train_the_cnn_as_one_device_does() {
             .unwrap();
     assert_eq!(report.plan.num_nodes, 2);
     assert_eq!(report.plan.world_size, 2);
+    // The run says, once, that its ports are open to anyone who can reach them.
+    let open = report
+        .plan
+        .warnings
+        .iter()
+        .filter(|w| w.contains("without authentication") && w.contains("trusted network"))
+        .count();
+    assert_eq!(open, 1, "{:?}", report.plan.warnings);
     let single_dir = tempfile::tempdir().unwrap();
     let single = cnn_on_nodes(single_dir.path(), 1, NodeSettings::default());
     assert_eq!(report.step_losses.len(), 12);

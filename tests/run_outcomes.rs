@@ -306,3 +306,78 @@ fn a_stop_request_ends_the_run_killed_with_its_report() {
     let saved = std::fs::read_to_string(report.run_dir.unwrap().join("report.json")).unwrap();
     assert!(saved.contains("\"KILLED\""), "{saved}");
 }
+
+/// Text data whose training batch `bad` carries the token id `vocab`, one past the
+/// vocabulary (a data module's bug).
+struct OutOfVocabulary<'a> {
+    inner: &'a kiln_models::TextDataModule,
+    bad: usize,
+    seen: std::sync::atomic::AtomicUsize,
+}
+
+impl DataModule for OutOfVocabulary<'_> {
+    fn len(&self, split: Split) -> usize {
+        self.inner.len(split)
+    }
+
+    fn items_per_example(&self) -> usize {
+        self.inner.items_per_example()
+    }
+
+    fn check_task(&self, task: &TaskSpec) -> kiln_core::Result<()> {
+        self.inner.check_task(task)
+    }
+
+    fn batch<Bk: Backend>(
+        &self,
+        split: Split,
+        indices: &[usize],
+        device: &Bk::Device,
+    ) -> kiln_core::Result<Batch<Bk>> {
+        let mut batch = self.inner.batch::<Bk>(split, indices, device)?;
+        let n = self.seen.fetch_add(
+            (split == Split::Train) as usize,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        if let (Split::Train, true, Targets::Tokens(t)) = (split, n == self.bad, &batch.targets) {
+            let vocab = self.inner.vocab_size() as i64;
+            batch.targets = Targets::Tokens(t.clone().mul_scalar(0).add_scalar(vocab));
+        }
+        Ok(batch)
+    }
+}
+
+/// A token id past the vocabulary ends the run FAILED with a message naming the id,
+/// the limit and the batch, not an index panic.
+#[test]
+fn a_token_id_past_the_vocabulary_is_named_with_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (text, task) = corpus_data(20_000, 32);
+    let data = OutOfVocabulary {
+        inner: &text,
+        bad: 2,
+        seen: 0.into(),
+    };
+    let model = small_gpt(text.vocab_size(), 32)
+        .init::<B>(1, &Default::default())
+        .unwrap();
+    let err = quiet(dir.path())
+        .strategy("vanilla")
+        .batch_size(8)
+        .build()
+        .unwrap()
+        .train::<B, _, _>(model, &data, &task, None, 1);
+    let Err(CoordinatorError::RunFailed { reason, report }) = err else {
+        panic!("expected RunFailed, got {err:?}");
+    };
+    let vocab = text.vocab_size();
+    assert!(
+        reason.contains(&format!(
+            "token id {vocab} is out of range: the task's vocab_size is {vocab}"
+        )) && reason.contains("(training step 3, epoch 0, batch 2)"),
+        "{reason}"
+    );
+    assert!(!reason.contains("panicked"), "{reason}");
+    assert_eq!(report.status.label(), "FAILED");
+    assert_eq!(report.optimizer_steps, 2);
+}

@@ -58,6 +58,9 @@ fn bad_text_files_fail_cleanly(#[case] content: Option<&[u8]>, #[case] needle: &
 #[case(&["train", "--strategy", "ddp", "--devices", "2", "--process-group-backend", "nccl"], "process_group_backend nccl is not available: this build of kiln-coordinator lacks its `cuda-nccl` feature")]
 #[case(&["train", "--backend", "cuda"], "backend cuda is not compiled into this kiln: rebuild it with `cargo build --release -p kiln-cli --features cuda`")]
 #[case(&["train", "--backend", "ndarray", "--precision", "bf16-mixed", "--strict-precision"], "invalid precision \"bf16-mixed\": expected a mode backend autodiff<ndarray> supports: 32-true")]
+#[case(&["train", "--devices", "9999"], "invalid devices \"9999\": expected at most")]
+#[case(&["train", "--experiment", "../../escape"], "invalid experiment \"../../escape\": expected a non-empty name without slashes")]
+#[case(&["train", "--run-name", ".."], "invalid run_name \"..\"")]
 fn bad_arguments_fail_with_the_value_named(#[case] args: &[&str], #[case] needle: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut all = args.to_vec();
@@ -71,6 +74,10 @@ fn bad_arguments_fail_with_the_value_named(#[case] args: &[&str], #[case] needle
     let (_, err) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(needle), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // Nothing outside the output directory (`--experiment ../../escape`).
+    let parent = dir.path().parent().unwrap();
+    assert!(!parent.join("escape").exists() && !dir.path().join("..").join("escape").exists());
 }
 
 /// A CPU-only kiln says how to get the GPU check instead of failing obscurely.

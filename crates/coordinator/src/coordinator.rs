@@ -110,7 +110,7 @@ impl TrainingCoordinator {
         D: DataModule,
     {
         self.train_on(
-            &self.default_devices::<B>(),
+            &self.default_devices::<B>()?,
             model,
             data,
             task,
@@ -224,7 +224,7 @@ impl TrainingCoordinator {
         LR: LrScheduler + 'static,
     {
         self.fit_on(
-            &self.default_devices::<B>(),
+            &self.default_devices::<B>()?,
             model,
             optimizer,
             lr_scheduler,
@@ -311,7 +311,7 @@ impl TrainingCoordinator {
             data,
             steps: LossSteps::default(),
         };
-        let devices = self.default_devices::<B>();
+        let devices = self.default_devices::<B>()?;
         self.fit_work(
             &devices,
             model,
@@ -513,6 +513,16 @@ impl TrainingCoordinator {
             &mut plan,
             (cfg!(feature = "cuda-nccl"), sync.is_some()),
         )?;
+        if config.num_nodes > 1 {
+            let node = &config.node;
+            let [even, odd] = node.data_ports(node.node_rank, config.num_nodes);
+            plan.warnings.push(format!(
+                "multi-node: the nodes listen on every interface without authentication \
+                 (node 0's orchestrator on port {}, this node's data on ports {even} and \
+                 {odd}): train across nodes on a trusted network only",
+                node.master_port
+            ));
+        }
         for warning in &plan.warnings {
             tracing::warn!("{warning}");
         }
@@ -549,7 +559,27 @@ impl TrainingCoordinator {
         };
         let run_dir = match (&resume, leader) {
             (_, false) => None,
-            (Some(loaded), true) => Some(RunDir::open_for(&loaded.dir)?),
+            (Some(loaded), true) => {
+                let run_dir = RunDir::open_for(&loaded.dir)?;
+                // A resume continues its run: a different name is a conflict,
+                // never silently ignored.
+                match &config.run_name {
+                    Some(asked) if *asked != run_dir.name => {
+                        return Err(kiln_core::Error::invalid(
+                            "run_name",
+                            asked,
+                            format!(
+                                "the resumed run's name {:?}, or none (a resume continues \
+                                 the run of its checkpoint, {})",
+                                run_dir.name,
+                                loaded.dir.display()
+                            ),
+                        )
+                        .into());
+                    }
+                    _ => Some(run_dir),
+                }
+            }
             (None, true) => Some(RunDir::create(
                 &config.default_root_dir,
                 &config.experiment,
@@ -812,22 +842,42 @@ fn end_for_node0(db: &mut dyn RunTracker, run: i64, node: u32, reason: &str) {
 impl TrainingCoordinator {
     /// The devices `train` and `fit` run on: the backend's default device, once
     /// per worker on a CPU backend ([`cpu_workers`]).
-    fn default_devices<B: Backend>(&self) -> Vec<B::Device> {
+    fn default_devices<B: Backend>(&self) -> Result<Vec<B::Device>> {
         let device = B::Device::default();
-        let workers = cpu_workers(&self.config, &<B as Backend>::name(&device));
-        vec![device; workers]
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = cpu_workers(&self.config, &<B as Backend>::name(&device), cores)?;
+        Ok(vec![device; workers])
     }
 }
 
-/// Worker threads `train` runs on a CPU backend: one per device asked for
-/// (`devices = N` is N workers on the CPU device, a list as many as its largest
-/// index + 1), one for `auto` and `-1`. Other backends have their own devices.
-fn cpu_workers(config: &CoordinatorConfig, backend: &str) -> usize {
+/// CPU worker threads allowed per core: more only slow training down (and enough
+/// of them exhaust the process's memory for thread stacks and model replicas).
+const CPU_WORKERS_PER_CORE: usize = 4;
+
+/// Worker threads `train` runs on a CPU backend of `cores` cores: one per device
+/// asked for (`devices = N` is N workers on the CPU device, a list as many as its
+/// largest index + 1), one for `auto` and `-1`; at most [`CPU_WORKERS_PER_CORE`]
+/// per core. Other backends have their own devices.
+fn cpu_workers(config: &CoordinatorConfig, backend: &str, cores: usize) -> Result<usize> {
     let cpu = ["ndarray", "flex"].iter().any(|b| backend.contains(b));
-    match (&config.devices, cpu) {
+    let workers = match (&config.devices, cpu) {
         (Devices::Count(n), true) => *n,
         (Devices::List(list), true) => list.iter().max().map_or(1, |m| m + 1),
         _ => 1,
+    };
+    let limit = CPU_WORKERS_PER_CORE * cores.max(1);
+    match workers > limit {
+        true => Err(kiln_core::Error::invalid(
+            "devices",
+            &config.devices,
+            format!(
+                "at most {limit} worker threads on the CPU backend {backend} \
+                 ({CPU_WORKERS_PER_CORE} per core of this machine's {cores}: more only \
+                 slow training down)"
+            ),
+        )
+        .into()),
+        false => Ok(workers),
     }
 }
 
@@ -886,22 +936,93 @@ fn run_params(
     params
 }
 
+/// This machine's name as the system gives it (`gethostname(2)`; shells seldom
+/// export `$HOSTNAME`, and a stale one would name the wrong machine), `unknown`
+/// where there is none.
 fn host_name() -> String {
-    std::env::var("HOSTNAME")
+    #[cfg(unix)]
+    let name = nix::unistd::gethostname()
         .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_string())
+        .map(|h| h.to_string_lossy().into_owned());
+    #[cfg(not(unix))]
+    let name = std::env::var("COMPUTERNAME").ok();
+    name.map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::model_name;
+    use super::{host_name, model_name};
+    use kiln_core::{CoordinatorConfig, Devices};
+
+    /// Set in the copy of this test binary that [`the_host_name_comes_from_the_system`]
+    /// starts: it prints the host name.
+    const PRINT_HOST: &str = "KILN_TEST_PRINT_HOST";
+
+    /// The host name a run records is the system's, whatever `$HOSTNAME` says: the
+    /// test runs itself again with a wrong `$HOSTNAME` and compares.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_host_name_comes_from_the_system() {
+        if std::env::var_os(PRINT_HOST).is_some() {
+            // The test's own output, read by the copy that started it.
+            #[allow(clippy::print_stdout)]
+            {
+                println!("host={}", host_name());
+            }
+            return;
+        }
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "coordinator::tests::the_host_name_comes_from_the_system",
+            ])
+            .args(["--nocapture", "--test-threads", "1"])
+            .env(PRINT_HOST, "1")
+            .env("HOSTNAME", "not-this-machine")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&child.stdout);
+        // libtest prints the test's name first, on the same line.
+        let printed = out
+            .split("host=")
+            .nth(1)
+            .and_then(|rest| rest.lines().next())
+            .unwrap_or_else(|| panic!("the child printed no host name:\n{out}"));
+        let system = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(printed, system.trim());
+    }
 
     struct Cnn<T>(T);
     mod nested {
         pub struct ImageClassifier;
+    }
+
+    /// A CPU worker count the machine cannot hold is refused before anything is
+    /// allocated, naming the value and the rule.
+    #[rstest::rstest]
+    #[case::count(
+        Devices::Count(9999),
+        Some("invalid devices \"9999\": expected at most 8 worker threads")
+    )]
+    #[case::list(Devices::List(vec![0, 8]), Some("invalid devices \"0,8\""))]
+    #[case::at_the_limit(Devices::Count(8), None)]
+    fn cpu_workers_are_bounded_by_the_cores(
+        #[case] devices: Devices,
+        #[case] refused: Option<&str>,
+    ) {
+        let config = CoordinatorConfig {
+            devices,
+            ..Default::default()
+        };
+        match (super::cpu_workers(&config, "autodiff<flex>", 2), refused) {
+            (Ok(n), None) => assert_eq!(n, 8),
+            (Err(e), Some(needle)) => assert!(e.to_string().starts_with(needle), "{e}"),
+            (outcome, _) => panic!("{outcome:?}"),
+        }
+        // Another backend's devices are its own.
+        assert_eq!(super::cpu_workers(&config, "cuda", 2).unwrap(), 1);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! and the rules that make every worker take the same decision from it.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
@@ -42,12 +43,16 @@ impl<S> Group<S> {
         *self.on_leave.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(release));
     }
 
-    /// Records `failure` as worker `rank`'s, unless a worker's failure came first.
+    /// Records `failure` as worker `rank`'s, unless a worker's failure came first;
+    /// rank 0 stops waiting for shards ([`collect`](Self::collect)).
     pub fn note_failure(&self, rank: usize, failure: &Failure) {
         let mut first = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         if first.is_none() {
             *first = Some((rank, failure_text(failure)));
         }
+        drop(first);
+        let _shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        self.shards_ready.notify_all();
     }
 
     /// The failure another worker reported, as this worker's error.
@@ -86,16 +91,31 @@ impl<S> Group<S> {
         self.shards_ready.notify_all();
     }
 
-    /// Rank 0: waits for the `n` other workers' shards.
-    pub fn collect(&self, n: usize) -> Vec<S> {
+    /// Rank 0: waits for the `n` other workers' shards, at most `limit`, and not
+    /// past a worker's failure: either ends the wait with an error naming it.
+    pub fn collect(&self, n: usize, limit: Duration) -> Result<Vec<S>, CoordinatorError> {
+        let deadline = Instant::now() + limit;
         let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
         while shards.len() < n {
+            if let Some((rank, text)) = &*self.failure.lock().unwrap_or_else(|p| p.into_inner()) {
+                return Err(CoordinatorError::Collective(format!(
+                    "worker {rank} failed before handing over its optimizer shard: {text}"
+                )));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CoordinatorError::Collective(format!(
+                    "{} of {n} optimizer shards arrived within {limit:?} for a checkpoint",
+                    shards.len()
+                )));
+            }
             shards = self
                 .shards_ready
-                .wait(shards)
-                .unwrap_or_else(|p| p.into_inner());
+                .wait_timeout(shards, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
-        std::mem::take(&mut *shards)
+        Ok(std::mem::take(&mut *shards))
     }
 }
 
@@ -250,14 +270,49 @@ pub(crate) fn gather_shards<S>(
     sharded: bool,
     world: usize,
     mine: S,
-) -> Option<(S, Vec<S>)> {
-    match (rank, sharded, group) {
-        (0, true, Some(group)) => Some((mine, group.collect(world - 1))),
+) -> Result<Option<(S, Vec<S>)>, CoordinatorError> {
+    Ok(match (rank, sharded, group) {
+        (0, true, Some(group)) => Some((mine, group.collect(world - 1, SHARD_WAIT)?)),
         (_, true, Some(group)) => {
             group.deposit(mine);
             None
         }
         (0, ..) => Some((mine, Vec::new())),
         _ => None,
+    })
+}
+
+/// How long rank 0 waits for the other workers' optimizer shards (they hand them
+/// over in the same step, right after its exchange) before the checkpoint fails.
+const SHARD_WAIT: Duration = Duration::from_secs(300);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rank 0's wait for fsdp shards is bounded: by a worker's failure, at once,
+    /// and by the time limit; shards that arrive are taken.
+    #[test]
+    fn the_wait_for_shards_ends() {
+        let group = Group::<u8>::new();
+        group.deposit(1);
+        assert_eq!(group.collect(1, Duration::from_secs(5)).unwrap(), [1]);
+
+        let err = group.collect(1, Duration::from_millis(20)).unwrap_err();
+        assert!(
+            err.to_string().contains("0 of 1 optimizer shards arrived"),
+            "{err}"
+        );
+
+        let waiting = std::thread::scope(|scope| {
+            let rank0 = scope.spawn(|| group.collect(1, Duration::from_secs(600)));
+            group.note_failure(1, &Failure::Panicked("boom".into()));
+            rank0.join().unwrap()
+        });
+        let err = waiting.unwrap_err().to_string();
+        assert!(
+            err.contains("worker 1 failed") && err.contains("boom"),
+            "{err}"
+        );
     }
 }

@@ -737,7 +737,7 @@ where
         replica.sharded,
         replica.world,
         optim.to_record(),
-    );
+    )?;
     let Some((mut record, others)) = shards else {
         return Ok(());
     };

@@ -171,6 +171,7 @@ fn flatten<B: Backend>(
                     t.dims()
                 ));
             }
+            ids_in_range(&t, v, "token id", "vocab_size")?;
             Ok(Flat::Classes {
                 logits: logits.reshape([b * s, v]),
                 targets: t.reshape([b * s]),
@@ -194,6 +195,7 @@ fn flatten<B: Backend>(
                     t.dims()
                 ));
             }
+            ids_in_range(&t, c, "class id", "num_classes")?;
             Ok(Flat::Classes { logits, targets: t })
         }
         (TaskKind::Regression { outputs }, Prediction::Values(pred), Targets::Values(t)) => {
@@ -227,6 +229,36 @@ fn flatten<B: Backend>(
             }
         )),
     }
+}
+
+/// `Ok` when every id in `ids` is in `0..limit` (the task's `field`); else an
+/// error naming the first id out of range (the largest, or the smallest below 0)
+/// and the limit. Without it an id out of range ends in an opaque index panic on
+/// the CPU, and may be read silently out of bounds on a GPU.
+fn ids_in_range<B: Backend, const D: usize>(
+    ids: &Tensor<B, D, Int>,
+    limit: usize,
+    what: &str,
+    field: &str,
+) -> kiln_core::Result<()> {
+    if ids.shape().num_elements() == 0 {
+        return Ok(());
+    }
+    let flat = ids.clone().flatten::<1>(0, D - 1);
+    let ends = Tensor::cat(vec![flat.clone().min(), flat.max()], 0).into_data();
+    let ends = ends.convert::<i64>();
+    let (min, max) = match ends.as_slice::<i64>() {
+        Ok([min, max]) => (*min, *max),
+        _ => return Ok(()),
+    };
+    let bad = match (min < 0, max >= limit as i64) {
+        (_, true) => max,
+        (true, false) => min,
+        (false, false) => return Ok(()),
+    };
+    Err(Error::TaskMismatch(format!(
+        "{what} {bad} is out of range: the task's {field} is {limit} (ids 0..{limit})"
+    )))
 }
 
 /// Mean cross-entropy of `logits` `[n, c]` against class ids `[n]`.
@@ -291,6 +323,37 @@ mod tests {
             err.contains("classification task cannot score a values prediction"),
             "{err}"
         );
+    }
+
+    /// A token or class id outside the task's range is an error naming the id and
+    /// the limit, not an index panic.
+    #[rstest::rstest]
+    #[case::token_too_large(true, 65, "token id 65 is out of range: the task's vocab_size is 5")]
+    #[case::token_negative(true, -1, "token id -1 is out of range")]
+    #[case::class_too_large(
+        false,
+        2,
+        "class id 2 is out of range: the task's num_classes is 2 (ids 0..2)"
+    )]
+    fn ids_out_of_range_are_named(#[case] lm: bool, #[case] id: i64, #[case] needle: &str) {
+        let dev = Default::default();
+        let (kind, pred, targets) = match lm {
+            true => (
+                TaskKind::Lm {
+                    vocab_size: 5,
+                    seq_len: 2,
+                },
+                Prediction::TokenLogits(Tensor::<B, 3>::zeros([1, 2, 5], &dev)),
+                Targets::Tokens(Tensor::<B, 2, Int>::from_data([[0, id]], &dev)),
+            ),
+            false => (
+                TaskKind::Classification { num_classes: 2 },
+                Prediction::ClassLogits(Tensor::<B, 2>::zeros([2, 2], &dev)),
+                Targets::Classes(Tensor::<B, 1, Int>::from_data([id, 0], &dev)),
+            ),
+        };
+        let err = loss(&kind, pred, targets).unwrap_err().to_string();
+        assert!(err.contains(needle), "{err}");
     }
 
     #[test]

@@ -71,7 +71,8 @@ pub fn resolve_plan(
         (Strategy::Fsdp, _) if nodes > 1 => {
             return Err(CoordinatorError::NotAvailable {
                 what: format!("strategy fsdp with num_nodes {nodes}"),
-                reason: "kiln's fsdp (optimizer state sharded across workers) gathers a                          checkpoint's shards inside one process; across nodes use ddp"
+                reason: "kiln's fsdp (optimizer state sharded across workers) gathers a \
+                         checkpoint's shards inside one process; across nodes use ddp"
                     .into(),
             });
         }
@@ -316,6 +317,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains(needle), "{err}");
+        // One line, as written: no run of spaces from a broken line continuation.
+        assert!(!err.contains("  ") && !err.contains('\n'), "{err:?}");
     }
 
     #[rstest]

@@ -98,6 +98,19 @@ impl MicroStep {
         turn
     }
 
+    /// `error` (the batch's targets do not fit the task) with this micro-batch's
+    /// place in the run.
+    pub fn locate(&self, error: kiln_core::Error) -> Failure {
+        let error = match error {
+            kiln_core::Error::TaskMismatch(message) => kiln_core::Error::TaskMismatch(format!(
+                "{message} (training step {}, epoch {}, batch {})",
+                self.step, self.epoch, self.batch
+            )),
+            other => other,
+        };
+        Failure::Error(error.into())
+    }
+
     /// `Ok` for a finite loss; a non-finite one ends the run, named here.
     pub fn check(&self, loss: f64) -> Result<(), Failure> {
         match loss.is_finite() {
@@ -138,7 +151,7 @@ where
             }
             None => model.forward(batch.inputs)?,
         };
-        Ok(objective::loss(kind, prediction, batch.targets)?)
+        objective::loss(kind, prediction, batch.targets).map_err(|e| micro.locate(e))
     })
 }
 

@@ -753,10 +753,31 @@ impl CoordinatorConfig {
                 "split/name such as valid/loss",
             ));
         }
-        if self.experiment.trim().is_empty() {
-            return Err(Error::invalid("experiment", "", "a non-empty name"));
+        directory_name("experiment", &self.experiment)?;
+        if let Some(name) = &self.run_name {
+            directory_name("run_name", name)?;
         }
         Ok(())
+    }
+}
+
+/// `name` (of `field`) as one directory's name below the output directory: not
+/// empty, no path separator, not `.` or `..`, so that a run never lands outside
+/// `default_root_dir`.
+fn directory_name(field: &'static str, name: &str) -> Result<()> {
+    let bad = name.trim().is_empty()
+        || name.contains(['/', '\\'])
+        || name == "."
+        || name == ".."
+        || name.contains('\0');
+    match bad {
+        true => Err(Error::invalid(
+            field,
+            name,
+            "a non-empty name without slashes, not . or .. (one directory below the \
+             output directory)",
+        )),
+        false => Ok(()),
     }
 }
 
@@ -764,6 +785,29 @@ impl CoordinatorConfig {
 mod tests {
     use super::*;
     use rstest::rstest;
+
+    /// Experiment and run names are one directory each below the output
+    /// directory: a name that would leave it, or name none, is refused by name.
+    #[rstest]
+    #[case::escape_experiment("experiment", "../../escape")]
+    #[case::parent_experiment("experiment", "..")]
+    #[case::nested_experiment("experiment", "a/b")]
+    #[case::blank_experiment("experiment", " ")]
+    #[case::escape_run("run_name", "../x")]
+    #[case::backslash_run("run_name", "a\\b")]
+    #[case::dot_run("run_name", ".")]
+    fn names_that_leave_the_output_directory_are_refused(#[case] field: &str, #[case] name: &str) {
+        let mut config = CoordinatorConfig::default();
+        match field {
+            "experiment" => config.experiment = name.into(),
+            _ => config.run_name = Some(name.into()),
+        }
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("invalid {field} {name:?}")),
+            "{err}"
+        );
+    }
 
     #[rstest]
     #[case("auto", Strategy::Auto)]

@@ -212,8 +212,11 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Member<B, M> {
         if let Some(e) = error {
             return Some(Err(e));
         }
-        let (mine, others) = gathered?;
-        Some((self.merge)(mine, others, &self.device))
+        match gathered {
+            Ok(Some((mine, others))) => Some((self.merge)(mine, others, &self.device)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
     }
 }
 
