@@ -200,8 +200,9 @@ impl TrainingCoordinator {
     ///
     /// # Errors
     /// As [`train`](Self::train); [`CoordinatorError::NotAvailable`] for a
-    /// precision other than `32-true`, which this version does not run for such a
-    /// model yet.
+    /// precision other than `32-true`: the model's step runs backward itself, so
+    /// kiln cannot cast or scale around it (implement [`LossStep`] and train with
+    /// [`fit_with_loss`](Self::fit_with_loss)).
     pub fn fit<B, M, I, T, S, LR>(
         &self,
         model: M,
@@ -307,13 +308,48 @@ impl TrainingCoordinator {
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler + 'static,
     {
+        self.fit_with_loss_on(
+            &self.default_devices::<B>()?,
+            model,
+            optimizer,
+            lr_scheduler,
+            data,
+            experiment_db,
+            n_epochs,
+        )
+    }
+
+    /// [`fit_with_loss`](Self::fit_with_loss) on the given devices; the
+    /// configuration's `devices` selects among them by index.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fit_with_loss_on<B, M, I, T, S, LR>(
+        &self,
+        devices: &[B::Device],
+        model: M,
+        optimizer: OptimizerAdaptor<S, M, B>,
+        lr_scheduler: LR,
+        data: &Datasets<I, T>,
+        experiment_db: Option<&mut dyn RunTracker>,
+        n_epochs: usize,
+    ) -> Result<Trained<M>>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B> + LossStep<B> + 'static,
+        M::Output: StepOutput<B>,
+        M::InnerModule: InferenceStep,
+        <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+        I: Send + Sync,
+        T: Batcher<B, I, M::Input>
+            + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+        S: SimpleOptimizer<B::InnerBackend> + 'static,
+        LR: LrScheduler + 'static,
+    {
         let work = StepWork {
             data,
             steps: LossSteps::default(),
         };
-        let devices = self.default_devices::<B>()?;
         self.fit_work(
-            &devices,
+            devices,
             model,
             (optimizer, lr_scheduler),
             &work,

@@ -6,9 +6,10 @@
 
 use burn::prelude::*;
 use burn::train::metric::{
-    AccuracyMetric, Adaptor, AurocMetric, CharErrorRate, ClassReduction, FBetaScoreMetric,
-    HammingScore, LossInput, LossMetric, Metric, MetricMetadata, Numeric, NumericEntry,
-    PerplexityMetric, PrecisionMetric, RecallMetric, TopKAccuracyMetric, WordErrorRate,
+    AccuracyMetric, Adaptor, AurocMetric, CharErrorRate, ClassReduction, ConfusionStatsInput,
+    FBetaScoreMetric, HammingScore, LossInput, LossMetric, Metric, MetricMetadata, Numeric,
+    NumericEntry, PerplexityMetric, PrecisionMetric, RecallMetric, TopKAccuracyMetric,
+    WordErrorRate,
 };
 use burn::train::{
     ClassificationOutput, MultiLabelClassificationOutput, RegressionOutput, SequenceOutput,
@@ -118,37 +119,35 @@ fn percent<T: Metric + Numeric>(metric: T, input: &T::Input) -> f64 {
     burn_metric(metric, input) / 100.0
 }
 
+/// Precision, recall and F1 of `input`, by burn-train's metrics as configured.
+fn confusion<B: Backend>(
+    input: &ConfusionStatsInput<B>,
+    (precision, recall, f1): (PrecisionMetric<B>, RecallMetric<B>, FBetaScoreMetric<B>),
+) -> [(&'static str, f64); 3] {
+    [
+        ("precision", percent(precision, input)),
+        ("recall", percent(recall, input)),
+        ("f1", percent(f1, input)),
+    ]
+}
+
 fn classification<B: Backend>(output: &ClassificationOutput<B>) -> Vec<(&'static str, f64)> {
     let [_, classes] = output.output.dims();
-    let confusion = &output.adapt();
-    let mut metrics = vec![
-        ("accuracy", percent(AccuracyMetric::new(), &output.adapt())),
+    // Top-1 decisions, averaged over classes.
+    let (top_1, macro_) = (1, ClassReduction::Macro);
+    let mut metrics = vec![("accuracy", percent(AccuracyMetric::new(), &output.adapt()))];
+    metrics.extend(confusion(
+        &output.adapt(),
         (
-            "precision",
-            percent(
-                PrecisionMetric::multiclass(1, ClassReduction::Macro),
-                confusion,
-            ),
+            PrecisionMetric::multiclass(top_1, macro_),
+            RecallMetric::multiclass(top_1, macro_),
+            FBetaScoreMetric::multiclass(1.0, top_1, macro_),
         ),
-        (
-            "recall",
-            percent(
-                RecallMetric::multiclass(1, ClassReduction::Macro),
-                confusion,
-            ),
-        ),
-        (
-            "f1",
-            percent(
-                FBetaScoreMetric::multiclass(1.0, 1, ClassReduction::Macro),
-                confusion,
-            ),
-        ),
-        (
-            "perplexity",
-            burn_metric(PerplexityMetric::new(), &output.adapt()),
-        ),
-    ];
+    ));
+    metrics.push((
+        "perplexity",
+        burn_metric(PerplexityMetric::new(), &output.adapt()),
+    ));
     if classes > TOP_K {
         metrics.push((
             "top5_accuracy",
@@ -163,34 +162,21 @@ fn classification<B: Backend>(output: &ClassificationOutput<B>) -> Vec<(&'static
 }
 
 fn multilabel<B: Backend>(output: &MultiLabelClassificationOutput<B>) -> Vec<(&'static str, f64)> {
-    let confusion = &output.adapt();
-    vec![
+    // A label is predicted above probability 0.5; averaged over labels.
+    let (threshold, macro_) = (0.5, ClassReduction::Macro);
+    let mut metrics = vec![(
+        "hamming_score",
+        percent(HammingScore::new(), &output.adapt()),
+    )];
+    metrics.extend(confusion(
+        &output.adapt(),
         (
-            "hamming_score",
-            percent(HammingScore::new(), &output.adapt()),
+            PrecisionMetric::multilabel(threshold, macro_),
+            RecallMetric::multilabel(threshold, macro_),
+            FBetaScoreMetric::multilabel(1.0, threshold, macro_),
         ),
-        (
-            "precision",
-            percent(
-                PrecisionMetric::multilabel(0.5, ClassReduction::Macro),
-                confusion,
-            ),
-        ),
-        (
-            "recall",
-            percent(
-                RecallMetric::multilabel(0.5, ClassReduction::Macro),
-                confusion,
-            ),
-        ),
-        (
-            "f1",
-            percent(
-                FBetaScoreMetric::multilabel(1.0, 0.5, ClassReduction::Macro),
-                confusion,
-            ),
-        ),
-    ]
+    ));
+    metrics
 }
 
 fn sequence<B: Backend>(output: &SequenceOutput<B>) -> Vec<(&'static str, f64)> {

@@ -49,6 +49,11 @@ impl<B: Backend, M, St> Stepper<B, M, St> {
             backend: PhantomData,
         }
     }
+
+    /// The same wrapper around `change(self.model)`.
+    fn with_model(self, change: impl FnOnce(M) -> M) -> Self {
+        Self::new(change(self.model), self.steps, self.shared)
+    }
 }
 
 impl<B: Backend, M: std::fmt::Debug, St> std::fmt::Debug for Stepper<B, M, St> {
@@ -72,11 +77,11 @@ where
     }
 
     fn fork(self, device: &B::Device) -> Self {
-        Self::new(self.model.fork(device), self.steps, self.shared)
+        self.with_model(|model| model.fork(device))
     }
 
     fn to_device(self, device: &B::Device) -> Self {
-        Self::new(self.model.to_device(device), self.steps, self.shared)
+        self.with_model(|model| model.to_device(device))
     }
 
     fn visit<V: ModuleVisitor<B>>(&self, visitor: &mut V) {
@@ -84,11 +89,11 @@ where
     }
 
     fn map<Mapper: ModuleMapper<B>>(self, mapper: &mut Mapper) -> Self {
-        Self::new(self.model.map(mapper), self.steps, self.shared)
+        self.with_model(|model| model.map(mapper))
     }
 
     fn load_record(self, record: Self::Record) -> Self {
-        Self::new(self.model.load_record(record), self.steps, self.shared)
+        self.with_model(|model| model.load_record(record))
     }
 
     fn into_record(self) -> Self::Record {
@@ -139,13 +144,7 @@ where
         stepper: Stepper<B, M, St>,
         grads: GradientsParams,
     ) -> Stepper<B, M, St> {
-        let Stepper {
-            model,
-            steps,
-            shared,
-            ..
-        } = stepper;
-        Stepper::new(self.0.step(lr, model, grads), steps, shared)
+        stepper.with_model(|model| self.0.step(lr, model, grads))
     }
 
     fn step_multi(
@@ -154,13 +153,7 @@ where
         stepper: Stepper<B, M, St>,
         grads: MultiGradientsParams,
     ) -> Stepper<B, M, St> {
-        let Stepper {
-            model,
-            steps,
-            shared,
-            ..
-        } = stepper;
-        Stepper::new(self.0.step_multi(lr, model, grads), steps, shared)
+        stepper.with_model(|model| self.0.step_multi(lr, model, grads))
     }
 
     fn to_record(&self) -> Self::Record {
