@@ -356,19 +356,10 @@ fn stop_and_resume<M, I, T, S, LR>(
     batcher: T,
     accumulate: u32,
 ) where
-    M: burn::module::AutodiffModule<B> + burn::train::TrainStep + 'static,
-    M::Output: kiln_coordinator::StepOutput<B>,
-    M::InnerModule: burn::train::InferenceStep,
-    <M::InnerModule as burn::train::InferenceStep>::Output:
-        kiln_coordinator::StepOutput<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend>,
+    M: kiln_coordinator::TrainModel<B>,
     I: Send + Sync,
     T: Clone,
-    StopAt<T>: Batcher<B, I, M::Input>
-        + Batcher<
-            <B as burn::tensor::backend::AutodiffBackend>::InnerBackend,
-            I,
-            <M::InnerModule as burn::train::InferenceStep>::Input,
-        >,
+    StopAt<T>: kiln_coordinator::ModelBatcher<B, I, M>,
     S: burn::optim::SimpleOptimizer<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend>
         + 'static,
     LR: burn::lr_scheduler::LrScheduler + 'static,

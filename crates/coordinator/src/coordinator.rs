@@ -3,14 +3,12 @@
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
-use burn::data::dataloader::batcher::Batcher;
 use burn::module::AutodiffModule;
 use burn::optim::SimpleOptimizer;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::lr_scheduler::LrScheduler;
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
-use burn::train::{InferenceStep, TrainStep};
 use kiln_core::{
     CoordinatorConfig, DataModule, Devices, ProgressMode, RunStatus, Split, Strategy, TaskModel,
     TaskSpec, Throughput, TrainReport,
@@ -27,8 +25,10 @@ use crate::run_dir::RunDir;
 use crate::schedule::KilnSchedule;
 use crate::sync::BackendSync;
 use crate::tracking::Metrics;
-use crate::workload::{LossStep, LossSteps, ModelSteps, StepWork, Steps, TaskWork, Workload};
-use crate::{CoordinatorBuilder, CoordinatorError, Datasets, Result, StepOutput, StopHandle};
+use crate::workload::{
+    LossStep, LossSteps, ModelBatcher, ModelSteps, StepWork, Steps, TaskWork, TrainModel, Workload,
+};
+use crate::{CoordinatorBuilder, CoordinatorError, Datasets, Result, StopHandle};
 
 /// A trained model and the report of its run.
 #[derive(Debug)]
@@ -214,13 +214,9 @@ impl TrainingCoordinator {
     ) -> Result<Trained<M>>
     where
         B: AutodiffBackend,
-        M: AutodiffModule<B> + TrainStep + 'static,
-        M::Output: StepOutput<B>,
-        M::InnerModule: InferenceStep,
-        <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+        M: TrainModel<B>,
         I: Send + Sync,
-        T: Batcher<B, I, M::Input>
-            + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+        T: ModelBatcher<B, I, M>,
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler + 'static,
     {
@@ -250,13 +246,9 @@ impl TrainingCoordinator {
     ) -> Result<Trained<M>>
     where
         B: AutodiffBackend,
-        M: AutodiffModule<B> + TrainStep + 'static,
-        M::Output: StepOutput<B>,
-        M::InnerModule: InferenceStep,
-        <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+        M: TrainModel<B>,
         I: Send + Sync,
-        T: Batcher<B, I, M::Input>
-            + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+        T: ModelBatcher<B, I, M>,
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler + 'static,
     {
@@ -298,13 +290,9 @@ impl TrainingCoordinator {
     ) -> Result<Trained<M>>
     where
         B: AutodiffBackend,
-        M: AutodiffModule<B> + LossStep<B> + 'static,
-        M::Output: StepOutput<B>,
-        M::InnerModule: InferenceStep,
-        <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+        M: TrainModel<B> + LossStep<B>,
         I: Send + Sync,
-        T: Batcher<B, I, M::Input>
-            + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+        T: ModelBatcher<B, I, M>,
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler + 'static,
     {
@@ -334,13 +322,9 @@ impl TrainingCoordinator {
     ) -> Result<Trained<M>>
     where
         B: AutodiffBackend,
-        M: AutodiffModule<B> + LossStep<B> + 'static,
-        M::Output: StepOutput<B>,
-        M::InnerModule: InferenceStep,
-        <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+        M: TrainModel<B> + LossStep<B>,
         I: Send + Sync,
-        T: Batcher<B, I, M::Input>
-            + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+        T: ModelBatcher<B, I, M>,
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler + 'static,
     {

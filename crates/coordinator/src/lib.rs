@@ -59,7 +59,7 @@ pub use error::CoordinatorError;
 pub use outputs::{StepOutput, burn_metric};
 pub use plan::resolve_plan;
 pub use stop::StopHandle;
-pub use workload::{Datasets, LossStep};
+pub use workload::{Datasets, LossStep, ModelBatcher, TrainModel};
 
 /// Result alias for the coordinator.
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;

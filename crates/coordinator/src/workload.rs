@@ -415,6 +415,43 @@ where
     EvalSums::of_batch(output.loss_value(), examples as f64, &output.metrics())
 }
 
+/// A Burn model as `fit` takes it, the bounds named once: a `TrainStep` on the
+/// autodiff backend whose inner module is an `InferenceStep`, both with outputs
+/// kiln reads ([`StepOutput`]). Every such model is one (a blanket impl).
+pub trait TrainModel<B: AutodiffBackend>:
+    AutodiffModule<B, InnerModule: InferenceStep<Output: StepOutput<B::InnerBackend>>>
+    + TrainStep<Output: StepOutput<B>>
+    + 'static
+{
+}
+
+impl<B, M> TrainModel<B> for M
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + TrainStep + 'static,
+    M::Output: StepOutput<B>,
+    M::InnerModule: InferenceStep,
+    <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+{
+}
+
+/// A batcher of items `I` for model `M` (a [`TrainModel`]): its training input on
+/// the autodiff backend, its validation input on the inner backend (a batcher
+/// generic over the backend is both). Every such batcher is one.
+pub trait ModelBatcher<B: AutodiffBackend, I, M: TrainModel<B>>:
+    Batcher<B, I, M::Input> + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>
+{
+}
+
+impl<B, I, M, T> ModelBatcher<B, I, M> for T
+where
+    B: AutodiffBackend,
+    M: TrainModel<B>,
+    T: Batcher<B, I, M::Input>
+        + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+{
+}
+
 /// A model with its own `TrainStep` whose step kiln can also run up to the loss,
 /// taking the backward pass itself: what such a model implements to train in
 /// `bf16-mixed` or `16-mixed`, whose working copy and loss scaling sit between the
