@@ -565,12 +565,14 @@ pub struct CoordinatorConfig {
     pub check_replicas: bool,
     /// Lightning's `deterministic`: a data-parallel group of workers in one process
     /// takes the same steps in every run with one seed, random ops in the model
-    /// (dropout) included. Backends whose RNG is one per process (the CPU ones)
-    /// then run the workers' passes of a micro-batch one at a time, each right
-    /// after seeding the RNG with its own seed; slower, as Lightning warns for
-    /// its flag. Without it each worker still draws its own numbers, in an order
-    /// the threads' timing decides. One worker per process is deterministic
-    /// either way.
+    /// (dropout) included, where the backend's RNG is one per process (the CPU
+    /// ones): the workers then run their passes of a micro-batch one at a time,
+    /// each right after seeding the RNG with its own seed; slower, as Lightning
+    /// warns for its flag (under NCCL's synchronisation, whose backward passes
+    /// wait for each other, the workers keep their own devices' RNGs instead).
+    /// Without it each worker still draws its own numbers, in an order the
+    /// threads' timing decides. One worker per process is deterministic either
+    /// way.
     pub deterministic: bool,
     /// Whether checkpoints are written.
     pub enable_checkpointing: bool,
