@@ -381,3 +381,45 @@ fn a_token_id_past_the_vocabulary_is_named_with_its_batch() {
     assert_eq!(report.status.label(), "FAILED");
     assert_eq!(report.optimizer_steps, 2);
 }
+
+/// Whatever fails at the end of a run (here `report.json` cannot be written: a
+/// directory of that name stands in its place, as a full disk would fail it) ends
+/// the run FAILED in the store with the reason, returns the error, and leaves no
+/// temporary file behind.
+#[test]
+fn a_failure_while_ending_the_run_records_it_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("default").join("r");
+    let (text, task) = corpus_data(20_000, 32);
+    let data = kiln_tests::Hooked::new(&text, |batch| {
+        if batch == 1 {
+            std::fs::create_dir_all(run_dir.join("report.json"))
+                .map_err(|e| kiln_core::Error::Data(e.to_string()))?;
+        }
+        Ok(())
+    });
+    let model = small_gpt(text.vocab_size(), 32)
+        .init::<B>(1, &Default::default())
+        .unwrap();
+    let mut db = kiln_experiment_db::ExperimentDb::open(dir.path().join("kiln.sqlite")).unwrap();
+    let err = quiet(dir.path())
+        .run_name("r")
+        .strategy("vanilla")
+        .batch_size(8)
+        .max_steps(3)
+        .build()
+        .unwrap()
+        .train::<B, _, _>(model, &data, &task, Some(&mut db), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("report.json"), "{err}");
+    let runs = db.list_runs(None).unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].status.to_string(), "FAILED", "{:?}", runs[0]);
+    let reason = runs[0].failure_reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with("ending the run: ") && reason.contains("report.json"),
+        "{reason}"
+    );
+    assert!(!run_dir.join(".report.json.tmp").exists());
+}

@@ -804,24 +804,35 @@ impl TrainingCoordinator {
         };
         match &run_dir {
             Some(run_dir) => {
-                run_dir.write_json("report.json", &report)?;
-                // The files go into the store before the run is closed; whatever
-                // fails here, the run is still closed with its status.
+                // The report and the files go into the store before the run is
+                // closed; whatever fails here (a full disk), the run is still
+                // closed, FAILED with the reason, and the error returned.
                 let saved_model = model.is_some() && config.enable_checkpointing;
-                let artifacts = metrics
-                    .artifact(&run_dir.path, "report", "report.json")
+                let ending = run_dir
+                    .write_json("report.json", &report)
+                    .and_then(|_| metrics.artifact(&run_dir.path, "report", "report.json"))
                     .and_then(|()| match saved_model {
                         true => metrics.artifact(&run_dir.path, "model", "model.mpk"),
                         false => Ok(()),
                     });
-                let ended = metrics.finish(end_status, reason.as_deref());
-                match (ended, &reason) {
+                let (end_status, stored_reason) = match &ending {
+                    Ok(()) => (end_status, reason.clone()),
+                    Err(e) => (
+                        EndStatus::Failed,
+                        Some(match &reason {
+                            Some(reason) => format!("{reason}; then, ending the run: {e}"),
+                            None => format!("ending the run: {e}"),
+                        }),
+                    ),
+                };
+                let ended = metrics.finish(end_status, stored_reason.as_deref());
+                match (ended, &stored_reason) {
                     // The run's own failure is the error to return; another node
                     // may have ended the run FAILED already (multi-node runs).
                     (Err(e), Some(_)) => tracing::warn!("could not end the failed run: {e}"),
                     (ended, _) => ended?,
                 }
-                artifacts?;
+                ending?;
             }
             None => {
                 if let (Some(db), Some(run), Some(reason)) =

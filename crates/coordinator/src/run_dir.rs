@@ -73,9 +73,16 @@ impl RunDir {
         let tmp = self.path.join(format!(".{file}.tmp"));
         let text = serde_json::to_string_pretty(value)
             .map_err(|e| CoordinatorError::io(&path, std::io::Error::other(e)))?;
-        std::fs::write(&tmp, text).map_err(|e| CoordinatorError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| CoordinatorError::io(&path, e))?;
-        Ok(path)
+        let written = std::fs::write(&tmp, text)
+            .map_err(|e| CoordinatorError::io(&tmp, e))
+            .and_then(|()| {
+                std::fs::rename(&tmp, &path).map_err(|e| CoordinatorError::io(&path, e))
+            });
+        if written.is_err() {
+            // Nothing half-written stays behind (a full disk leaves an empty file).
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map(|()| path)
     }
 
     /// Saves `model`'s weights in full precision as `model.mpk`.
