@@ -32,8 +32,7 @@ use kiln_examples::regressor::{
     RegressionBatcher, RegressionItem, Regressor, RegressorConfig, synthetic_regression,
 };
 use kiln_experiment_db::ExperimentDb;
-use kiln_tests::process::{collect, wait_within};
-use kiln_tests::{loss_bits, param_values, quiet};
+use kiln_tests::{loss_bits, output_within, param_values, quiet};
 use rstest::rstest;
 
 type B = Autodiff<Flex>;
@@ -541,12 +540,14 @@ fn two_nodes_train_the_cnn_as_one_device_does() {
                 .unwrap()
         })
         .collect();
-    for (rank, mut node) in nodes.into_iter().enumerate() {
-        let out = collect(node.stdout.take().unwrap());
-        let err = collect(node.stderr.take().unwrap());
-        let status = wait_within(&mut node, Duration::from_secs(300), &format!("node {rank}"));
-        let (out, err) = (out.join().unwrap(), err.join().unwrap());
-        assert!(status.success(), "node {rank} failed:\n{out}\n{err}");
+    for (rank, node) in nodes.into_iter().enumerate() {
+        let output = output_within(node, Duration::from_secs(300), &format!("node {rank}"));
+        assert!(
+            output.status.success(),
+            "node {rank} failed:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let report: TrainReport =
         serde_json::from_slice(&std::fs::read(dir.path().join("nodes/r/report.json")).unwrap())

@@ -1,6 +1,9 @@
 //! Helpers shared by kiln's cross-crate tests.
 
-pub mod process;
+use std::io::Read;
+use std::process::{Child, Output};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use burn::prelude::Backend;
 use kiln_coordinator::{CoordinatorBuilder, TrainingCoordinator};
@@ -113,4 +116,42 @@ impl<F: Fn(usize) -> kiln_core::Result<()> + Send + Sync> DataModule for Hooked<
     fn items_per_example(&self) -> usize {
         self.inner.items_per_example()
     }
+}
+
+/// The output of `child` once it exits, waited for at most `limit`. Its pipes are
+/// read on threads (a full pipe never blocks it), and their end, when the child
+/// exits, is the event waited for; past `limit` the child is killed and the test
+/// fails naming `what`.
+pub fn output_within(mut child: Child, limit: Duration, what: &str) -> Output {
+    let (ended, end) = mpsc::channel();
+    let stdout = read_all(child.stdout.take(), ended.clone());
+    let stderr = read_all(child.stderr.take(), ended);
+    let deadline = Instant::now() + limit;
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if end.recv_timeout(left).is_err() {
+            let _ = child.kill();
+            panic!("{what} still running after {limit:?}: it hangs");
+        }
+    }
+    Output {
+        status: child.wait().unwrap(),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// Reads `stream` to its end on a thread, then says so on `ended`.
+fn read_all(
+    stream: Option<impl Read + Send + 'static>,
+    ended: mpsc::Sender<()>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut stream) = stream {
+            let _ = stream.read_to_end(&mut bytes);
+        }
+        let _ = ended.send(());
+        bytes
+    })
 }

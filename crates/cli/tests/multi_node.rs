@@ -6,7 +6,7 @@
 //! train on the CPU backends, which a kiln built with `cuda-nccl` lacks.
 #![cfg(not(feature = "cuda-nccl"))]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -29,9 +29,29 @@ fn free_ports() -> u16 {
     kiln_core::launch::free_master_port(3).expect("a free range of ports")
 }
 
-#[path = "../../../tests/process.rs"]
-mod process;
-use process::{collect, wait_within};
+/// Waits for `child` at most `limit`; kills it and fails the test past that.
+fn wait_within(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what} still running after {limit:?}: it hangs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Output of `child`, read on a thread so that a full pipe never blocks it.
+fn collect(stream: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = BufReader::new(stream).read_to_string(&mut text);
+        text
+    })
+}
 
 /// The training arguments every run of a comparison shares.
 fn train_args(out_dir: &str, steps: u32) -> Vec<String> {

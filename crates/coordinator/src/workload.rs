@@ -299,11 +299,9 @@ pub(crate) struct ModelSteps;
 impl<B, M, I, T, K> Workload<B, M> for StepWork<'_, I, T, K>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + TrainStep,
-    M::InnerModule: InferenceStep,
+    M: TrainModel<B>,
     I: Send + Sync,
-    T: Batcher<B, I, M::Input>
-        + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+    T: ModelBatcher<B, I, M>,
     K: Steps<B, M, Batch = M::Input>
         + Validates<
             B::InnerBackend,
@@ -344,14 +342,7 @@ where
     }
 }
 
-impl<B, M> Steps<B, M> for ModelSteps
-where
-    B: AutodiffBackend,
-    M: AutodiffModule<B> + TrainStep,
-    M::Output: StepOutput<B>,
-    M::InnerModule: InferenceStep,
-    <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
-{
+impl<B: AutodiffBackend, M: TrainModel<B>> Steps<B, M> for ModelSteps {
     type Batch = M::Input;
 
     const KILN_BACKWARD: bool = false;
@@ -525,10 +516,7 @@ impl<B, M> Default for LossSteps<B, M> {
 impl<B, M> Steps<B, M> for LossSteps<B, M>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B> + LossStep<B> + 'static,
-    M::Output: StepOutput<B>,
-    M::InnerModule: InferenceStep,
-    <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+    M: TrainModel<B> + LossStep<B>,
 {
     type Batch = M::Input;
 
@@ -553,12 +541,8 @@ where
     }
 }
 
-impl<B, M> Validates<B::InnerBackend, M::InnerModule> for LossSteps<B, M>
-where
-    B: AutodiffBackend,
-    M: AutodiffModule<B> + 'static,
-    M::InnerModule: InferenceStep,
-    <M::InnerModule as InferenceStep>::Output: StepOutput<B::InnerBackend>,
+impl<B: AutodiffBackend, M: TrainModel<B>> Validates<B::InnerBackend, M::InnerModule>
+    for LossSteps<B, M>
 {
     type ValidBatch = <M::InnerModule as InferenceStep>::Input;
 
