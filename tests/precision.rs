@@ -31,14 +31,14 @@ fn dtypes<B: Backend, M: Module<B>>(model: &M) -> Vec<DType> {
     v.0
 }
 
-fn run<B: burn::tensor::backend::AutodiffBackend>(
+fn run<B: kiln_kernels::FusedAutodiffBackend>(
     precision: &str,
     strict: bool,
 ) -> Result<(TrainReport, Vec<DType>), CoordinatorError> {
     run_with::<B>(precision, strict, OptimizerConfig::default().eps)
 }
 
-fn run_with<B: burn::tensor::backend::AutodiffBackend>(
+fn run_with<B: kiln_kernels::FusedAutodiffBackend>(
     precision: &str,
     strict: bool,
     eps: f32,

@@ -70,7 +70,7 @@ fn tiny_gpt_trains_one_epoch_with_default_arguments_and_the_loss_goes_down() {
     assert_eq!(config["config"]["precision"], "32-true");
 }
 
-fn losses<B: burn::tensor::backend::AutodiffBackend>(seed: u64) -> Vec<f32> {
+fn losses<B: kiln_kernels::FusedAutodiffBackend>(seed: u64) -> Vec<f32> {
     let dir = tempfile::tempdir().unwrap();
     let (data, task) = corpus_data(20_000, 32);
     let model = small_gpt(data.vocab_size(), 32)
@@ -156,13 +156,11 @@ fn max_steps_and_limit_train_batches_cut_the_run() {
     );
 }
 
-/// The tiny GPT takes the same steps, bit for bit on Flex, as before the general
-/// path (issue 17) moved the native loop onto a `Workload`, kiln's schedule onto
-/// burn-optim's `LrScheduler` and Burn's RNG to a per-micro-batch seed:
-/// `tests/golden/tiny_gpt.txt` holds the per-step losses and final weights the
-/// code before that change gave (accumulation, clipping and the warm-up + cosine
-/// schedule on; the native loop, the Learner engine, a two-worker bf16-mixed group
-/// and 16-mixed).
+/// The tiny GPT takes the same steps, bit for bit on Flex, as its record
+/// `tests/golden/tiny_gpt.txt`: per-step losses and final weights with
+/// accumulation, clipping and the warm-up + cosine schedule on, on the native loop,
+/// the Learner engine, a two-worker bf16-mixed group and 16-mixed. The file's header
+/// says when it was recorded and what each re-recording was compared with.
 #[rstest::rstest]
 #[case::vanilla("vanilla", "vanilla", "1", "32-true")]
 #[case::learner("learner", "auto", "1", "32-true")]

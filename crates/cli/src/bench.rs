@@ -25,12 +25,12 @@ use burn::backend::Autodiff;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use kiln_backend_cpu::{CpuBackend, Flex, NdArray};
 use kiln_coordinator::TrainingCoordinator;
 use kiln_core::rng::SplitMix64;
 use kiln_core::{Batch, DataModule, Inputs, ProgressMode, Split, Targets, TaskKind, TaskSpec};
+use kiln_kernels::FusedAutodiffBackend;
 use kiln_models::{TextDataModule, TinyGptConfig};
 
 /// Measure training throughput of the tiny GPT.
@@ -242,7 +242,7 @@ fn emit(line: &serde_json::Value) {
     println!("{line}");
 }
 
-fn measure<B: AutodiffBackend>(
+fn measure<B: FusedAutodiffBackend>(
     args: &BenchArgs,
     name: &str,
     cfg: TinyGptConfig,
@@ -334,7 +334,7 @@ struct HandResult {
 }
 
 /// The minimal loop a Burn user would write by hand, as in `shared/bench/`.
-fn hand_loop<B: AutodiffBackend>(
+fn hand_loop<B: FusedAutodiffBackend>(
     args: &BenchArgs,
     cfg: TinyGptConfig,
     data: &TextDataModule,

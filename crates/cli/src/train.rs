@@ -19,6 +19,7 @@ use kiln_core::{
     TrainReport,
 };
 use kiln_experiment_db::{ExperimentDb, RunTracker};
+use kiln_kernels::FusedAutodiffBackend;
 use kiln_models::{
     CharTokenizer, MlpConfig, TabularDataModule, TextDataModule, TinyGptConfig, builtin_corpus,
     load_text_file,
@@ -425,7 +426,7 @@ type CudaLaunch = Nccl;
 #[cfg(all(feature = "cuda", not(feature = "cuda-nccl")))]
 type CudaLaunch = Plain;
 
-fn train_task<B: AutodiffBackend, L: Launch<B>>(
+fn train_task<B: FusedAutodiffBackend, L: Launch<B>>(
     args: &TrainArgs,
     coordinator: &TrainingCoordinator,
     mut task: TaskSpec,

@@ -44,12 +44,13 @@ fn wait_within(child: &mut Child, limit: Duration, what: &str) -> std::process::
     }
 }
 
-/// Output of `child`, read on a thread so that a full pipe never blocks it.
-fn collect(stream: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+/// Output of `child`, read on a thread so that a full pipe never blocks it. Bytes, made
+/// text only at the end: a stream picked up mid-way may start inside a character.
+fn collect(mut stream: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = BufReader::new(stream).read_to_string(&mut text);
-        text
+        let mut bytes = Vec::new();
+        let _ = stream.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
     })
 }
 
@@ -218,14 +219,15 @@ fn a_node_killed_mid_run_makes_the_other_fail_within_the_timeout(#[case] victim:
     }
     let survivor = 1 - victim;
     let survivor_err = match survivor {
-        0 => collect(stderr0.into_inner()),
+        // The reader itself, not its inner pipe: what it has buffered is part of the rest.
+        0 => collect(stderr0),
         _ => {
-            let rest = collect(stderr0.into_inner());
+            let rest = collect(stderr0);
             std::thread::spawn(move || drop(rest.join()));
             collect(nodes[1].stderr.take().unwrap())
         }
     };
-    let _ = collect(nodes[survivor as usize].stdout.take().unwrap());
+    let survivor_out = collect(nodes[survivor as usize].stdout.take().unwrap());
     nodes[victim as usize].kill().unwrap(); // SIGKILL
     let killed_at = Instant::now();
     let _ = nodes[victim as usize].wait();
@@ -236,6 +238,7 @@ fn a_node_killed_mid_run_makes_the_other_fail_within_the_timeout(#[case] victim:
         "the surviving node",
     );
     let err = survivor_err.join().unwrap();
+    let err = format!("{status}\n{}{err}", survivor_out.join().unwrap());
     assert!(!status.success(), "{err}");
     assert!(
         killed_at.elapsed() < Duration::from_secs(timeout_s + 30),

@@ -6,15 +6,20 @@
 //! Linear with a bias. Parameter count
 //! `V·d + T·d + L·(12d² + 13d) + 2d + d·V + V` = 421,697 for V = 65, T = 64,
 //! d = 128, L = 2.
+//!
+//! Its GELU, softmax and LayerNorms are kiln's fused operations ([`kiln_kernels`]),
+//! so the model wants a backend with [`FusedOps`]: every backend kiln ships has it.
 
 use burn::module::Param;
-use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
 use kiln_core::rng::SplitMix64;
 use kiln_core::{Error, Inputs, Prediction, TaskKind, TaskModel, TaskSpec};
+use kiln_kernels::{FusedOps, LayerNorm, causal_attention, gelu};
 
 use crate::layers::{Dense, normal_tensor};
+
+/// The ε of every LayerNorm.
+const LN_EPS: f64 = 1e-5;
 
 /// Shape of a [`TinyGpt`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +98,7 @@ impl TinyGptConfig {
         let blocks = (0..self.n_layers)
             .map(|_| Block::new(d, self.n_heads, self.d_ff, &mut rng, device))
             .collect();
-        let ln_f = LayerNormConfig::new(d).with_epsilon(1e-5).init(device);
+        let ln_f = LayerNorm::new(d, LN_EPS, device);
         let head = Dense::new(d, self.vocab_size, &mut rng, device);
         Ok(TinyGpt {
             tok_emb,
@@ -127,7 +132,7 @@ impl<B: Backend> Block<B> {
         rng: &mut SplitMix64,
         device: &B::Device,
     ) -> Self {
-        let ln = || LayerNormConfig::new(d).with_epsilon(1e-5).init(device);
+        let ln = || LayerNorm::new(d, LN_EPS, device);
         Self {
             ln1: ln(),
             q: Dense::new(d, d, rng, device),
@@ -140,24 +145,18 @@ impl<B: Backend> Block<B> {
             n_heads,
         }
     }
+}
 
-    /// `x`: `[b·t, d]`; `mask`: additive causal mask `[1, 1, t, t]`.
-    fn forward(&self, x: Tensor<B, 2>, b: usize, t: usize, mask: Tensor<B, 4>) -> Tensor<B, 2> {
+impl<B: FusedOps> Block<B> {
+    /// `x`: `[b·t, d]`, `b` sequences of `t` tokens.
+    fn forward(&self, x: Tensor<B, 2>, b: usize, t: usize) -> Tensor<B, 2> {
         let [_, d] = x.dims();
-        let (h, hd) = (self.n_heads, d / self.n_heads);
         let a = self.ln1.forward(x.clone());
-        let heads = |y: Tensor<B, 2>| y.reshape([b, t, h, hd]).swap_dims(1, 2);
-        let q = heads(self.q.forward(a.clone()));
-        let k = heads(self.k.forward(a.clone()));
-        let v = heads(self.v.forward(a));
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (hd as f64).sqrt())
-            + mask;
-        let y = softmax(scores, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b * t, d]);
+        let seqs = |y: Tensor<B, 2>| y.reshape([b, t, d]);
+        let q = seqs(self.q.forward(a.clone()));
+        let k = seqs(self.k.forward(a.clone()));
+        let v = seqs(self.v.forward(a));
+        let y = causal_attention(q, k, v, self.n_heads).reshape([b * t, d]);
         let x = x + self.proj.forward(y);
         let m = self
             .down
@@ -176,7 +175,7 @@ pub struct TinyGpt<B: Backend> {
     head: Dense<B>,
 }
 
-impl<B: Backend> TinyGpt<B> {
+impl<B: FusedOps> TinyGpt<B> {
     /// Logits `[b, t, V]` for token ids `[b, t]`, `t` at most the configured context.
     pub fn logits(&self, tokens: Tensor<B, 2, Int>) -> kiln_core::Result<Tensor<B, 3>> {
         let [b, t] = tokens.dims();
@@ -186,14 +185,11 @@ impl<B: Backend> TinyGpt<B> {
                 "sequence length {t} does not fit the model's context of {max_t} tokens"
             )));
         }
-        let device = tokens.device();
         let pos = self.pos_emb.val().narrow(0, 0, t).unsqueeze::<3>();
         let x = burn::tensor::module::embedding(self.tok_emb.val(), tokens) + pos;
         let mut x = x.reshape([b * t, d]);
-        // In the activations' dtype: under mixed precision they are bf16.
-        let mask = causal_mask::<B>(t, &device).cast(burn::tensor::FloatDType::from(x.dtype()));
         for block in &self.blocks {
-            x = block.forward(x, b, t, mask.clone());
+            x = block.forward(x, b, t);
         }
         let logits = self.head.forward(self.ln_f.forward(x));
         let [_, v] = logits.dims();
@@ -201,7 +197,7 @@ impl<B: Backend> TinyGpt<B> {
     }
 }
 
-impl<B: Backend> TaskModel<B> for TinyGpt<B> {
+impl<B: FusedOps> TaskModel<B> for TinyGpt<B> {
     fn forward(&self, inputs: Inputs<B>) -> kiln_core::Result<Prediction<B>> {
         Ok(Prediction::TokenLogits(self.logits(inputs.into_tokens()?)?))
     }
@@ -232,17 +228,6 @@ impl<B: Backend> TaskModel<B> for TinyGpt<B> {
             ))),
         }
     }
-}
-
-/// Additive causal mask `[1, 1, t, t]`: 0 on and below the diagonal, -inf above.
-fn causal_mask<B: Backend>(t: usize, device: &B::Device) -> Tensor<B, 4> {
-    let mut m = vec![0.0f32; t * t];
-    for i in 0..t {
-        for j in (i + 1)..t {
-            m[i * t + j] = f32::NEG_INFINITY;
-        }
-    }
-    Tensor::from_data(TensorData::new(m, [1, 1, t, t]), device)
 }
 
 #[cfg(test)]
@@ -306,5 +291,49 @@ mod tests {
         let head = |r: &TinyGptRecord<NdArray>| r.head.weight.val().into_data();
         assert_eq!(head(&a), head(&b));
         assert_ne!(head(&a), head(&c));
+    }
+
+    /// Loss and the gradient of the token embedding after one forward and backward.
+    fn loss_and_grad<B: kiln_kernels::FusedAutodiffBackend>() -> (f32, Vec<f32>) {
+        use burn::tensor::activation::log_softmax;
+        let dev = Default::default();
+        let model = TinyGptConfig::tiny(13).init::<B>(5, &dev).unwrap();
+        let ids: Vec<i32> = (0..2 * 64).map(|i| i * 7 % 13).collect();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [2, 64]), &dev);
+        let logits = model.logits(tokens.clone()).unwrap();
+        let loss = log_softmax(logits, 2)
+            .gather(2, tokens.unsqueeze_dim::<3>(2))
+            .mean()
+            .neg();
+        let grads = loss.backward();
+        let grad = model.tok_emb.grad(&grads).unwrap();
+        (
+            loss.into_scalar().elem(),
+            grad.into_data().to_vec().unwrap(),
+        )
+    }
+
+    /// Flex runs kiln's fused kernels, NdArray Burn's ops: the same model agrees.
+    #[test]
+    fn the_fused_kernels_train_as_burns_ops_do() {
+        use burn::backend::Autodiff;
+        use kiln_backend_cpu::Flex;
+        let (flex_loss, flex_grad) = loss_and_grad::<Autodiff<Flex>>();
+        let (ndarray_loss, ndarray_grad) = loss_and_grad::<Autodiff<NdArray>>();
+        assert!(
+            (flex_loss - ndarray_loss).abs() < 1e-5,
+            "{flex_loss} vs {ndarray_loss}"
+        );
+        // The embedding's gradient sums many tokens' terms with cancellations: compare
+        // each element against the largest.
+        let scale = ndarray_grad.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+        let worst = flex_grad
+            .iter()
+            .zip(&ndarray_grad)
+            .fold(0.0f32, |m, (f, n)| m.max((f - n).abs()));
+        assert!(
+            worst < 5e-4 * scale,
+            "largest difference {worst}, largest gradient {scale}"
+        );
     }
 }

@@ -1,0 +1,324 @@
+//! The fused kernels on plain `f32` slices, split across the cores on rayon's pool.
+//!
+//! Every split is by a fixed number of elements or rows, never by the number of
+//! threads, and partial sums are added in the order of their chunks: a result is the
+//! same bit for bit on any machine, which exact resume and the equality of runs
+//! depend on.
+
+use rayon::prelude::*;
+
+use crate::gemm::{Mat, MatMut, matmul};
+use crate::math;
+
+/// Elements per task of an element-wise kernel: large enough that a task costs far
+/// more than handing it to another thread.
+const CHUNK: usize = 16 * 1024;
+
+/// Rows per task of a row-wise kernel, at least (more for short rows).
+const MIN_ROWS: usize = 16;
+
+/// `1/√2`.
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// `1/√(2π)`.
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `out = gelu(x) = x/2 · (1 + erf(x/√2))`, the exact GELU.
+pub fn gelu(x: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(out, x)| {
+            for (o, &v) in out.iter_mut().zip(x) {
+                let e = math::exp(-0.5 * v * v);
+                *o = 0.5 * v * (1.0 + math::erf_with_exp(v * FRAC_1_SQRT_2, e));
+            }
+        });
+}
+
+/// `out = grad · gelu'(x)`, with `gelu'(x) = (1 + erf(x/√2))/2 + x · e^{-x²/2}/√(2π)`:
+/// one `exp` serves both terms.
+pub fn gelu_backward(x: &[f32], grad: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .zip(grad.par_chunks(CHUNK))
+        .for_each(|((out, x), grad)| {
+            for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
+                let e = math::exp(-0.5 * v * v);
+                let cdf = 0.5 * (1.0 + math::erf_with_exp(v * FRAC_1_SQRT_2, e));
+                *o = g * (cdf + v * FRAC_1_SQRT_2PI * e);
+            }
+        });
+}
+
+/// Rows per task for rows of `width` elements.
+fn rows_per_task(width: usize) -> usize {
+    (CHUNK / 4 / width.max(1)).max(MIN_ROWS)
+}
+
+/// Gradients of `y = (x - mean)/√(var + ε) · γ + β` over rows of `width` elements.
+///
+/// Writes `dx` and returns `(dγ, dβ)`. Mean and variance are recomputed from `x`
+/// (two passes over a row in cache) rather than kept from the forward pass.
+pub fn layer_norm_backward(
+    x: &[f32],
+    gamma: &[f32],
+    grad: &[f32],
+    epsilon: f32,
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let width = gamma.len();
+    let block = rows_per_task(width) * width;
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .zip(grad.par_chunks(block))
+        .map(|((dx, x), grad)| {
+            let mut dgamma = vec![0.0f32; width];
+            let mut dbeta = vec![0.0f32; width];
+            let mut g = vec![0.0f32; width];
+            let mut xhat = vec![0.0f32; width];
+            for ((dx, x), dy) in dx
+                .chunks_exact_mut(width)
+                .zip(x.chunks_exact(width))
+                .zip(grad.chunks_exact(width))
+            {
+                let n = width as f32;
+                let mean = math::sum(x) / n;
+                for (h, &v) in xhat.iter_mut().zip(x) {
+                    *h = v - mean;
+                }
+                let var = math::dot(&xhat, &xhat) / n;
+                let rstd = 1.0 / (var + epsilon).sqrt();
+                for h in xhat.iter_mut() {
+                    *h *= rstd;
+                }
+                for (((gi, &dyi), &gam), ((dg, db), &h)) in g
+                    .iter_mut()
+                    .zip(dy)
+                    .zip(gamma)
+                    .zip(dgamma.iter_mut().zip(dbeta.iter_mut()).zip(&xhat))
+                {
+                    *gi = dyi * gam;
+                    *dg += dyi * h;
+                    *db += dyi;
+                }
+                let mean_g = math::sum(&g) / n;
+                let mean_gx = math::dot(&g, &xhat) / n;
+                for ((d, &gi), &h) in dx.iter_mut().zip(&g).zip(&xhat) {
+                    *d = rstd * (gi - mean_g - h * mean_gx);
+                }
+            }
+            (dgamma, dbeta)
+        })
+        .collect();
+    let mut dgamma = vec![0.0f32; width];
+    let mut dbeta = vec![0.0f32; width];
+    for (pg, pb) in &partials {
+        for ((total_g, total_b), (&g, &b)) in dgamma
+            .iter_mut()
+            .zip(dbeta.iter_mut())
+            .zip(pg.iter().zip(pb))
+        {
+            *total_g += g;
+            *total_b += b;
+        }
+    }
+    (dgamma, dbeta)
+}
+
+/// Gradient of a softmax over rows of `width` elements from its output `y`:
+/// `dx = y · (g - Σ g·y)` per row.
+pub fn softmax_backward(y: &[f32], grad: &[f32], width: usize, dx: &mut [f32]) {
+    let block = rows_per_task(width) * width;
+    dx.par_chunks_mut(block)
+        .zip(y.par_chunks(block))
+        .zip(grad.par_chunks(block))
+        .for_each(|((dx, y), grad)| {
+            for ((dx, y), g) in dx
+                .chunks_exact_mut(width)
+                .zip(y.chunks_exact(width))
+                .zip(grad.chunks_exact(width))
+            {
+                let s = math::dot(g, y);
+                for ((d, &yi), &gi) in dx.iter_mut().zip(y).zip(g) {
+                    *d = yi * (gi - s);
+                }
+            }
+        });
+}
+
+/// The causal attention probabilities of one head:
+/// `p = softmax(scale · Q Kᵀ)` with every key after its query at 0. `Q` and `K` are the
+/// head's `t × hd` column blocks at `at` in `[t, d]` buffers.
+#[allow(clippy::too_many_arguments)]
+fn probabilities(
+    q: &[f32],
+    k: &[f32],
+    at: usize,
+    t: usize,
+    d: usize,
+    hd: usize,
+    scale: f32,
+    p: &mut [f32],
+) {
+    let scores = MatMut {
+        data: p,
+        offset: 0,
+        rows: t,
+        cols: t,
+        row_stride: t,
+    };
+    matmul(
+        scores,
+        Mat::rows(q, at, t, hd, d),
+        Mat::rows(k, at, t, hd, d).t(),
+        scale,
+        false,
+    );
+    for (i, row) in p.chunks_exact_mut(t).enumerate() {
+        let (keep, masked) = row.split_at_mut(i + 1);
+        let max = keep.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        for x in keep.iter_mut() {
+            *x = math::exp(*x - max);
+        }
+        let inv = 1.0 / math::sum(keep);
+        for x in keep.iter_mut() {
+            *x *= inv;
+        }
+        masked.fill(0.0);
+    }
+}
+
+/// The shape of a causal self-attention: sequences of `t` tokens of `d` features in
+/// `heads` heads of `d / heads` columns each.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    /// Tokens per sequence.
+    pub t: usize,
+    /// Features per token.
+    pub d: usize,
+    /// Heads (dividing `d`).
+    pub heads: usize,
+}
+
+impl AttentionShape {
+    fn head_width(&self) -> usize {
+        self.d / self.heads
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_width() as f32).sqrt()
+    }
+}
+
+/// Causal multi-head self-attention over `[b, t, d]` buffers:
+/// `out_h = softmax(causal(Q_h K_hᵀ / √hd)) V_h` for each head `h`.
+///
+/// Each head reads its columns where the projections left them and writes its output
+/// the same way: no head split or merge is ever copied. The batch's sequences are
+/// split across the cores.
+pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &mut [f32]) {
+    let AttentionShape { t, d, heads } = shape;
+    let (hd, scale) = (shape.head_width(), shape.scale());
+    out.par_chunks_mut(t * d).enumerate().for_each(|(b, out)| {
+        let base = b * t * d;
+        let mut p = vec![0.0; t * t];
+        for col in (0..heads).map(|h| h * hd) {
+            probabilities(q, k, base + col, t, d, hd, scale, &mut p);
+            let dst = MatMut {
+                data: out,
+                offset: col,
+                rows: t,
+                cols: hd,
+                row_stride: d,
+            };
+            matmul(
+                dst,
+                Mat::rows(&p, 0, t, t, t),
+                Mat::rows(v, base + col, t, hd, d),
+                1.0,
+                false,
+            );
+        }
+    });
+}
+
+/// The gradients of [`causal_attention`] for the output gradient `grad`, written to
+/// `dq`, `dk` and `dv`. The probabilities are recomputed from `q` and `k`, one head at
+/// a time, rather than kept from the forward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    grad: &[f32],
+    shape: AttentionShape,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let AttentionShape { t, d, heads } = shape;
+    let (hd, scale) = (shape.head_width(), shape.scale());
+    let block = t * d;
+    dq.par_chunks_mut(block)
+        .zip(dk.par_chunks_mut(block))
+        .zip(dv.par_chunks_mut(block))
+        .enumerate()
+        .for_each(|(b, ((dq, dk), dv))| {
+            let base = b * block;
+            let mut p = vec![0.0; t * t];
+            let mut ds = vec![0.0; t * t];
+            let head = |data, col| Mat::rows(data, base + col, t, hd, d);
+            fn out(data: &mut [f32], col: usize, t: usize, hd: usize, d: usize) -> MatMut<'_> {
+                MatMut {
+                    data,
+                    offset: col,
+                    rows: t,
+                    cols: hd,
+                    row_stride: d,
+                }
+            }
+            for col in (0..heads).map(|h| h * hd) {
+                probabilities(q, k, base + col, t, d, hd, scale, &mut p);
+                let square = |data| Mat::rows(data, 0, t, t, t);
+                // dV = Pᵀ dO
+                matmul(
+                    out(dv, col, t, hd, d),
+                    square(&p).t(),
+                    head(grad, col),
+                    1.0,
+                    false,
+                );
+                // dP = dO Vᵀ
+                let dp = MatMut {
+                    data: &mut ds,
+                    offset: 0,
+                    rows: t,
+                    cols: t,
+                    row_stride: t,
+                };
+                matmul(dp, head(grad, col), head(v, col).t(), 1.0, false);
+                // dS = P ∘ (dP - Σ_j dP·P), zero wherever P is.
+                for (dsr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                    let s = math::dot(dsr, pr);
+                    for (x, &pi) in dsr.iter_mut().zip(pr) {
+                        *x = pi * (*x - s);
+                    }
+                }
+                // dQ = scale · dS K, dK = scale · dSᵀ Q
+                matmul(
+                    out(dq, col, t, hd, d),
+                    square(&ds),
+                    head(k, col),
+                    scale,
+                    false,
+                );
+                matmul(
+                    out(dk, col, t, hd, d),
+                    square(&ds).t(),
+                    head(q, col),
+                    scale,
+                    false,
+                );
+            }
+        });
+}

@@ -1,0 +1,121 @@
+//! Fused operations for kiln's models, through Burn's backend-extension mechanism.
+//!
+//! Burn's autodiff builds a softmax from five element-wise nodes and a layer norm
+//! from about ten, each with its own backward pass and temporary tensors, and Burn's
+//! Flex CPU backend computes the exact GELU one element at a time with libm's `erff`.
+//! [`FusedOps`] gives each of them one node with a hand-written backward pass:
+//!
+//! - **Every backend** works: the trait's default methods are Burn's own ops, so on
+//!   NdArray and CUDA the results are Burn's.
+//! - **`Autodiff<B>`** makes each op one graph node whose backward pass is `B`'s
+//!   fused backward ([`autodiff`]).
+//! - **Flex** runs [`cpu`]'s kernels on f32: a vectorised exact GELU and its
+//!   derivative, and the softmax and layer-norm backward passes, split across the
+//!   cores in fixed-size pieces, so that results never depend on the thread count.
+//!
+//! Use them through [`gelu`], [`softmax`], [`LayerNorm`] and [`Gelu`]:
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use burn::prelude::*;
+//!
+//! type B = Autodiff<Flex>;
+//! let x = Tensor::<B, 2>::from_floats([[-1.0, 0.0, 2.0]], &Default::default()).require_grad();
+//! let y = kiln_kernels::softmax(kiln_kernels::gelu(x.clone()), 1);
+//! let grads = (y * 3.0).sum().backward();
+//! assert!(x.grad(&grads).is_some());
+//! ```
+//!
+//! Each backend's `impl` lives here (the orphan rule wants the trait's crate); the
+//! cargo features `flex`, `ndarray` and `cuda` choose which are built.
+
+mod autodiff;
+mod backends;
+#[cfg(feature = "flex")]
+pub mod cpu;
+#[cfg(feature = "flex")]
+mod flex;
+#[cfg(feature = "flex")]
+pub mod gemm;
+pub mod math;
+mod nn;
+mod ops;
+pub mod reference;
+
+use burn::tensor::{Tensor, TensorPrimitive};
+
+pub use nn::{Gelu, LayerNorm};
+pub use ops::{AttentionGrads, FusedAutodiffBackend, FusedOps, LayerNormGrads};
+
+/// The exact GELU of every element, `x/2 · (1 + erf(x/√2))`.
+pub fn gelu<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::fused_gelu(
+        x.into_primitive().tensor(),
+    )))
+}
+
+/// Softmax along `dim`.
+///
+/// # Panics
+/// If `dim` is not below `D`, as Burn's own softmax does.
+pub fn softmax<B: FusedOps, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    assert!(
+        dim < D,
+        "softmax along dimension {dim} of a {D}-dimensional tensor"
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(B::fused_softmax(
+        x.into_primitive().tensor(),
+        dim,
+    )))
+}
+
+/// Layer normalisation of `x` over its last dimension with scale `gamma` and shift
+/// `beta` (both `[d]`): `(x - mean)/√(var + ε) · γ + β`.
+pub fn layer_norm<B: FusedOps, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    epsilon: f64,
+) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::fused_layer_norm(
+        x.into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        beta.into_primitive().tensor(),
+        epsilon,
+    )))
+}
+
+/// Causal multi-head self-attention of queries, keys and values `[b, t, d]` in
+/// `heads` heads: for each head `softmax(Q Kᵀ / √(d/heads) + causal mask) V`, the
+/// heads' outputs side by side, `[b, t, d]`.
+///
+/// # Panics
+/// If the three shapes differ or `heads` does not divide `d`.
+pub fn causal_attention<B: FusedOps>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+) -> Tensor<B, 3> {
+    let [_, _, d] = q.dims();
+    assert!(
+        q.dims() == k.dims() && k.dims() == v.dims(),
+        "attention of queries {:?}, keys {:?} and values {:?}: the shapes must agree",
+        q.dims(),
+        k.dims(),
+        v.dims()
+    );
+    assert!(
+        heads > 0 && d % heads == 0,
+        "attention over {d} features in {heads} heads: the heads must divide the features"
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(B::fused_causal_attention(
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+        heads,
+    )))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+//! The fused operations against Burn's own ops: outputs and every gradient, on each
+//! backend kiln implements, for shapes below and above one parallel chunk.
+
+use burn::backend::{Autodiff, Flex, NdArray};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Distribution, TensorData, activation};
+use rstest::rstest;
+
+use crate::FusedOps;
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Gelu,
+    Softmax,
+    LayerNorm,
+}
+
+const EPS: f64 = 1e-5;
+
+/// Outputs and gradients (of x, and of γ and β for the layer norm) of `op` on `x`,
+/// fused or through Burn's ops, under the upstream gradient `w`.
+fn run<B: AutodiffBackend + FusedOps>(
+    op: Op,
+    fused: bool,
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+) -> Vec<Vec<f32>> {
+    let x = x.require_grad();
+    let gamma = gamma.require_grad();
+    let beta = beta.require_grad();
+    let y = match (op, fused) {
+        (Op::Gelu, true) => crate::gelu(x.clone()),
+        (Op::Gelu, false) => activation::gelu(x.clone()),
+        (Op::Softmax, true) => crate::softmax(x.clone(), 1),
+        (Op::Softmax, false) => {
+            // Burn's decomposition (Autodiff's own softmax is it).
+            let e = (x.clone() - x.clone().detach().max_dim(1)).exp();
+            e.clone() / e.sum_dim(1)
+        }
+        (Op::LayerNorm, true) => crate::layer_norm(x.clone(), gamma.clone(), beta.clone(), EPS),
+        (Op::LayerNorm, false) => {
+            let centered = x.clone() - x.clone().mean_dim(1);
+            let var = (centered.clone() * centered.clone()).mean_dim(1);
+            centered / (var + EPS).sqrt() * gamma.clone().unsqueeze::<2>()
+                + beta.clone().unsqueeze::<2>()
+        }
+    };
+    let grads = (y.clone() * w).sum().backward();
+    let mut out = vec![values(y), values(x.grad(&grads).unwrap())];
+    if let Op::LayerNorm = op {
+        out.push(values(gamma.grad(&grads).unwrap()));
+        out.push(values(beta.grad(&grads).unwrap()));
+    }
+    out
+}
+
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+fn compare<B: AutodiffBackend + FusedOps>(op: Op, [rows, d]: [usize; 2]) {
+    let device = Default::default();
+    B::seed(&device, 7);
+    let x = Tensor::<B, 2>::random([rows, d], Distribution::Normal(0.0, 2.0), &device);
+    let w = Tensor::<B, 2>::random([rows, d], Distribution::Normal(0.0, 1.0), &device);
+    let gamma = Tensor::<B, 1>::random([d], Distribution::Normal(1.0, 0.5), &device);
+    let beta = Tensor::<B, 1>::random([d], Distribution::Normal(0.0, 0.5), &device);
+    let fused = run(op, true, x.clone(), w.clone(), gamma.clone(), beta.clone());
+    let burn = run(op, false, x, w, gamma, beta);
+    let names = ["output", "grad x", "grad gamma", "grad beta"];
+    for ((name, got), want) in names.iter().zip(&fused).zip(&burn) {
+        assert_eq!(got.len(), want.len());
+        // A gradient comes through means and sums each side adds in its own order.
+        let tol = if *name == "output" { 2e-5 } else { 1e-4 };
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * (1.0 + w.abs()),
+                "{op:?} {rows}x{d} {name}[{i}]: fused {g}, Burn {w}"
+            );
+        }
+    }
+}
+
+#[rstest]
+fn fused_ops_equal_burns_ops(
+    #[values(Op::Gelu, Op::Softmax, Op::LayerNorm)] op: Op,
+    #[values(
+        compare::<Autodiff<Flex>> as fn(Op, [usize; 2]),
+        compare::<Autodiff<NdArray>> as fn(Op, [usize; 2])
+    )]
+    backend: fn(Op, [usize; 2]),
+    #[values([3, 5], [64, 128], [300, 130])] shape: [usize; 2],
+) {
+    backend(op, shape);
+}
+
+#[test]
+fn a_transposed_input_gives_what_its_contiguous_copy_gives() {
+    type B = Autodiff<Flex>;
+    let device = Default::default();
+    let x = Tensor::<B, 2>::random([40, 24], Distribution::Normal(0.0, 1.0), &device);
+    let contiguous = Tensor::<B, 2>::from_data(x.clone().transpose().into_data(), &device);
+    for f in [
+        |t: Tensor<B, 2>| crate::gelu(t),
+        |t: Tensor<B, 2>| crate::softmax(t, 1),
+    ] {
+        assert_eq!(
+            values(f(x.clone().transpose())),
+            values(f(contiguous.clone()))
+        );
+    }
+}
+
+#[test]
+fn a_bf16_tensor_takes_burns_ops_on_flex() {
+    let device = Default::default();
+    let x = Tensor::<Flex, 2>::random([4, 8], Distribution::Normal(0.0, 1.0), &device);
+    let half = x.clone().cast(burn::tensor::FloatDType::BF16);
+    let got = values(crate::gelu(half.clone()));
+    let want = values(activation::gelu(half));
+    assert_eq!(got, want);
+}
+
+/// The CPU kernels split work by size, never by thread count: one thread and three
+/// give the same bits.
+#[cfg(feature = "flex")]
+#[test]
+fn cpu_kernels_give_the_same_bits_on_any_number_of_threads() {
+    let rows = 700;
+    let d = 96;
+    let x: Vec<f32> = (0..rows * d)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+        .collect();
+    let g: Vec<f32> = (0..rows * d)
+        .map(|i| ((i * 13 % 89) as f32 - 44.0) / 23.0)
+        .collect();
+    let gamma: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 / 100.0).collect();
+    let on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut dx = vec![0.0; x.len()];
+            let (dgamma, dbeta) = crate::cpu::layer_norm_backward(&x, &gamma, &g, 1e-5, &mut dx);
+            let mut ds = vec![0.0; x.len()];
+            crate::cpu::softmax_backward(&x, &g, d, &mut ds);
+            let mut gelu = vec![0.0; x.len()];
+            crate::cpu::gelu_backward(&x, &g, &mut gelu);
+            [dx, dgamma, dbeta, ds, gelu]
+        })
+    };
+    assert_eq!(on(1), on(3));
+}
+
+/// Output and the gradients of q, k and v of a causal self-attention, fused or in
+/// Burn's ops (the tiny GPT's attention as it was written before the fused op).
+fn attention<B: AutodiffBackend + FusedOps>(
+    [b, t, d]: [usize; 3],
+    heads: usize,
+    fused: bool,
+) -> Vec<Vec<f32>> {
+    let device = Default::default();
+    B::seed(&device, 11);
+    let random = || Tensor::<B, 3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device);
+    let (q, k, v, w) = (
+        random().require_grad(),
+        random().require_grad(),
+        random().require_grad(),
+        random(),
+    );
+    let y = if fused {
+        crate::causal_attention(q.clone(), k.clone(), v.clone(), heads)
+    } else {
+        let hd = d / heads;
+        let split = |x: Tensor<B, 3>| x.reshape([b, t, heads, hd]).swap_dims(1, 2);
+        let mut mask = vec![0.0f32; t * t];
+        for i in 0..t {
+            for j in i + 1..t {
+                mask[i * t + j] = f32::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, t, t]), &device);
+        let scores = split(q.clone())
+            .matmul(split(k.clone()).swap_dims(2, 3))
+            .mul_scalar(1.0 / (hd as f64).sqrt())
+            + mask;
+        activation::softmax(scores, 3)
+            .matmul(split(v.clone()))
+            .swap_dims(1, 2)
+            .reshape([b, t, d])
+    };
+    let grads = (y.clone() * w).sum().backward();
+    vec![
+        values(y),
+        values(q.grad(&grads).unwrap()),
+        values(k.grad(&grads).unwrap()),
+        values(v.grad(&grads).unwrap()),
+    ]
+}
+
+#[rstest]
+#[case::one_head([1, 3, 4], 1)]
+#[case::tiny_gpt([4, 64, 128], 4)]
+#[case::odd_sizes([3, 17, 30], 5)]
+fn fused_attention_equals_burns_ops(
+    #[values(
+        attention::<Autodiff<Flex>> as fn([usize; 3], usize, bool) -> Vec<Vec<f32>>,
+        attention::<Autodiff<NdArray>> as fn([usize; 3], usize, bool) -> Vec<Vec<f32>>
+    )]
+    run: fn([usize; 3], usize, bool) -> Vec<Vec<f32>>,
+    #[case] shape: [usize; 3],
+    #[case] heads: usize,
+) {
+    let (fused, burn) = (run(shape, heads, true), run(shape, heads, false));
+    for ((name, got), want) in ["output", "grad q", "grad k", "grad v"]
+        .iter()
+        .zip(&fused)
+        .zip(&burn)
+    {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{shape:?} {heads} heads {name}[{i}]: fused {g}, Burn {w}"
+            );
+        }
+    }
+}
