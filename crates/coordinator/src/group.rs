@@ -55,6 +55,27 @@ impl<S> Group<S> {
         self.shards_ready.notify_all();
     }
 
+    /// Worker `rank` leaves the group on `failure` outside an exchange: the failure is
+    /// noted, the in-process exchange the others may wait in is reset (`in_process`;
+    /// across nodes the exchange's timeout ends them), and what [`on_leave`]
+    /// registered is run.
+    ///
+    /// [`on_leave`]: Self::on_leave
+    pub fn leave<B: AutodiffBackend>(&self, rank: usize, in_process: bool, failure: &Failure) {
+        self.note_failure(rank, failure);
+        if in_process {
+            crate::collective::release_local_exchanges::<B::InnerBackend>();
+        }
+        let release = self
+            .on_leave
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(release) = release {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(release));
+        }
+    }
+
     /// The failure another worker reported, as this worker's error.
     pub fn failure_elsewhere(&self) -> Failure {
         let first = self.failure.lock().unwrap_or_else(|p| p.into_inner());
@@ -132,20 +153,71 @@ pub(crate) fn guard<B: AutodiffBackend, S, T>(
 ) -> Result<T, Failure> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).map_err(|panic| {
         let failure = Failure::Panicked(crate::run::panic_message(panic.as_ref()));
-        group.note_failure(rank, &failure);
-        if in_process {
-            crate::collective::release_local_exchanges::<B::InnerBackend>();
-        }
-        let release = group
-            .on_leave
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(release) = release {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(release));
-        }
+        group.leave::<B>(rank, in_process, &failure);
         failure
     })
+}
+
+/// Whether the workers of a group, once all started, may begin: none of them takes
+/// part in an exchange before every thread is running, so a thread the system refuses
+/// leaves no worker waiting for it ([`spawn_worker`]).
+pub(crate) struct StartGate {
+    open: Mutex<Option<bool>>,
+    decided: Condvar,
+}
+
+impl StartGate {
+    /// A gate not yet decided.
+    pub fn new() -> Self {
+        Self {
+            open: Mutex::new(None),
+            decided: Condvar::new(),
+        }
+    }
+
+    /// Lets the workers begin (`go`) or return at once.
+    pub fn decide(&self, go: bool) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = Some(go);
+        self.decided.notify_all();
+    }
+
+    /// Waits for [`decide`](Self::decide), which the thread that starts the workers
+    /// calls right after the last one, whether it started or not.
+    fn wait(&self) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match *open {
+                Some(go) => return go,
+                None => open = self.decided.wait(open).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+}
+
+/// Starts worker `rank`'s thread (named `name`) in `scope`; it runs `body` once
+/// `gate` opens, and returns `None` without running it if the gate closes. When the
+/// system refuses the thread, the error names the worker and the system's reason:
+/// the caller closes the gate and fails the run with it.
+pub(crate) fn spawn_worker<'scope, T: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    gate: &'scope StartGate,
+    rank: usize,
+    name: String,
+    body: impl FnOnce() -> T + Send + 'scope,
+) -> Result<std::thread::ScopedJoinHandle<'scope, Option<T>>, Failure> {
+    let refused = |e: std::io::Error| {
+        Failure::Error(CoordinatorError::Collective(format!(
+            "cannot start the thread of worker {rank}: {e}"
+        )))
+    };
+    #[cfg(test)]
+    if tests::refused(rank) {
+        return Err(refused(std::io::Error::other("refused by the test")));
+    }
+    std::thread::Builder::new()
+        .name(name)
+        .spawn_scoped(scope, move || gate.wait().then(body))
+        .map_err(refused)
 }
 
 pub(crate) fn failure_text(failure: &Failure) -> String {
@@ -287,8 +359,20 @@ pub(crate) fn gather_shards<S>(
 const SHARD_WAIT: Duration = Duration::from_secs(300);
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The rank whose worker thread the next group start is refused (a test's
+    /// fault), `usize::MAX` for none.
+    pub static REFUSE_THREAD_OF: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+    /// Whether this start of worker `rank`'s thread is to be refused (once).
+    pub fn refused(rank: usize) -> bool {
+        REFUSE_THREAD_OF
+            .compare_exchange(rank, usize::MAX, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
 
     /// Rank 0's wait for fsdp shards is bounded: by a worker's failure, at once,
     /// and by the time limit; shards that arrive are taken.
@@ -314,5 +398,50 @@ mod tests {
             err.contains("worker 1 failed") && err.contains("boom"),
             "{err}"
         );
+    }
+
+    /// A worker thread the system refuses ends the run with an error naming the
+    /// worker, on either engine: the workers already started are released from their
+    /// first exchange instead of waiting there for it.
+    #[rstest::rstest]
+    #[case::native("native")]
+    #[case::learner("auto")]
+    fn a_worker_thread_the_system_refuses_fails_the_run(#[case] engine: &'static str) {
+        use burn::backend::Autodiff;
+        use kiln_backend_cpu::Flex;
+        use kiln_core::{ProgressMode, TaskSpec};
+        use kiln_models::{MlpConfig, TabularDataModule};
+        type B = Autodiff<Flex>;
+
+        // The refusal is global: one case at a time.
+        static ONE_CASE: Mutex<()> = Mutex::new(());
+        let _one_case = ONE_CASE.lock().unwrap_or_else(|p| p.into_inner());
+        let (ended, end) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let dir = tempfile::tempdir().unwrap();
+            let task = TaskSpec::reg_tiny();
+            let model = MlpConfig::for_task(&task.kind, 16)
+                .unwrap()
+                .init::<B>(1, &Default::default())
+                .unwrap();
+            let data = TabularDataModule::linear(1, 16, 256, 64, 1);
+            let coordinator = crate::TrainingCoordinator::builder()
+                .progress(ProgressMode::Off)
+                .default_root_dir(dir.path())
+                .engine(engine)
+                .strategy("ddp")
+                .devices("3")
+                .batch_size(16)
+                .build()
+                .unwrap();
+            REFUSE_THREAD_OF.store(2, Ordering::SeqCst);
+            let result = coordinator.train::<B, _, _>(model, &data, &task, None, 1);
+            let _ = ended.send(result.map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let result = end
+            .recv_timeout(Duration::from_secs(300))
+            .expect("the run ends instead of waiting for the worker that never started");
+        let err = result.expect_err("the run fails");
+        assert!(err.contains("cannot start the thread of worker 2"), "{err}");
     }
 }

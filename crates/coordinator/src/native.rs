@@ -26,8 +26,8 @@ use crate::checkpoint::{Loaded, Snapshot};
 use crate::collective::{Link, Peer};
 use crate::grad::{self, global_norm};
 use crate::group::{
-    Group, Offer, check_replicas, exchange_failure, exchange_step, failure_text, gather_shards,
-    guard,
+    Group, Offer, StartGate, check_replicas, exchange_failure, exchange_step, failure_text,
+    gather_shards, guard, spawn_worker,
 };
 use crate::objective::EvalSums;
 use crate::optim::{OptimRecord, Optimization};
@@ -548,8 +548,9 @@ where
     let model = model.fork(&devices[0]);
     let group = Group::<OptimRecord<S, B, M>>::new();
     let in_process = plan.link.is_none();
+    let gate = StartGate::new();
     std::thread::scope(|scope| {
-        let workers: Vec<_> = (1..local)
+        let workers: Result<Vec<_>, Failure> = (1..local)
             .map(|rank| {
                 let replica_model = model.clone().fork(&devices[rank]);
                 let group = &group;
@@ -557,38 +558,38 @@ where
                 let replica = &replica;
                 let optimization = optimization.clone();
                 let name = format!("kiln-worker-{}", plan.first_rank + rank);
-                let spawned =
-                    std::thread::Builder::new()
-                        .name(name)
-                        .spawn_scoped(scope, move || {
-                            let inputs = LoopInputs {
-                                device,
-                                checkpoints: inputs.checkpoints.as_ref().map(|c| CheckpointCtx {
-                                    run_dir: c.run_dir,
-                                    policy: c.policy,
-                                    signatures: c.signatures.clone(),
-                                    run_id: None,
-                                    attempt: c.attempt,
-                                }),
-                                ..*inputs
-                            };
-                            guard::<B, _, _>(group, plan.first_rank + rank, in_process, || {
-                                fit(
-                                    &inputs,
-                                    replica_model,
-                                    optimization,
-                                    resume,
-                                    &replica(rank, group),
-                                    &mut Metrics::detached(),
-                                    &mut Progress::new(kiln_core::ProgressMode::Off, 0),
-                                    &mut LoopStats::default(),
-                                )
-                            })
-                            .and_then(|outcome| outcome.map(|_| ()))
-                        });
-                spawned.expect("cannot start a worker thread")
+                let rank_in_run = plan.first_rank + rank;
+                spawn_worker(scope, &gate, rank_in_run, name, move || {
+                    let inputs = LoopInputs {
+                        device,
+                        checkpoints: inputs.checkpoints.as_ref().map(|c| CheckpointCtx {
+                            run_dir: c.run_dir,
+                            policy: c.policy,
+                            signatures: c.signatures.clone(),
+                            run_id: None,
+                            attempt: c.attempt,
+                        }),
+                        ..*inputs
+                    };
+                    guard::<B, _, _>(group, plan.first_rank + rank, in_process, || {
+                        fit(
+                            &inputs,
+                            replica_model,
+                            optimization,
+                            resume,
+                            &replica(rank, group),
+                            &mut Metrics::detached(),
+                            &mut Progress::new(kiln_core::ProgressMode::Off, 0),
+                            &mut LoopStats::default(),
+                        )
+                    })
+                    .and_then(|outcome| outcome.map(|_| ()))
+                })
             })
             .collect();
+        // A worker that could not start fails the run; those that did return at once.
+        gate.decide(workers.is_ok());
+        let workers = workers?;
         let outcome = guard::<B, _, _>(&group, plan.first_rank, in_process, || {
             fit(
                 inputs,
@@ -606,8 +607,8 @@ where
         for (rank, worker) in (1..local).zip(workers) {
             let rank = plan.first_rank + rank;
             match worker.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(failure)) => others.push((rank, failure)),
+                Ok(Some(Ok(())) | None) => {}
+                Ok(Some(Err(failure))) => others.push((rank, failure)),
                 Err(panic) => others.push((
                     rank,
                     Failure::Panicked(crate::run::panic_message(panic.as_ref())),

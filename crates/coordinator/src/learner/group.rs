@@ -33,7 +33,9 @@ use super::stepper::{Stepper, StepperOptim};
 use crate::CoordinatorError;
 use crate::checkpoint::{decode_record, encode_record};
 use crate::collective::Peer;
-use crate::group::{Group, Offer, check_replicas, exchange_step, gather_shards, guard};
+use crate::group::{
+    Group, Offer, StartGate, check_replicas, exchange_step, gather_shards, guard, spawn_worker,
+};
 use crate::optim::OptimRecord;
 use crate::run::Failure;
 use crate::workload::{Steps, Validates};
@@ -269,12 +271,14 @@ where
         let others = std::mem::take(&mut *self.others.lock().unwrap_or_else(|p| p.into_inner()));
         let epochs = (starting_epoch, components.num_epochs);
         let (shared, member) = (&self.first.0, &self.first.1);
+        let gate = StartGate::new();
         let model = std::thread::scope(|scope| {
-            let workers: Vec<_> = others
+            let workers: Result<Vec<_>, Failure> = others
                 .into_iter()
                 .map(|w| {
                     let rank = w.member.rank;
-                    let handle = scope.spawn(move || {
+                    let name = format!("kiln-worker-{rank}");
+                    let handle = spawn_worker(scope, &gate, rank, name, move || {
                         let (shared, member) = (&w.shared, &w.member);
                         let ran = guard::<B, _, _>(&member.group, rank, true, || {
                             run(w.learner, &*w.loader, shared, member, None, epochs);
@@ -282,16 +286,26 @@ where
                         if let Err(failure) = ran {
                             shared.end_with(Some(failure));
                         }
-                    });
-                    (rank, handle)
+                    })?;
+                    Ok((rank, handle))
                 })
                 .collect();
+            // Should rank 0's loop panic, the run fails and this model is returned.
+            let kept = learner.model();
+            // A worker that could not start fails the run; those that did return at
+            // once.
+            gate.decide(workers.is_ok());
+            let workers = match workers {
+                Ok(workers) => workers,
+                Err(failure) => {
+                    shared.end_with(Some(failure));
+                    return kept;
+                }
+            };
             let books = Books {
                 processor: &mut processor,
                 valid: &*dataloader_valid,
             };
-            // Should rank 0's loop panic, the run fails and this model is returned.
-            let kept = learner.model();
             let model = guard::<B, _, _>(&member.group, 0, true, || {
                 run(
                     learner,
