@@ -175,10 +175,26 @@ impl StartGate {
         }
     }
 
-    /// Lets the workers begin (`go`) or return at once.
+    /// Lets the workers begin (`go`) or return at once. The first decision stands.
     pub fn decide(&self, go: bool) {
-        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = Some(go);
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(go);
         self.decided.notify_all();
+    }
+
+    /// Closes the gate when dropped undecided: should the thread that starts the
+    /// workers panic before deciding, the workers it started return instead of
+    /// waiting, and the scope that joins them ends.
+    pub fn close_if_undecided(&self) -> impl Drop + '_ {
+        struct Close<'a>(&'a StartGate);
+        impl Drop for Close<'_> {
+            fn drop(&mut self) {
+                self.0.decide(false);
+            }
+        }
+        Close(self)
     }
 
     /// Waits for [`decide`](Self::decide), which the thread that starts the workers
@@ -401,8 +417,8 @@ pub(crate) mod tests {
     }
 
     /// A worker thread the system refuses ends the run with an error naming the
-    /// worker, on either engine: the workers already started are released from their
-    /// first exchange instead of waiting there for it.
+    /// worker, on either engine: the workers already started return without ever
+    /// waiting for it in an exchange.
     #[rstest::rstest]
     #[case::native("native")]
     #[case::learner("auto")]

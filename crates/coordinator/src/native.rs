@@ -550,6 +550,7 @@ where
     let in_process = plan.link.is_none();
     let gate = StartGate::new();
     std::thread::scope(|scope| {
+        let _undecided = gate.close_if_undecided();
         let workers: Result<Vec<_>, Failure> = (1..local)
             .map(|rank| {
                 let replica_model = model.clone().fork(&devices[rank]);

@@ -12,7 +12,8 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::tensor::ops::FloatTensor;
 
-use crate::ops::{AttentionGrads, FusedOps, LayerNormGrads};
+use crate::grads::{AttentionGrads, LayerNormGrads};
+use crate::ops::FusedOps;
 
 #[derive(Debug)]
 struct Gelu;

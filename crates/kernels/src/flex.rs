@@ -11,7 +11,8 @@ use burn::tensor::{DType, TensorData, TensorMetadata};
 use burn_flex::{Flex, FlexTensor};
 
 use crate::cpu::{self, AttentionShape};
-use crate::ops::{AttentionGrads, FusedOps, LayerNormGrads};
+use crate::grads::{AttentionGrads, LayerNormGrads};
+use crate::ops::FusedOps;
 use crate::reference;
 
 /// `tensor` as one contiguous f32 buffer, or `None` for another dtype.

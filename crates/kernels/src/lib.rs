@@ -37,6 +37,7 @@ pub mod cpu;
 mod flex;
 #[cfg(feature = "flex")]
 pub mod gemm;
+mod grads;
 pub mod math;
 mod nn;
 mod ops;
@@ -44,8 +45,9 @@ pub mod reference;
 
 use burn::tensor::{Tensor, TensorPrimitive};
 
+pub use grads::{AttentionGrads, LayerNormGrads};
 pub use nn::{Gelu, LayerNorm};
-pub use ops::{AttentionGrads, FusedAutodiffBackend, FusedOps, LayerNormGrads};
+pub use ops::{FusedAutodiffBackend, FusedOps};
 
 /// The exact GELU of every element, `x/2 · (1 + erf(x/√2))`.
 pub fn gelu<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {

@@ -3,29 +3,8 @@
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 
+use crate::grads::{AttentionGrads, LayerNormGrads};
 use crate::reference;
-
-/// The gradients of a layer normalisation: of its input, its scale γ and its shift β.
-#[derive(Debug, Clone)]
-pub struct LayerNormGrads<B: Backend> {
-    /// Gradient of the input, shaped like it.
-    pub x: FloatTensor<B>,
-    /// Gradient of γ, `[d]`.
-    pub gamma: FloatTensor<B>,
-    /// Gradient of β, `[d]`.
-    pub beta: FloatTensor<B>,
-}
-
-/// The gradients of a causal self-attention: of its queries, keys and values.
-#[derive(Debug, Clone)]
-pub struct AttentionGrads<B: Backend> {
-    /// Gradient of the queries, `[b, t, d]`.
-    pub q: FloatTensor<B>,
-    /// Gradient of the keys, `[b, t, d]`.
-    pub k: FloatTensor<B>,
-    /// Gradient of the values, `[b, t, d]`.
-    pub v: FloatTensor<B>,
-}
 
 /// Fused operations with hand-written backward passes: Burn's backend-extension
 /// pattern.

@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{FloatDType, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
-use crate::ops::{AttentionGrads, LayerNormGrads};
+use crate::grads::{AttentionGrads, LayerNormGrads};
 
 fn wrap<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(primitive))

@@ -273,6 +273,7 @@ where
         let (shared, member) = (&self.first.0, &self.first.1);
         let gate = StartGate::new();
         let model = std::thread::scope(|scope| {
+            let _undecided = gate.close_if_undecided();
             let workers: Result<Vec<_>, Failure> = others
                 .into_iter()
                 .map(|w| {
