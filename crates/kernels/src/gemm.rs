@@ -1,5 +1,5 @@
 //! Matrix products on strided views of slices, through the `gemm` crate (the one
-//! Flex uses): kiln's only `unsafe` code.
+//! Flex uses): the kernels' only `unsafe` code (the other is the CUDA driver probe).
 //!
 //! `gemm::gemm` takes raw pointers and strides, so that a product can read a head's
 //! columns straight out of a `[tokens, d]` buffer, or a matrix transposed, without
