@@ -29,19 +29,24 @@ fn free_ports() -> u16 {
     kiln_core::launch::free_master_port(3).expect("a free range of ports")
 }
 
-/// Waits for `child` at most `limit`; kills it and fails the test past that.
+/// Waits for `child`'s exit (an event: a thread blocks in `wait`) at most `limit`;
+/// kills it and fails the test past that.
 fn wait_within(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
+    let pid = child.id().to_string();
+    let (ended, end) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let _ = ended.send(child.wait());
+        });
+        match end.recv_timeout(limit) {
+            Ok(status) => status.unwrap(),
+            Err(_) => {
+                // The waiting thread returns once the child is gone.
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                panic!("{what} still running after {limit:?}: it hangs");
+            }
         }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("{what} still running after {limit:?}: it hangs");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
 /// Output of `child`, read on a thread so that a full pipe never blocks it. Bytes, made
