@@ -55,27 +55,6 @@ impl<S> Group<S> {
         self.shards_ready.notify_all();
     }
 
-    /// Worker `rank` leaves the group on `failure` outside an exchange: the failure is
-    /// noted, the in-process exchange the others may wait in is reset (`in_process`;
-    /// across nodes the exchange's timeout ends them), and what [`on_leave`]
-    /// registered is run.
-    ///
-    /// [`on_leave`]: Self::on_leave
-    pub fn leave<B: AutodiffBackend>(&self, rank: usize, in_process: bool, failure: &Failure) {
-        self.note_failure(rank, failure);
-        if in_process {
-            crate::collective::release_local_exchanges::<B::InnerBackend>();
-        }
-        let release = self
-            .on_leave
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(release) = release {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(release));
-        }
-    }
-
     /// The failure another worker reported, as this worker's error.
     pub fn failure_elsewhere(&self) -> Failure {
         let first = self.failure.lock().unwrap_or_else(|p| p.into_inner());
@@ -153,7 +132,18 @@ pub(crate) fn guard<B: AutodiffBackend, S, T>(
 ) -> Result<T, Failure> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).map_err(|panic| {
         let failure = Failure::Panicked(crate::run::panic_message(panic.as_ref()));
-        group.leave::<B>(rank, in_process, &failure);
+        group.note_failure(rank, &failure);
+        if in_process {
+            crate::collective::release_local_exchanges::<B::InnerBackend>();
+        }
+        let release = group
+            .on_leave
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(release) = release {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(release));
+        }
         failure
     })
 }

@@ -558,8 +558,8 @@ where
                 let device = &devices[rank];
                 let replica = &replica;
                 let optimization = optimization.clone();
-                let name = format!("kiln-worker-{}", plan.first_rank + rank);
                 let rank_in_run = plan.first_rank + rank;
+                let name = format!("kiln-worker-{rank_in_run}");
                 spawn_worker(scope, &gate, rank_in_run, name, move || {
                     let inputs = LoopInputs {
                         device,
@@ -572,7 +572,7 @@ where
                         }),
                         ..*inputs
                     };
-                    guard::<B, _, _>(group, plan.first_rank + rank, in_process, || {
+                    guard::<B, _, _>(group, rank_in_run, in_process, || {
                         fit(
                             &inputs,
                             replica_model,

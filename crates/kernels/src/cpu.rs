@@ -147,19 +147,11 @@ pub fn softmax_backward(y: &[f32], grad: &[f32], width: usize, dx: &mut [f32]) {
 }
 
 /// The causal attention probabilities of one head:
-/// `p = softmax(scale · Q Kᵀ)` with every key after its query at 0. `Q` and `K` are the
+/// `p = softmax(Q Kᵀ / √hd)` with every key after its query at 0. `Q` and `K` are the
 /// head's `t × hd` column blocks at `at` in `[t, d]` buffers.
-#[allow(clippy::too_many_arguments)]
-fn probabilities(
-    q: &[f32],
-    k: &[f32],
-    at: usize,
-    t: usize,
-    d: usize,
-    hd: usize,
-    scale: f32,
-    p: &mut [f32],
-) {
+fn probabilities(q: &[f32], k: &[f32], at: usize, shape: AttentionShape, p: &mut [f32]) {
+    let AttentionShape { t, d, .. } = shape;
+    let (hd, scale) = (shape.head_width(), shape.scale());
     let scores = MatMut {
         data: p,
         offset: 0,
@@ -218,12 +210,12 @@ impl AttentionShape {
 /// split across the cores.
 pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, out: &mut [f32]) {
     let AttentionShape { t, d, heads } = shape;
-    let (hd, scale) = (shape.head_width(), shape.scale());
+    let hd = shape.head_width();
     out.par_chunks_mut(t * d).enumerate().for_each(|(b, out)| {
         let base = b * t * d;
         let mut p = vec![0.0; t * t];
         for col in (0..heads).map(|h| h * hd) {
-            probabilities(q, k, base + col, t, d, hd, scale, &mut p);
+            probabilities(q, k, base + col, shape, &mut p);
             let dst = MatMut {
                 data: out,
                 offset: col,
@@ -278,7 +270,7 @@ pub fn causal_attention_backward(
                 }
             }
             for col in (0..heads).map(|h| h * hd) {
-                probabilities(q, k, base + col, t, d, hd, scale, &mut p);
+                probabilities(q, k, base + col, shape, &mut p);
                 let square = |data| Mat::rows(data, 0, t, t, t);
                 // dV = Pᵀ dO
                 matmul(

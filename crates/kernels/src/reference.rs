@@ -3,7 +3,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{FloatDType, Tensor, TensorData, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Bool, Tensor, TensorMetadata, TensorPrimitive};
 
 use crate::grads::{AttentionGrads, LayerNormGrads};
 
@@ -75,21 +75,16 @@ fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> FloatTensor<B> {
     unwrap(x.swap_dims(1, 2).reshape([b, t, heads * hd]))
 }
 
-/// The causal attention probabilities `softmax(Q Kᵀ / √hd + mask)` of `[b, h, t, hd]`
-/// queries and keys, with the mask `-inf` above the diagonal.
+/// The causal attention probabilities `softmax(Q Kᵀ / √hd)` of `[b, h, t, hd]` queries
+/// and keys, every key after its query masked out (a mask built on the device).
 fn probabilities<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>) -> Tensor<B, 4> {
     let [_, _, t, hd] = q.dims();
-    let device = q.device();
+    let later = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &q.device());
     let scores = q
         .matmul(k.swap_dims(2, 3))
-        .mul_scalar(1.0 / (hd as f64).sqrt());
-    let mut mask = vec![0.0f32; t * t];
-    for i in 0..t {
-        mask[i * t + i + 1..(i + 1) * t].fill(f32::NEG_INFINITY);
-    }
-    let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, t, t]), &device)
-        .cast(FloatDType::from(scores.dtype()));
-    wrap(B::softmax(unwrap(scores + mask), 3))
+        .mul_scalar(1.0 / (hd as f64).sqrt())
+        .mask_fill(later.unsqueeze::<4>(), f32::NEG_INFINITY);
+    wrap(B::softmax(unwrap(scores), 3))
 }
 
 /// Causal multi-head self-attention in Burn's ops (reshapes, matmuls, softmax).
