@@ -92,6 +92,57 @@ fn losses<B: kiln_kernels::FusedAutodiffBackend>(seed: u64) -> Vec<f32> {
         .step_losses
 }
 
+/// The losses of 50 steps of a GPT large enough that kiln's split matrix products
+/// and every fused kernel run (512 tokens of 64 features per batch, two layers).
+fn fifty_steps<B: kiln_kernels::FusedAutodiffBackend>() -> Vec<f32> {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, task) = corpus_data(60_000, 32);
+    let config = TinyGptConfig {
+        vocab_size: data.vocab_size(),
+        seq_len: 32,
+        d_model: 64,
+        n_heads: 2,
+        n_layers: 2,
+        d_ff: 256,
+    };
+    let model = config.init::<B>(3, &Default::default()).unwrap();
+    quiet(dir.path())
+        .seed(3)
+        .max_steps(50)
+        .batch_size(16)
+        .learning_rate(1e-3)
+        .enable_checkpointing(false)
+        .build()
+        .unwrap()
+        .train::<B, _, _>(model, &data, &task, None, 10)
+        .unwrap()
+        .report
+        .step_losses
+}
+
+/// The fused path (Flex: kiln's kernels) and the unfused one (NdArray: Burn's own
+/// ops, the trait's defaults) take the same 50 steps: every step's loss within
+/// 1e-5 relative.
+#[test]
+fn the_fused_and_unfused_paths_take_the_same_fifty_steps() {
+    let fused = fifty_steps::<Autodiff<Flex>>();
+    let unfused = fifty_steps::<Autodiff<NdArray>>();
+    assert_eq!((fused.len(), unfused.len()), (50, 50));
+    let worst = fused
+        .iter()
+        .zip(&unfused)
+        .map(|(f, u)| ((f - u) / u).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!("largest relative difference of a step's loss: {worst:e}");
+    for (step, (f, u)) in fused.iter().zip(&unfused).enumerate() {
+        assert!(
+            (f - u).abs() <= 1e-5 * u.abs(),
+            "step {step}: fused {f}, unfused {u}"
+        );
+    }
+    assert!(unfused[45..].iter().sum::<f32>() < unfused[..5].iter().sum::<f32>() - 0.25);
+}
+
 /// Flex, the default CPU backend, repeats a run bit for bit.
 #[test]
 fn flex_gives_the_same_losses_bit_for_bit_for_a_seed_and_others_for_another_seed() {

@@ -66,4 +66,46 @@ mod tests {
             eprintln!("no CUDA device here: the probe reported 0 without panicking");
         }
     }
+
+    /// A driver library that loads but has none of CUDA's functions (a broken
+    /// install, a stub): the probe finds it, cudarc fails on its first symbol, and
+    /// the probe answers "no device" instead of crashing. In a child process, whose
+    /// `LD_LIBRARY_PATH` (read by the loader at start) holds the fake `libcuda.so`.
+    #[test]
+    fn the_probe_survives_a_driver_library_without_its_functions() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("fake.c");
+        std::fs::write(&source, "int kiln_fake_driver(void) { return 0; }\n").unwrap();
+        let built = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(dir.path().join("libcuda.so"))
+            .arg(&source)
+            .status();
+        if !built.is_ok_and(|s| s.success()) {
+            eprintln!("skipped: no C compiler (cc) to build a fake driver library");
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "tests::probe_with_a_fake_driver"])
+            .env("LD_LIBRARY_PATH", dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "{text}");
+    }
+
+    #[test]
+    #[ignore = "run by the_probe_survives_a_driver_library_without_its_functions, in a \
+                process whose LD_LIBRARY_PATH holds a fake driver library"]
+    fn probe_with_a_fake_driver() {
+        assert!(
+            driver_present(),
+            "the fake libcuda.so was not the one loaded"
+        );
+        assert_eq!(cuda_device_count(), 0);
+        assert!(cuda_devices().is_empty());
+        assert_eq!(cuda_memory_used(0), None);
+    }
 }

@@ -3,7 +3,7 @@
 //! `MASTER_ADDR`, `MASTER_PORT`), on the loopback interface.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -54,9 +54,8 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     };
     let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
     let started = Instant::now();
-    let mut children = Vec::new();
-    for rank in 0..args.nodes {
-        let mut child = Command::new(&kiln)
+    let children = start_nodes(args.nodes, |rank| {
+        Command::new(&kiln)
             .arg("train")
             .args(&args.train)
             .env("WORLD_SIZE", args.nodes.to_string())
@@ -68,11 +67,17 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("cannot start node {rank}"))?;
-        let out = child.stdout.take().map(|s| prefix(s, rank, false));
-        let err = child.stderr.take().map(|s| prefix(s, rank, true));
-        children.push((rank, child, [out, err]));
-    }
+    })?;
+    let children: Vec<_> = children
+        .into_iter()
+        .enumerate()
+        .map(|(rank, mut child)| {
+            let rank = rank as u32;
+            let out = child.stdout.take().map(|s| prefix(s, rank, false));
+            let err = child.stderr.take().map(|s| prefix(s, rank, true));
+            (rank, child, [out, err])
+        })
+        .collect();
     eprintln!(
         "kiln launch: {} nodes on 127.0.0.1, rendezvous port {}",
         args.nodes, master_port
@@ -103,21 +108,114 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     }
 }
 
-/// Copies `stream` line by line to this process's stdout or stderr, each line
-/// prefixed with the node's rank.
+/// Starts node `0..nodes` with `spawn`. When one cannot be started, the nodes
+/// already started are killed (they would otherwise wait for it until their
+/// timeout) before the error is returned.
+fn start_nodes(
+    nodes: u32,
+    mut spawn: impl FnMut(u32) -> std::io::Result<Child>,
+) -> Result<Vec<Child>> {
+    let mut children = Vec::new();
+    for rank in 0..nodes {
+        match spawn(rank) {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                for child in &mut children {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot start node {rank} (the {} started before it were stopped)",
+                        children.len()
+                    )
+                });
+            }
+        }
+    }
+    Ok(children)
+}
+
+/// Copies `stream` to this process's stdout or stderr on a thread of its own (see
+/// [`copy_prefixed`]).
 fn prefix(
     stream: impl Read + Send + 'static,
     rank: u32,
     to_stderr: bool,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            let line = format!("[node {rank}] {line}\n");
-            let _ = match to_stderr {
-                true => std::io::stderr().lock().write_all(line.as_bytes()),
-                false => std::io::stdout().lock().write_all(line.as_bytes()),
-            };
+        let stream = BufReader::new(stream);
+        match to_stderr {
+            true => copy_prefixed(stream, rank, &mut std::io::stderr()),
+            false => copy_prefixed(stream, rank, &mut std::io::stdout()),
         }
     })
+}
+
+/// Copies `stream` to `out` line by line, each line prefixed with the node's rank,
+/// until the stream ends: bytes that are not UTF-8 are shown as U+FFFD, and a failed
+/// write (a closed terminal) drops the line but goes on reading, so that the node
+/// never blocks on a full pipe.
+fn copy_prefixed(mut stream: impl BufRead, rank: u32, out: &mut impl Write) {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match stream.read_until(b'\n', &mut line) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.strip_suffix('\n').unwrap_or(&text);
+        let _ = out.write_all(format!("[node {rank}] {text}\n").as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_line_is_prefixed_even_after_bytes_that_are_not_utf8() {
+        let mut input = b"first\n\xff\xfe broken\n".to_vec();
+        // More than a pipe holds, then a last line without its newline.
+        input.extend(std::iter::repeat_n(b'x', 200_000));
+        input.extend(b"\nlast");
+        let mut out = Vec::new();
+        copy_prefixed(&input[..], 3, &mut out);
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{}", &out[..80]);
+        assert_eq!(lines[0], "[node 3] first");
+        assert_eq!(lines[1], "[node 3] \u{fffd}\u{fffd} broken");
+        assert_eq!(lines[2].len(), "[node 3] ".len() + 200_000);
+        assert_eq!(lines[3], "[node 3] last");
+    }
+
+    /// A node that cannot be started stops those started before it.
+    #[test]
+    fn a_node_that_cannot_start_stops_the_started_ones() {
+        let mut first = None;
+        let err = start_nodes(3, |rank| match rank {
+            0 => {
+                let child = Command::new("sleep").arg("600").spawn()?;
+                first = Some(child.id());
+                Ok(child)
+            }
+            _ => Err(std::io::Error::other("no more processes")),
+        })
+        .unwrap_err();
+        let message = format!("{err:#}");
+        assert!(message.contains("cannot start node 1"), "{message}");
+        assert!(message.contains("no more processes"), "{message}");
+        // The first node was killed and reaped: its process no longer exists.
+        let pid = first.unwrap();
+        let alive = Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!alive.success(), "node 0 (pid {pid}) still runs");
+    }
 }

@@ -1,20 +1,16 @@
 //! `kiln`: train models, from the command line, through the `TrainingCoordinator`.
 
+mod allocator;
 mod bench;
 mod gpu_check;
 mod launch;
 mod runs;
+mod signals;
 mod train;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-
-/// Training allocates and frees the same tensor sizes every step; mimalloc reuses
-/// that memory where glibc's allocator returns it to the system and faults it back
-/// in (measured in `docs/performance.md`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// kiln: train Burn models through one coordinator.
 #[derive(Debug, Parser)]
@@ -41,6 +37,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -25,6 +25,8 @@ use kiln_models::{
     load_text_file,
 };
 
+use crate::signals::{CurrentRun, stop_on_signals};
+
 /// Train a model. With no flags: the tiny GPT on the built-in corpus for one epoch
 /// on CPU.
 #[derive(Debug, Clone, Parser)]
@@ -250,13 +252,16 @@ fn train(args: &TrainArgs, coordinator: &TrainingCoordinator) -> Result<()> {
         true => quiet_stdout()?,
         false => Box::new(std::io::stdout()),
     };
-    stop_on_signals(coordinator);
     let mut db = if args.no_db {
         None
     } else {
         Some(open_db(args.db.as_deref(), &args.output_dir)?)
     };
-    let tracker = db.as_mut().map(|db| db as &mut dyn RunTracker);
+    let exit = db.as_mut().map(ExperimentDb::exit_handle).transpose()?;
+    let current = CurrentRun::default();
+    stop_on_signals(coordinator, exit, current.clone());
+    let mut watched = db.as_mut().map(|db| current.watch(db));
+    let tracker = watched.as_mut().map(|t| t as &mut dyn RunTracker);
     let report = match backend {
         #[cfg(not(feature = "cuda-nccl"))]
         Backend::Cpu(CpuBackend::NdArray) => {
@@ -331,22 +336,6 @@ impl std::str::FromStr for Backend {
 #[derive(Debug, thiserror::Error)]
 #[error("stopped by a signal: the run is recorded as KILLED")]
 pub struct Interrupted;
-
-/// SIGINT and SIGTERM stop the run at the next batch (recorded KILLED); a second
-/// signal exits at once.
-fn stop_on_signals(coordinator: &TrainingCoordinator) {
-    let stop = coordinator.stop_handle();
-    let installed = ctrlc::set_handler(move || {
-        if stop.is_stopped() {
-            std::process::exit(130);
-        }
-        eprintln!("\nkiln: stopping at the next batch (send the signal again to exit now)");
-        stop.stop();
-    });
-    if let Err(e) = installed {
-        tracing::warn!("cannot install the SIGINT/SIGTERM handler: {e}");
-    }
-}
 
 /// Opens the experiment store at `path`, or `<output_dir>/kiln.sqlite`.
 pub fn open_db(path: Option<&Path>, output_dir: &Path) -> Result<ExperimentDb> {

@@ -344,7 +344,13 @@ fn launch(args: &[String], tidy: &dyn Fn()) -> [Value; 2] {
         let stderr = collect(launch.stderr.take().unwrap());
         let status = wait_within(&mut launch, Duration::from_secs(240), "kiln launch");
         let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
-        if !status.success() && attempt == 1 && stderr.contains("the exchange of ") {
+        if !status.success() && attempt == 1 && burn_collective_stalled(&stderr) {
+            let before = RETRIES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(
+                before, 0,
+                "burn-collective stalled a second time in this test run: not the rare \
+                 engine defect any more\n{stderr}"
+            );
             eprintln!("an exchange stalled inside burn-collective; trying again:\n{stderr}");
             tidy();
             continue;
@@ -353,6 +359,25 @@ fn launch(args: &[String], tidy: &dyn Fn()) -> [Value; 2] {
         return [report(&stdout, Some(0)), report(&stdout, Some(1))];
     }
     unreachable!("the loop returns or panics")
+}
+
+/// Runs of this test binary tried again after a burn-collective stall: one is
+/// tolerated, a second fails the test that needs it.
+static RETRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Whether `stderr` shows burn-collective 0.21's known defect, as kiln reports it
+/// (`crates/coordinator/src/collective.rs`): an exchange that did not complete in
+/// time, broke off inside the engine, or mixed two exchanges up. Any other exchange
+/// error (a refused setting, a node that never started) is a failure.
+fn burn_collective_stalled(stderr: &str) -> bool {
+    stderr.contains("the exchange of ")
+        && [
+            "did not complete within",
+            "broke off inside burn-collective",
+            "mixed two exchanges up",
+        ]
+        .iter()
+        .any(|signature| stderr.contains(signature))
 }
 
 #[test]

@@ -52,6 +52,7 @@ where
     };
     let state = TrainerState {
         step: 1,
+        step_losses: vec![0.0],
         ..Default::default()
     };
 

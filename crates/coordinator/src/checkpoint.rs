@@ -2,13 +2,14 @@
 //! at any moment never damages the previous good checkpoint.
 //!
 //! ```text
+//! <run dir>/step_losses.f32   every step's loss, appended ([`crate::loss_log`])
 //! <run dir>/checkpoints/
 //!     step-00000120/
 //!         model.mpk       model record, full precision (Burn's NamedMpk format)
 //!         optim.mpk       optimizer record (the optimizer's state per parameter:
 //!                         AdamW's moments, SGD's momentum, ...)
 //!         scheduler.mpk   the learning-rate scheduler's record
-//!         state.json      trainer state: step, epoch, batch position, seed, losses, ...
+//!         state.json      trainer state: step, epoch, batch position, seed, ...
 //!         manifest.json   written last: sizes and sha256 of the files above,
 //!                         kiln version, task and model signatures, world size
 //!     .tmp-step-00000150/ a checkpoint being written (ignored, removed on the next run)
@@ -66,7 +67,11 @@ pub(crate) struct TrainerState {
     pub samples: u64,
     /// Training seconds so far (validation excluded).
     pub train_seconds: f64,
-    /// Loss of every optimizer step so far.
+    /// Loss of every optimizer step so far: kept in the run directory's append-only
+    /// [`crate::loss_log`], not in `state.json` (read from it only in checkpoints
+    /// written before, which held them), so that a checkpoint's size does not grow
+    /// with the run.
+    #[serde(default, skip_serializing)]
     pub step_losses: Vec<f32>,
     /// Metric summaries so far.
     pub summaries: BTreeMap<String, MetricSummary>,
@@ -336,6 +341,8 @@ pub(crate) fn save(
 ) -> Result<PathBuf, CoordinatorError> {
     let root = run_dir.join(DIR);
     std::fs::create_dir_all(&root).map_err(io(&root))?;
+    // The losses reach their log before the checkpoint that counts them exists.
+    crate::loss_log::write(run_dir, &state.step_losses)?;
     let name = step_dir_name(state.step);
     let tmp = root.join(format!(".tmp-{name}"));
     let dest = root.join(&name);
@@ -381,7 +388,8 @@ pub(crate) fn save(
     Ok(dest)
 }
 
-/// Reads and verifies the checkpoint in `dir` against `expect`.
+/// Reads and verifies the checkpoint in `dir` against `expect`, for a resume: the
+/// run's loss log is cut back to the checkpoint's step ([`crate::loss_log::resume`]).
 pub(crate) fn load(dir: &Path, expect: &Signatures) -> Result<Loaded, CoordinatorError> {
     if !dir.is_dir() {
         return Err(bad(dir, "no such checkpoint directory"));
@@ -462,12 +470,15 @@ pub(crate) fn load(dir: &Path, expect: &Signatures) -> Result<Loaded, Coordinato
         }
         contents.insert(name.into(), bytes);
     }
-    let state: TrainerState = serde_json::from_slice(&contents[STATE]).map_err(|e| {
+    let mut state: TrainerState = serde_json::from_slice(&contents[STATE]).map_err(|e| {
         bad(
             &dir.join(STATE),
             format!("the trainer state is corrupt: {e}"),
         )
     })?;
+    if state.step_losses.is_empty() && state.step > 0 {
+        state.step_losses = crate::loss_log::resume(&run_dir_of(dir)?, state.step)?;
+    }
     Ok(Loaded {
         dir: dir.to_path_buf(),
         state,
@@ -670,4 +681,45 @@ pub(crate) fn run_dir_of(checkpoint_dir: &Path) -> Result<PathBuf, CoordinatorEr
                 format!("a checkpoint to resume from must sit at <run dir>/{DIR}/step-N"),
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signatures() -> Signatures {
+        Signatures {
+            task: "task".into(),
+            model: "model".into(),
+            world_size: 1,
+        }
+    }
+
+    /// A checkpoint's files do not grow with the run (its losses go to the run's
+    /// append-only log), and loading it gives every loss back.
+    #[test]
+    fn a_checkpoint_stays_the_same_size_however_long_the_run() {
+        let run = tempfile::tempdir().unwrap();
+        let snapshot = Snapshot {
+            model: vec![1; 8],
+            optim: vec![2; 8],
+            scheduler: None,
+        };
+        let state_size = |steps: u64| {
+            let state = TrainerState {
+                step: steps,
+                step_losses: (0..steps).map(|i| i as f32 * 0.5).collect(),
+                ..TrainerState::default()
+            };
+            let dir = save(run.path(), &snapshot, &state, &signatures()).unwrap();
+            let loaded = load(&dir, &signatures()).unwrap();
+            assert_eq!(loaded.state.step_losses, state.step_losses);
+            std::fs::metadata(dir.join(STATE)).unwrap().len()
+        };
+        let (short, long) = (state_size(10), state_size(100_000));
+        assert!(
+            long <= short + 8,
+            "state.json: {short} bytes at step 10, {long} at step 100000"
+        );
+    }
 }

@@ -24,7 +24,7 @@
 use std::marker::PhantomData;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use burn::collective::{
@@ -39,6 +39,8 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{FloatDType, TensorPrimitive};
 use burn_communication::Address;
 use kiln_core::launch::NodeSettings;
+
+use kiln_experiment_db::{HEARTBEAT_INTERVAL, Pulse};
 
 use crate::CoordinatorError;
 
@@ -117,6 +119,9 @@ pub(crate) struct Link {
     node_addresses: [Address; 2],
     data_ports: [u16; 2],
     timeout: Duration,
+    /// The run's heartbeats, sent while an exchange waits (node 0, which keeps the
+    /// books, has them once its run is recorded); shared by the link's clones.
+    pulse: Arc<Mutex<Option<Pulse>>>,
 }
 
 impl Link {
@@ -194,7 +199,27 @@ impl Link {
             node_addresses: data_ports.map(|port| ws(&format!("{host}:{port}"))),
             data_ports,
             timeout,
+            pulse: Arc::default(),
         })
+    }
+
+    /// Sends the run's heartbeats through `pulse` whenever an exchange has waited
+    /// [`HEARTBEAT_INTERVAL`]: a node waiting minutes for a slow one (up to the node
+    /// timeout) is alive, and its run must not read LOST.
+    pub fn beat_while_waiting(&self, pulse: Pulse) {
+        *self.pulse.lock().unwrap_or_else(PoisonError::into_inner) = Some(pulse);
+    }
+
+    /// One heartbeat, when the link has a pulse; a failed one is logged.
+    fn beat(&self) {
+        let pulse = self
+            .pulse
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(Err(e)) = pulse.map(|p| p.beat()) {
+            tracing::warn!("heartbeat during an exchange failed: {e}");
+        }
     }
 
     /// This node's rank.
@@ -529,7 +554,7 @@ impl<B: AutodiffBackend> Peer<B> {
             false => link.timeout,
         };
         let node = link.node_rank;
-        match rx.recv_timeout(timeout) {
+        match recv_beating(&rx, timeout, HEARTBEAT_INTERVAL, || link.beat()) {
             Ok(Ok(summed)) => Ok(summed),
             Ok(Err((what, e))) if e.contains("RegisterParamsMismatch") => {
                 Err(CoordinatorError::Collective(format!(
@@ -573,6 +598,24 @@ impl<B: AutodiffBackend> Peer<B> {
                     link.others(),
                 )))
             }
+        }
+    }
+}
+
+/// Waits at most `timeout` for `rx`, calling `beat` each time `interval` has passed
+/// without an answer.
+fn recv_beating<T>(
+    rx: &mpsc::Receiver<T>,
+    timeout: Duration,
+    interval: Duration,
+    beat: impl Fn(),
+) -> Result<T, mpsc::RecvTimeoutError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(interval)) {
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => beat(),
+            received => return received,
         }
     }
 }
@@ -694,9 +737,46 @@ mod tests {
             node_addresses: [ws("h:2"), ws("h:3")],
             data_ports: [2, 3],
             timeout: Duration::from_secs(1),
+            pulse: Arc::default(),
         };
         assert_eq!(link(2, 0).others(), "node 1");
         assert_eq!(link(2, 1).others(), "node 0");
         assert_eq!(link(4, 2).others(), "one of nodes 0, 1 and 3");
+    }
+
+    /// A wait beats at every interval without an answer, and returns the answer when
+    /// it comes: here the third beat sends it, so there are exactly three beats.
+    #[test]
+    fn a_long_wait_beats_until_the_answer_comes() {
+        let (tx, rx) = mpsc::channel();
+        let beats = std::sync::atomic::AtomicUsize::new(0);
+        let got = recv_beating(
+            &rx,
+            Duration::from_secs(60),
+            Duration::from_millis(5),
+            || {
+                if beats.fetch_add(1, Ordering::SeqCst) + 1 == 3 {
+                    tx.send(7).unwrap();
+                }
+            },
+        );
+        assert_eq!(got, Ok(7));
+        assert_eq!(beats.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_wait_without_an_answer_ends_at_its_timeout() {
+        let (_tx, rx) = mpsc::channel::<()>();
+        let beats = std::sync::atomic::AtomicUsize::new(0);
+        let got = recv_beating(
+            &rx,
+            Duration::from_millis(30),
+            Duration::from_millis(5),
+            || {
+                beats.fetch_add(1, Ordering::SeqCst);
+            },
+        );
+        assert_eq!(got, Err(mpsc::RecvTimeoutError::Timeout));
+        assert!(beats.load(Ordering::SeqCst) >= 1);
     }
 }

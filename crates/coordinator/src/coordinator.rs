@@ -640,6 +640,9 @@ impl TrainingCoordinator {
                 (metrics, attempt.unwrap_or(s.attempt + 1))
             }
         };
+        if let (Some(link), Some(pulse)) = (&link, metrics.pulse()) {
+            link.beat_while_waiting(pulse);
+        }
         let node = match config.num_nodes {
             1 => String::new(),
             n => format!("node {} of {n}: ", config.node.node_rank),

@@ -37,6 +37,7 @@ mod grad;
 mod group;
 #[cfg(feature = "learner")]
 mod learner;
+mod loss_log;
 mod native;
 mod objective;
 mod optim;

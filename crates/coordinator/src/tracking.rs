@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use kiln_experiment_db::{
-    EndStatus, HEARTBEAT_INTERVAL, MetricPoint, NewArtifact, NewRun, RunId, RunTracker,
+    EndStatus, HEARTBEAT_INTERVAL, MetricPoint, NewArtifact, NewRun, Pulse, RunId, RunTracker,
 };
 use sha2::{Digest, Sha256};
 
@@ -82,6 +82,11 @@ impl<'t> Metrics<'t> {
             },
             attempt,
         ))
+    }
+
+    /// Heartbeats of the run that another thread can send (see [`Pulse`]).
+    pub fn pulse(&mut self) -> Option<Pulse> {
+        self.tracker.as_mut().and_then(|(t, id)| t.pulse(*id))
     }
 
     pub fn run_id(&self) -> Option<RunId> {
@@ -164,7 +169,8 @@ impl<'t> Metrics<'t> {
         } else {
             path.clone()
         };
-        let bytes = std::fs::read(&hashed).map_err(|e| CoordinatorError::io(&hashed, e))?;
+        let (hashed_len, sha256) =
+            sha256_of_file(&hashed).map_err(|e| CoordinatorError::io(&hashed, e))?;
         let size_bytes = if path.is_dir() {
             std::fs::read_dir(&path)
                 .map_err(|e| CoordinatorError::io(&path, e))?
@@ -172,12 +178,8 @@ impl<'t> Metrics<'t> {
                 .map(|m| m.len())
                 .sum()
         } else {
-            bytes.len() as u64
+            hashed_len
         };
-        let sha256 = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
         let artifact = NewArtifact {
             kind: kind.into(),
             path: rel.into(),
@@ -193,10 +195,52 @@ impl<'t> Metrics<'t> {
     }
 }
 
+/// The length and the sha256 (hex) of the file at `path`, read in pieces of 1 MiB:
+/// an artifact of any size is hashed in constant memory.
+fn sha256_of_file(path: &Path) -> std::io::Result<(u64, String)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.update(&buffer[..n]);
+                len += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let hex = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((len, hex))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rstest::rstest;
+
+    /// Streamed in pieces, the hash is the one of the whole file (3 MiB + 5 bytes:
+    /// pieces and a short last one).
+    #[test]
+    fn a_file_is_hashed_in_pieces_as_a_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weights.bin");
+        let bytes: Vec<u8> = (0..(3 << 20) + 5).map(|i: u32| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let whole: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(sha256_of_file(&path).unwrap(), (bytes.len() as u64, whole));
+    }
 
     /// A summary's best is the largest value of a metric where larger is better
     /// (throughput, accuracies, scores), the smallest otherwise.

@@ -18,8 +18,8 @@ use crate::sqlite::{
     BUSY_TIMEOUT, VISIBLE, check_points, ensure_run, ensure_running, now, open_connection,
     recompute_summaries, retry_busy, write_tx,
 };
-use crate::writer::Writer;
-use crate::{EndStatus, Error, MetricPoint, NewRun, Result, RunId, RunTracker, migrations};
+use crate::writer::{Syncer, Writer};
+use crate::{EndStatus, Error, MetricPoint, NewRun, Pulse, Result, RunId, RunTracker, migrations};
 
 /// kiln's experiment store: one SQLite database file.
 ///
@@ -64,6 +64,69 @@ pub struct ExperimentDb {
     /// Runs this handle knows to be RUNNING (started, resumed, or already checked), so
     /// that `log_metrics` need not read the database to check them.
     running: HashSet<RunId>,
+}
+
+/// What a thread other than the store's owner needs to end a run when the process
+/// must exit at once (a second Ctrl-C): the store's file and a way to wait for the
+/// owner's queued metric points. Made by [`ExperimentDb::exit_handle`].
+#[derive(Debug, Clone)]
+pub struct ExitHandle {
+    file: PathBuf,
+    syncer: Syncer,
+}
+
+impl ExitHandle {
+    /// Waits at most `timeout` for the metric points queued so far to be written,
+    /// then records `run` as ended with `status` and `reason` through a connection
+    /// of its own (waiting for the owner's connection like any other writer). Returns
+    /// whether the queued points were all written in time.
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] when the store cannot be opened or written;
+    /// [`Error::Invalid`] when the run is not RUNNING (it has ended already).
+    pub fn end_run(
+        &self,
+        run: RunId,
+        status: EndStatus,
+        reason: &str,
+        timeout: Duration,
+    ) -> Result<bool> {
+        let flushed = self.syncer.sync_within(timeout);
+        let mut conn = open_connection(&self.file)?;
+        end_run(&mut conn, run, status, Some(reason))?;
+        Ok(flushed)
+    }
+}
+
+/// Updates `run`'s heartbeat when it is RUNNING.
+fn heartbeat(conn: &mut Connection, run: RunId) -> Result<()> {
+    write_tx(conn, |tx| {
+        let changed = tx.execute(
+            "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1 AND status = 'RUNNING'",
+            params![run, now()],
+        )?;
+        if changed == 0 {
+            ensure_run(tx, run)?;
+        }
+        Ok(())
+    })
+}
+
+/// Records `run`, which must be RUNNING, as ended.
+fn end_run(
+    conn: &mut Connection,
+    run: RunId,
+    status: EndStatus,
+    reason: Option<&str>,
+) -> Result<()> {
+    write_tx(conn, |tx| {
+        ensure_running(tx, run, "finish it again")?;
+        tx.execute(
+            "UPDATE runs SET status = ?2, ended_at = ?3, failure_reason = ?4 WHERE id = ?1",
+            params![run, RunStatus::from(status), now(), reason],
+        )?;
+        Ok(())
+    })
 }
 
 const SELECT_RUN: &str = "SELECT r.id, e.name, r.name, r.status, r.config_json, r.kiln_version,
@@ -259,6 +322,20 @@ impl ExperimentDb {
         }
     }
 
+    /// A handle with which another thread can end a run of this store when the
+    /// process must exit at once (see [`ExitHandle`]). Starts the background writer;
+    /// the handle does not keep it alive (dropping the store still ends it).
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] when the writer's connection cannot be opened;
+    /// [`Error::Invalid`] when its thread cannot be started or has stopped.
+    pub fn exit_handle(&mut self) -> Result<ExitHandle> {
+        Ok(ExitHandle {
+            file: self.file.clone(),
+            syncer: self.writer()?.syncer(),
+        })
+    }
+
     /// Waits until every metric point handed to [`RunTracker::log_metrics`] is written.
     ///
     /// # Errors
@@ -277,16 +354,7 @@ impl ExperimentDb {
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
     pub fn heartbeat(&mut self, run: RunId) -> Result<()> {
-        write_tx(&mut self.conn, |tx| {
-            let changed = tx.execute(
-                "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1 AND status = 'RUNNING'",
-                params![run, now()],
-            )?;
-            if changed == 0 {
-                ensure_run(tx, run)?;
-            }
-            Ok(())
-        })
+        heartbeat(&mut self.conn, run)
     }
 
     /// Continues a run as a new attempt that resumes from `from_step` (typically the
@@ -934,14 +1002,7 @@ impl RunTracker for ExperimentDb {
     fn finish_run(&mut self, run: RunId, status: EndStatus, reason: Option<&str>) -> Result<()> {
         let written = self.flush();
         self.running.remove(&run);
-        let ended = write_tx(&mut self.conn, |tx| {
-            ensure_running(tx, run, "finish it again")?;
-            tx.execute(
-                "UPDATE runs SET status = ?2, ended_at = ?3, failure_reason = ?4 WHERE id = ?1",
-                params![run, RunStatus::from(status), now(), reason],
-            )?;
-            Ok(())
-        });
+        let ended = end_run(&mut self.conn, run, status, reason);
         match (written, ended) {
             (Err(error), Err(also)) => {
                 tracing::error!(run, error = %also, "could not end the run");
@@ -953,6 +1014,15 @@ impl RunTracker for ExperimentDb {
                 Ok(())
             }
         }
+    }
+
+    /// Heartbeats through a connection of the pulse's own, opened at each beat
+    /// (beats are [`crate::HEARTBEAT_INTERVAL`] apart).
+    fn pulse(&mut self, run: RunId) -> Option<Pulse> {
+        let file = self.file.clone();
+        Some(Pulse::new(move || {
+            heartbeat(&mut open_connection(&file)?, run)
+        }))
     }
 
     /// See [`ExperimentDb::flush`].
@@ -1007,6 +1077,62 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
+    }
+
+    /// What a second Ctrl-C and a waiting multi-node exchange do: another thread
+    /// beats for the run and ends it, after the owner's queued points are written.
+    #[test]
+    fn another_thread_beats_and_ends_a_run_through_its_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = ExperimentDb::open(dir.path().join("kiln.sqlite")).unwrap();
+        let run = db.start_run(&new_run("a")).unwrap();
+        let points: Vec<MetricPoint> = (0..100)
+            .map(|step| MetricPoint {
+                key: "loss".into(),
+                split: "train".into(),
+                step,
+                epoch: 0,
+                value: step as f64,
+                wall_time: now(),
+            })
+            .collect();
+        db.log_metrics(run, &points).unwrap();
+        let started = db.run(run).unwrap().heartbeat_at.unwrap_or(0.0);
+        let (pulse, exit) = (db.pulse(run).unwrap(), db.exit_handle().unwrap());
+        let flushed = std::thread::spawn(move || {
+            pulse.beat().unwrap();
+            exit.end_run(
+                run,
+                EndStatus::Killed,
+                "a second signal",
+                Duration::from_secs(10),
+            )
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        assert!(flushed);
+        let record = db.run(run).unwrap();
+        assert_eq!(record.status, RunStatus::Killed);
+        assert_eq!(record.failure_reason.as_deref(), Some("a second signal"));
+        assert!(record.heartbeat_at.unwrap() >= started);
+        assert_eq!(db.metric_history(run, "loss", "train").unwrap().len(), 100);
+        // Ended: the handle refuses to end it again, and says why.
+        let again = db.exit_handle().unwrap().end_run(
+            run,
+            EndStatus::Killed,
+            "again",
+            Duration::from_secs(1),
+        );
+        assert!(again.unwrap_err().to_string().contains("KILLED"));
+        // A handle still held does not keep the writer alive: dropping the store
+        // returns (it once waited for the writer thread forever).
+        let kept = db.exit_handle().unwrap();
+        drop(db);
+        assert!(
+            kept.end_run(run, EndStatus::Killed, "late", Duration::from_secs(1))
+                .is_err()
+        );
     }
 
     #[test]

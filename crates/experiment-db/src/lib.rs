@@ -31,7 +31,7 @@ mod tracker;
 mod writer;
 
 pub use compare::{Comparison, MetricRow, ParamRow};
-pub use db::ExperimentDb;
+pub use db::{ExitHandle, ExperimentDb};
 pub use error::Error;
 pub use query::{
     CompareOp, Filter, MetricCondition, MetricField, MetricOrder, ParamCondition, RunQuery,
@@ -41,7 +41,7 @@ pub use records::{
     ArtifactRecord, Goal, MetricRecord, MetricSummaryRecord, NewArtifact, ResumeRecord, RunRecord,
     RunStatus,
 };
-pub use tracker::{EndStatus, HEARTBEAT_INTERVAL, MetricPoint, NewRun, RunId, RunTracker};
+pub use tracker::{EndStatus, HEARTBEAT_INTERVAL, MetricPoint, NewRun, Pulse, RunId, RunTracker};
 
 /// Result alias for the experiment store.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -73,6 +73,33 @@ impl EndStatus {
     }
 }
 
+/// Heartbeats of one run that any thread can send: for waits that block the
+/// training thread (a multi-node exchange may wait minutes for a slow node), so
+/// that a live run never reads LOST. Made by [`RunTracker::pulse`].
+#[derive(Clone)]
+pub struct Pulse(std::sync::Arc<dyn Fn() -> crate::Result<()> + Send + Sync>);
+
+impl Pulse {
+    /// A pulse that calls `beat` for each heartbeat.
+    pub fn new(beat: impl Fn() -> crate::Result<()> + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(beat))
+    }
+
+    /// Sends one heartbeat.
+    ///
+    /// # Errors
+    /// Whatever the store's heartbeat returns.
+    pub fn beat(&self) -> crate::Result<()> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Pulse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pulse")
+    }
+}
+
 /// Records runs. Every method may be called from the training thread: an
 /// implementation must not block it on the disk for long (buffer and write in the
 /// background), and must have written everything by the time `finish_run` returns.
@@ -97,6 +124,14 @@ pub trait RunTracker {
     fn heartbeat(&mut self, run: RunId) -> Result<()> {
         let _ = run;
         Ok(())
+    }
+
+    /// Heartbeats of `run` that another thread can send while the training thread
+    /// waits (see [`Pulse`]). The default has none: such waits then send no
+    /// heartbeat.
+    fn pulse(&mut self, run: RunId) -> Option<Pulse> {
+        let _ = run;
+        None
     }
 
     /// Records a file the run wrote (the final weights, the report, a checkpoint).

@@ -11,6 +11,7 @@
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rusqlite::Connection;
 
@@ -43,6 +44,10 @@ pub(crate) struct Writer {
     sender: Option<SyncSender<Command>>,
     thread: Option<JoinHandle<()>>,
     failures: Arc<Mutex<Failures>>,
+    /// The queue's entry for [`Syncer`]s, emptied when the writer is dropped: a
+    /// `Syncer` must not keep the queue open (the thread would never end, and
+    /// dropping the writer would wait for it forever).
+    shared: Arc<Mutex<Option<SyncSender<Command>>>>,
 }
 
 impl Writer {
@@ -57,6 +62,7 @@ impl Writer {
             .spawn(move || serve(conn, &receiver, &thread_failures))
             .map_err(|e| Error::Invalid(format!("cannot start the background writer: {e}")))?;
         Ok(Self {
+            shared: Arc::new(Mutex::new(Some(sender.clone()))),
             sender: Some(sender),
             thread: Some(thread),
             failures,
@@ -83,6 +89,11 @@ impl Writer {
         done.recv().map_err(|_| stopped())
     }
 
+    /// A handle that another thread can use to wait for the queued batches.
+    pub(crate) fn syncer(&self) -> Syncer {
+        Syncer(Arc::clone(&self.shared))
+    }
+
     /// The failure of the batches that failed since the last call, as one
     /// [`Error::WriteFailed`]; `None` when none did. Does not wait for the thread.
     pub(crate) fn take_failure(&self) -> Option<Error> {
@@ -99,6 +110,10 @@ impl Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         // Closing the queue lets the thread write what is queued, then return.
+        self.shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         drop(self.sender.take());
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
@@ -108,6 +123,47 @@ impl Drop for Writer {
         if let Some(error) = self.take_failure() {
             tracing::error!(%error, "metric points were lost when the experiment store closed");
         }
+    }
+}
+
+/// Waits, from any thread, for the batches queued before the call to be written.
+/// It holds no open end of the queue: once the writer is dropped, there is nothing
+/// left to wait for.
+#[derive(Debug, Clone)]
+pub(crate) struct Syncer(Arc<Mutex<Option<SyncSender<Command>>>>);
+
+impl Syncer {
+    /// Whether every batch queued before the call was written or failed within
+    /// `timeout` (the time to get a place in a full queue counts too).
+    pub(crate) fn sync_within(&self, timeout: Duration) -> bool {
+        let sender = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(sender) = sender else {
+            // The writer was dropped, which wrote everything queued.
+            return true;
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        let (reply, done) = sync_channel(1);
+        let mut command = Command::Sync(reply);
+        loop {
+            match sender.try_send(command) {
+                Ok(()) => break,
+                Err(std::sync::mpsc::TrySendError::Full(back)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    command = back;
+                    // The queue is full: the writer is busy writing; look again soon.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return true,
+            }
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        done.recv_timeout(left).is_ok()
     }
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use kiln_experiment_db::{
@@ -23,9 +23,10 @@ fn count_points(path: &std::path::Path, run: RunId) -> i64 {
 
 // ---------------------------------------------------------------- background writer
 
-/// With another connection holding the write lock, `log_metrics` still returns at once
-/// (a synchronous write would wait up to the busy timeout); the points land once the
-/// lock is released.
+/// With another connection holding the write lock, `log_metrics` still returns (a
+/// synchronous write would wait for the lock, then fail at the busy timeout): the
+/// calls all return while the lock is held, none of their points written yet, and
+/// the points land once the lock is released.
 #[test]
 fn log_metrics_does_not_wait_for_the_disk() {
     let (_dir, path, mut db) = temp_db();
@@ -35,51 +36,58 @@ fn log_metrics_does_not_wait_for_the_disk() {
 
     let blocker = raw(&path);
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let started = Instant::now();
     for step in 1..=20 {
         db.log_metrics(id, &losses(&[(step, 1.0 / step as f64)]))
             .unwrap();
     }
-    let logging = started.elapsed();
-    std::thread::sleep(Duration::from_millis(1200));
+    // Still locked: the 20 calls returned without writing.
+    assert_eq!(count_points(&path, id), 1);
     blocker.execute_batch("COMMIT").unwrap();
-    assert!(
-        logging < Duration::from_millis(800),
-        "log_metrics waited {logging:?} for a locked database"
-    );
     db.flush().unwrap();
     assert_eq!(db.metric_history(id, "loss", "train").unwrap().len(), 21);
 }
 
 /// When the writer's queue is full, `log_metrics` blocks until there is room: no
-/// batch is dropped.
+/// batch is dropped. With the database locked, the logger gets at most one batch
+/// past the queue's capacity (the one the writer holds), and no further until the
+/// lock goes.
 #[test]
 fn a_full_queue_blocks_rather_than_drops() {
     let (_dir, path, mut db) = temp_db();
     let id = db.start_run(&new_run("e", "r")).unwrap();
     db.log_metrics(id, &[]).unwrap();
     db.flush().unwrap();
-    let batches = ExperimentDb::WRITER_QUEUE_BATCHES as u64 + 10;
+    let capacity = ExperimentDb::WRITER_QUEUE_BATCHES as u64;
+    let batches = capacity + 10;
 
     let blocker = raw(&path);
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let hold = Duration::from_millis(600);
-    let logging = std::thread::scope(|scope| {
+    let (done, progress) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
         let logger = scope.spawn(|| {
-            let started = Instant::now();
             for step in 0..batches {
                 db.log_metrics(id, &losses(&[(step, step as f64)])).unwrap();
+                done.send(step + 1).unwrap();
             }
-            started.elapsed()
         });
-        std::thread::sleep(hold);
+        // The logger fills the queue...
+        let mut logged = 0;
+        while logged < capacity {
+            logged = progress.recv().unwrap();
+        }
+        // ... then makes no progress past the batch the writer holds while the lock
+        // stays (a queue that did not block would finish all batches here).
+        while let Ok(n) = progress.recv_timeout(Duration::from_millis(300)) {
+            logged = n;
+            assert!(
+                logged <= capacity + 1,
+                "{logged} batches queued behind a locked database: the queue did not block"
+            );
+        }
+        assert!(!logger.is_finished());
         blocker.execute_batch("COMMIT").unwrap();
-        logger.join().unwrap()
+        logger.join().unwrap();
     });
-    assert!(
-        logging >= hold / 2,
-        "{batches} batches were queued in {logging:?}: the queue did not block"
-    );
     db.flush().unwrap();
     assert_eq!(count_points(&path, id), batches as i64);
 }
@@ -285,9 +293,13 @@ fn the_writer_refreshes_the_heartbeat() {
     let run = db.run(id).unwrap();
     assert_eq!(run.status, RunStatus::Running);
     assert!(run.heartbeat_at.unwrap() >= before - 1.0);
-    // An explicit heartbeat too, after a short threshold passes.
-    db.set_stale_after(Duration::from_millis(50));
-    std::thread::sleep(Duration::from_millis(120));
+    // An explicit heartbeat too, once the last one is stale.
+    raw(&path)
+        .execute(
+            "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1",
+            rusqlite::params![id, now() - 3600.0],
+        )
+        .unwrap();
     assert_eq!(db.run(id).unwrap().status, RunStatus::Lost);
     db.heartbeat(id).unwrap();
     assert_eq!(db.run(id).unwrap().status, RunStatus::Running);

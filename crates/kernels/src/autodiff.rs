@@ -12,7 +12,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::tensor::ops::FloatTensor;
 
-use crate::grads::{AttentionGrads, LayerNormGrads};
+use crate::grads::{AttentionGrads, LayerNormGrads, LinearGrads};
 use crate::ops::FusedOps;
 
 #[derive(Debug)]
@@ -73,6 +73,37 @@ impl<B: FusedOps> Backward<B, 3> for LayerNorm {
 }
 
 #[derive(Debug)]
+struct Linear;
+
+impl<B: FusedOps> Backward<B, 3> for Linear {
+    /// The input and the weight.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [x_parent, weight_parent, bias_parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if x_parent.is_none() && weight_parent.is_none() && bias_parent.is_none() {
+            return;
+        }
+        let (x, weight) = ops.state;
+        let LinearGrads {
+            x: dx,
+            weight: dweight,
+            bias: dbias,
+        } = B::fused_linear_backward(x, weight, grad);
+        for (parent, value) in [
+            (x_parent, dx),
+            (weight_parent, dweight),
+            (bias_parent, dbias),
+        ] {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, value);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 struct CausalAttention;
 
 impl<B: FusedOps> Backward<B, 3> for CausalAttention {
@@ -111,6 +142,29 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 prep.finish(x.primitive, output)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::fused_gelu(x.primitive)),
+        }
+    }
+
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let nodes = [x.node.clone(), weight.node.clone(), bias.node.clone()];
+        match Linear.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let output = B::fused_linear(
+                    x.primitive.clone(),
+                    weight.primitive.clone(),
+                    bias.primitive,
+                );
+                prep.finish((x.primitive, weight.primitive), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_linear(
+                x.primitive,
+                weight.primitive,
+                bias.primitive,
+            )),
         }
     }
 

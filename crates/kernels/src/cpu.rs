@@ -27,25 +27,34 @@ pub fn gelu(x: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(out, x)| {
-            for (o, &v) in out.iter_mut().zip(x) {
-                let e = math::exp(-0.5 * v * v);
-                *o = 0.5 * v * (1.0 + math::erf_with_exp(v * FRAC_1_SQRT_2, e));
-            }
+            math::vectorized(
+                #[inline(always)]
+                || {
+                    for (o, &v) in out.iter_mut().zip(x) {
+                        let e = math::exp(-0.5 * v * v);
+                        *o = 0.5 * v * (1.0 + math::erf_with_exp(v * FRAC_1_SQRT_2, e));
+                    }
+                },
+            )
         });
 }
 
-/// `out = grad · gelu'(x)`, with `gelu'(x) = (1 + erf(x/√2))/2 + x · e^{-x²/2}/√(2π)`:
-/// one `exp` serves both terms.
-pub fn gelu_backward(x: &[f32], grad: &[f32], out: &mut [f32]) {
-    out.par_chunks_mut(CHUNK)
+/// `grad ← grad · gelu'(x)`, with `gelu'(x) = (1 + erf(x/√2))/2 + x · e^{-x²/2}/√(2π)`:
+/// one `exp` serves both terms. In place: the output gradient becomes the input's.
+pub fn gelu_backward(x: &[f32], grad: &mut [f32]) {
+    grad.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .zip(grad.par_chunks(CHUNK))
-        .for_each(|((out, x), grad)| {
-            for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
-                let e = math::exp(-0.5 * v * v);
-                let cdf = 0.5 * (1.0 + math::erf_with_exp(v * FRAC_1_SQRT_2, e));
-                *o = g * (cdf + v * FRAC_1_SQRT_2PI * e);
-            }
+        .for_each(|(grad, x)| {
+            math::vectorized(
+                #[inline(always)]
+                || {
+                    for (g, &v) in grad.iter_mut().zip(x) {
+                        let e = math::exp(-0.5 * v * v);
+                        let cdf = 0.5 * (1.0 + math::erf_with_exp(v * FRAC_1_SQRT_2, e));
+                        *g *= cdf + v * FRAC_1_SQRT_2PI * e;
+                    }
+                },
+            )
         });
 }
 
@@ -56,58 +65,59 @@ fn rows_per_task(width: usize) -> usize {
 
 /// Gradients of `y = (x - mean)/√(var + ε) · γ + β` over rows of `width` elements.
 ///
-/// Writes `dx` and returns `(dγ, dβ)`. Mean and variance are recomputed from `x`
-/// (two passes over a row in cache) rather than kept from the forward pass.
+/// Overwrites the output gradient `grad` with the input's and returns `(dγ, dβ)`
+/// (each row of `grad` is read once, into `grad · γ`, before it is written). Mean and
+/// variance are recomputed from `x` (two passes over a row in cache) rather than kept
+/// from the forward pass.
 pub fn layer_norm_backward(
     x: &[f32],
     gamma: &[f32],
-    grad: &[f32],
+    grad: &mut [f32],
     epsilon: f32,
-    dx: &mut [f32],
 ) -> (Vec<f32>, Vec<f32>) {
     let width = gamma.len();
     let block = rows_per_task(width) * width;
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = grad
         .par_chunks_mut(block)
         .zip(x.par_chunks(block))
-        .zip(grad.par_chunks(block))
-        .map(|((dx, x), grad)| {
-            let mut dgamma = vec![0.0f32; width];
-            let mut dbeta = vec![0.0f32; width];
-            let mut g = vec![0.0f32; width];
-            let mut xhat = vec![0.0f32; width];
-            for ((dx, x), dy) in dx
-                .chunks_exact_mut(width)
-                .zip(x.chunks_exact(width))
-                .zip(grad.chunks_exact(width))
-            {
-                let n = width as f32;
-                let mean = math::sum(x) / n;
-                for (h, &v) in xhat.iter_mut().zip(x) {
-                    *h = v - mean;
-                }
-                let var = math::dot(&xhat, &xhat) / n;
-                let rstd = 1.0 / (var + epsilon).sqrt();
-                for h in xhat.iter_mut() {
-                    *h *= rstd;
-                }
-                for (((gi, &dyi), &gam), ((dg, db), &h)) in g
-                    .iter_mut()
-                    .zip(dy)
-                    .zip(gamma)
-                    .zip(dgamma.iter_mut().zip(dbeta.iter_mut()).zip(&xhat))
-                {
-                    *gi = dyi * gam;
-                    *dg += dyi * h;
-                    *db += dyi;
-                }
-                let mean_g = math::sum(&g) / n;
-                let mean_gx = math::dot(&g, &xhat) / n;
-                for ((d, &gi), &h) in dx.iter_mut().zip(&g).zip(&xhat) {
-                    *d = rstd * (gi - mean_g - h * mean_gx);
-                }
-            }
-            (dgamma, dbeta)
+        .map(|(grad, x)| {
+            math::vectorized(
+                #[inline(always)]
+                || {
+                    let mut dgamma = vec![0.0f32; width];
+                    let mut dbeta = vec![0.0f32; width];
+                    let mut g = vec![0.0f32; width];
+                    let mut xhat = vec![0.0f32; width];
+                    for (dy, x) in grad.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
+                        let n = width as f32;
+                        let mean = math::sum(x) / n;
+                        for (h, &v) in xhat.iter_mut().zip(x) {
+                            *h = v - mean;
+                        }
+                        let var = math::dot(&xhat, &xhat) / n;
+                        let rstd = 1.0 / (var + epsilon).sqrt();
+                        for h in xhat.iter_mut() {
+                            *h *= rstd;
+                        }
+                        for (((gi, &dyi), &gam), ((dg, db), &h)) in g
+                            .iter_mut()
+                            .zip(dy.iter())
+                            .zip(gamma)
+                            .zip(dgamma.iter_mut().zip(dbeta.iter_mut()).zip(&xhat))
+                        {
+                            *gi = dyi * gam;
+                            *dg += dyi * h;
+                            *db += dyi;
+                        }
+                        let mean_g = math::sum(&g) / n;
+                        let mean_gx = math::dot(&g, &xhat) / n;
+                        for ((d, &gi), &h) in dy.iter_mut().zip(&g).zip(&xhat) {
+                            *d = rstd * (gi - mean_g - h * mean_gx);
+                        }
+                    }
+                    (dgamma, dbeta)
+                },
+            )
         })
         .collect();
     let mut dgamma = vec![0.0f32; width];
@@ -126,23 +136,23 @@ pub fn layer_norm_backward(
 }
 
 /// Gradient of a softmax over rows of `width` elements from its output `y`:
-/// `dx = y · (g - Σ g·y)` per row.
-pub fn softmax_backward(y: &[f32], grad: &[f32], width: usize, dx: &mut [f32]) {
+/// `g ← y · (g - Σ g·y)` per row, in place on the output gradient `grad`.
+pub fn softmax_backward(y: &[f32], grad: &mut [f32], width: usize) {
     let block = rows_per_task(width) * width;
-    dx.par_chunks_mut(block)
+    grad.par_chunks_mut(block)
         .zip(y.par_chunks(block))
-        .zip(grad.par_chunks(block))
-        .for_each(|((dx, y), grad)| {
-            for ((dx, y), g) in dx
-                .chunks_exact_mut(width)
-                .zip(y.chunks_exact(width))
-                .zip(grad.chunks_exact(width))
-            {
-                let s = math::dot(g, y);
-                for ((d, &yi), &gi) in dx.iter_mut().zip(y).zip(g) {
-                    *d = yi * (gi - s);
-                }
-            }
+        .for_each(|(grad, y)| {
+            math::vectorized(
+                #[inline(always)]
+                || {
+                    for (g, y) in grad.chunks_exact_mut(width).zip(y.chunks_exact(width)) {
+                        let s = math::dot(g, y);
+                        for (gi, &yi) in g.iter_mut().zip(y) {
+                            *gi = yi * (*gi - s);
+                        }
+                    }
+                },
+            )
         });
 }
 
@@ -166,18 +176,23 @@ fn probabilities(q: &[f32], k: &[f32], at: usize, shape: AttentionShape, p: &mut
         scale,
         false,
     );
-    for (i, row) in p.chunks_exact_mut(t).enumerate() {
-        let (keep, masked) = row.split_at_mut(i + 1);
-        let max = keep.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        for x in keep.iter_mut() {
-            *x = math::exp(*x - max);
-        }
-        let inv = 1.0 / math::sum(keep);
-        for x in keep.iter_mut() {
-            *x *= inv;
-        }
-        masked.fill(0.0);
-    }
+    math::vectorized(
+        #[inline(always)]
+        || {
+            for (i, row) in p.chunks_exact_mut(t).enumerate() {
+                let (keep, masked) = row.split_at_mut(i + 1);
+                let max = keep.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                for x in keep.iter_mut() {
+                    *x = math::exp(*x - max);
+                }
+                let inv = 1.0 / math::sum(keep);
+                for x in keep.iter_mut() {
+                    *x *= inv;
+                }
+                masked.fill(0.0);
+            }
+        },
+    );
 }
 
 /// The shape of a causal self-attention: sequences of `t` tokens of `d` features in
@@ -290,12 +305,17 @@ pub fn causal_attention_backward(
                 };
                 matmul(dp, head(grad, col), head(v, col).t(), 1.0, false);
                 // dS = P ∘ (dP - Σ_j dP·P), zero wherever P is.
-                for (dsr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                    let s = math::dot(dsr, pr);
-                    for (x, &pi) in dsr.iter_mut().zip(pr) {
-                        *x = pi * (*x - s);
-                    }
-                }
+                math::vectorized(
+                    #[inline(always)]
+                    || {
+                        for (dsr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                            let s = math::dot(dsr, pr);
+                            for (x, &pi) in dsr.iter_mut().zip(pr) {
+                                *x = pi * (*x - s);
+                            }
+                        }
+                    },
+                );
                 // dQ = scale · dS K, dK = scale · dSᵀ Q
                 matmul(
                     out(dq, col, t, hd, d),

@@ -11,8 +11,9 @@ use burn::tensor::{DType, TensorData, TensorMetadata};
 use burn_flex::{Flex, FlexTensor};
 
 use crate::cpu::{self, AttentionShape};
-use crate::grads::{AttentionGrads, LayerNormGrads};
+use crate::grads::{AttentionGrads, LayerNormGrads, LinearGrads};
 use crate::ops::FusedOps;
+use crate::products::{self, LinearShape};
 use crate::reference;
 
 /// `tensor` as one contiguous f32 buffer, or `None` for another dtype.
@@ -27,9 +28,40 @@ fn values(tensor: &FlexTensor) -> &[f32] {
         .unwrap_or_else(|| unreachable!("contiguous_f32 made the tensor contiguous f32"))
 }
 
+/// An f32 `tensor` as a contiguous tensor whose buffer it owns alone (copied if it
+/// is shared), for a kernel to overwrite in place.
+fn owned(tensor: FlexTensor) -> FlexTensor {
+    let whole = tensor.is_contiguous()
+        && tensor.layout().start_offset() == 0
+        && tensor.storage::<f32>().len() == tensor.shape().num_elements();
+    let mut tensor = if whole {
+        tensor
+    } else {
+        tensor.to_contiguous()
+    };
+    // Copy on write: a no-op for the gradients autodiff hands over, held nowhere else.
+    tensor.storage_mut::<f32>();
+    tensor
+}
+
+/// The elements of a tensor from [`owned`], to overwrite.
+fn values_mut(tensor: &mut FlexTensor) -> &mut [f32] {
+    tensor.storage_mut::<f32>()
+}
+
 /// A new f32 tensor of `shape` holding `values`.
 fn tensor(values: Vec<f32>, shape: burn::tensor::Shape) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// The shape of `x · w` for `x: [rows, d_in]` and `w: [d_in, d_out]`.
+fn linear_shape(x: &FlexTensor, w: &FlexTensor) -> LinearShape {
+    let (x, w) = (x.shape(), w.shape());
+    LinearShape {
+        rows: x[0],
+        d_in: x[1],
+        d_out: w[1],
+    }
 }
 
 impl FusedOps for Flex {
@@ -44,24 +76,56 @@ impl FusedOps for Flex {
     }
 
     fn fused_gelu_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
-        let (Some(x), Some(grad)) = (contiguous_f32(&x), contiguous_f32(&grad)) else {
+        if x.dtype() != DType::F32 || grad.dtype() != DType::F32 {
             return Flex::gelu_backward(x, grad);
+        }
+        let (x, mut grad) = (x.to_contiguous(), owned(grad));
+        cpu::gelu_backward(values(&x), values_mut(&mut grad));
+        grad
+    }
+
+    fn fused_linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        let (Some(x), Some(w), Some(b)) = (
+            contiguous_f32(&x),
+            contiguous_f32(&weight),
+            contiguous_f32(&bias),
+        ) else {
+            return reference::linear::<Flex>(x, weight, bias);
         };
-        let mut out = vec![0.0; values(&x).len()];
-        cpu::gelu_backward(values(&x), values(&grad), &mut out);
-        tensor(out, x.shape())
+        let shape = linear_shape(&x, &w);
+        let out = products::linear(values(&x), values(&w), values(&b), shape);
+        tensor(out, [shape.rows, shape.d_out].into())
+    }
+
+    fn fused_linear_backward(
+        x: FlexTensor,
+        weight: FlexTensor,
+        grad: FlexTensor,
+    ) -> LinearGrads<Flex> {
+        if [&x, &weight, &grad].iter().any(|t| t.dtype() != DType::F32) {
+            return reference::linear_backward::<Flex>(x, weight, grad);
+        }
+        let (w, g) = (weight.to_contiguous(), grad.to_contiguous());
+        let mut dx = owned(x);
+        let shape = linear_shape(&dx, &w);
+        let (dw, db) =
+            products::linear_backward(values_mut(&mut dx), values(&w), values(&g), shape);
+        LinearGrads {
+            x: dx,
+            weight: tensor(dw, w.shape()),
+            bias: tensor(db, [shape.d_out].into()),
+        }
     }
 
     fn fused_softmax_backward(y: FlexTensor, grad: FlexTensor, dim: usize) -> FlexTensor {
         let shape = y.shape();
         let last = shape.num_dims().saturating_sub(1);
-        let (true, Some(y), Some(grad)) = (dim == last, contiguous_f32(&y), contiguous_f32(&grad))
-        else {
+        if dim != last || y.dtype() != DType::F32 || grad.dtype() != DType::F32 {
             return reference::softmax_backward::<Flex>(y, grad, dim);
-        };
-        let mut out = vec![0.0; values(&y).len()];
-        cpu::softmax_backward(values(&y), values(&grad), shape[last], &mut out);
-        tensor(out, shape)
+        }
+        let (y, mut grad) = (y.to_contiguous(), owned(grad));
+        cpu::softmax_backward(values(&y), values_mut(&mut grad), shape[last]);
+        grad
     }
 
     fn fused_layer_norm_backward(
@@ -70,23 +134,18 @@ impl FusedOps for Flex {
         grad: FlexTensor,
         epsilon: f64,
     ) -> LayerNormGrads<Flex> {
-        let (Some(x), Some(gamma), Some(grad)) = (
-            contiguous_f32(&x),
-            contiguous_f32(&gamma),
-            contiguous_f32(&grad),
-        ) else {
+        if [&x, &gamma, &grad].iter().any(|t| t.dtype() != DType::F32) {
             return reference::layer_norm_backward::<Flex>(x, gamma, grad, epsilon);
-        };
-        let mut dx = vec![0.0; values(&x).len()];
+        }
+        let (x, gamma, mut dx) = (x.to_contiguous(), gamma.to_contiguous(), owned(grad));
         let (dgamma, dbeta) = cpu::layer_norm_backward(
             values(&x),
             values(&gamma),
-            values(&grad),
+            values_mut(&mut dx),
             epsilon as f32,
-            &mut dx,
         );
         LayerNormGrads {
-            x: tensor(dx, x.shape()),
+            x: dx,
             gamma: tensor(dgamma, gamma.shape()),
             beta: tensor(dbeta, gamma.shape()),
         }

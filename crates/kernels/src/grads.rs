@@ -24,3 +24,14 @@ pub struct AttentionGrads<B: Backend> {
     /// Gradient of the values, `[b, t, d]`.
     pub v: FloatTensor<B>,
 }
+
+/// The gradients of a linear layer: of its input, its weight and its bias.
+#[derive(Debug, Clone)]
+pub struct LinearGrads<B: Backend> {
+    /// Gradient of the input, `[rows, d_in]`.
+    pub x: FloatTensor<B>,
+    /// Gradient of the weight, `[d_in, d_out]`.
+    pub weight: FloatTensor<B>,
+    /// Gradient of the bias, `[d_out]`.
+    pub bias: FloatTensor<B>,
+}

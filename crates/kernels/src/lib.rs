@@ -41,12 +41,14 @@ mod grads;
 pub mod math;
 mod nn;
 mod ops;
+#[cfg(feature = "flex")]
+pub mod products;
 pub mod reference;
 
 use burn::tensor::{Tensor, TensorPrimitive};
 
-pub use grads::{AttentionGrads, LayerNormGrads};
-pub use nn::{Gelu, LayerNorm};
+pub use grads::{AttentionGrads, LayerNormGrads, LinearGrads};
+pub use nn::{CausalSelfAttention, Gelu, LayerNorm, Linear};
 pub use ops::{FusedAutodiffBackend, FusedOps};
 
 /// The exact GELU of every element, `x/2 · (1 + erf(x/√2))`.
@@ -54,6 +56,35 @@ pub fn gelu<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(B::fused_gelu(
         x.into_primitive().tensor(),
     )))
+}
+
+/// `x · weight + bias` over the last dimension of `x` (`[..., d_in]`), with
+/// `weight: [d_in, d_out]` and `bias: [d_out]`: the product of `burn::nn::Linear`, as
+/// one node of the autodiff graph.
+///
+/// # Panics
+/// If the last dimension of `x` is not `d_in` or the bias is not `d_out` long.
+pub fn linear<B: FusedOps, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Tensor<B, 1>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let [d_in, d_out] = weight.dims();
+    assert!(
+        D > 0 && dims[D - 1] == d_in && bias.dims() == [d_out],
+        "a linear layer of weight [{d_in}, {d_out}] and bias {:?} on an input {dims:?}",
+        bias.dims()
+    );
+    let rows = dims[..D - 1].iter().product();
+    let y = B::fused_linear(
+        x.reshape([rows, d_in]).into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        bias.into_primitive().tensor(),
+    );
+    let mut out_dims = dims;
+    out_dims[D - 1] = d_out;
+    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(out_dims)
 }
 
 /// Softmax along `dim`.

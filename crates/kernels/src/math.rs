@@ -6,6 +6,18 @@
 //! element at a time; these two are what lets [`crate::cpu`] run it over whole SIMD
 //! registers instead.
 
+/// Runs `f` compiled for the widest SIMD instruction set this CPU has (AVX2 with FMA,
+/// AVX-512, NEON), chosen at run time through `pulp` (as `gemm` does): a release
+/// build otherwise targets the x86-64 baseline, SSE2, four lanes.
+///
+/// Results do not depend on the instruction set: Rust never fuses a multiply and an
+/// add on its own, and every sum here has a fixed order.
+#[cfg(feature = "flex")]
+#[inline(always)]
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
 /// `e^x` to within 2 ulp for `x` in [-87, 88]; 0 below, +inf-free (clamped) above.
 ///
 /// Cephes' `expf`: `x = n·ln 2 + r` with `|r| <= ln 2 / 2`, a degree-6 minimax

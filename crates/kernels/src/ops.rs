@@ -3,7 +3,7 @@
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 
-use crate::grads::{AttentionGrads, LayerNormGrads};
+use crate::grads::{AttentionGrads, LayerNormGrads, LinearGrads};
 use crate::reference;
 
 /// Fused operations with hand-written backward passes: Burn's backend-extension
@@ -16,7 +16,8 @@ use crate::reference;
 /// node of the graph whose backward calls the `*_backward` method of `B` (instead of
 /// the five to ten nodes Burn's autodiff makes of a softmax or a layer norm).
 ///
-/// Call them through [`crate::gelu`], [`crate::softmax`] and [`crate::LayerNorm`].
+/// Call them through [`crate::gelu`], [`crate::softmax`], [`crate::linear`],
+/// [`crate::causal_attention`], [`crate::Linear`] and [`crate::LayerNorm`].
 pub trait FusedOps: Backend {
     /// The exact GELU, `x/2 · (1 + erf(x/√2))`.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -26,6 +27,25 @@ pub trait FusedOps: Backend {
     /// `grad · gelu'(x)`.
     fn fused_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::gelu_backward(x, grad)
+    }
+
+    /// `x · weight + bias` for `x: [rows, d_in]`, `weight: [d_in, d_out]` and
+    /// `bias: [d_out]`.
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::linear::<Self>(x, weight, bias)
+    }
+
+    /// The gradients of [`FusedOps::fused_linear`] for the output gradient `grad`.
+    fn fused_linear_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> LinearGrads<Self> {
+        reference::linear_backward::<Self>(x, weight, grad)
     }
 
     /// Softmax along `dim`.

@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, Tensor, TensorMetadata, TensorPrimitive};
 
-use crate::grads::{AttentionGrads, LayerNormGrads};
+use crate::grads::{AttentionGrads, LayerNormGrads, LinearGrads};
 
 fn wrap<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
@@ -13,6 +13,33 @@ fn wrap<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
 
 fn unwrap<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B> {
     tensor.into_primitive().tensor()
+}
+
+/// `x · weight + bias`, as `burn::nn::Linear` computes it.
+pub fn linear<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let x: Tensor<B, 2> = wrap(x);
+    let bias: Tensor<B, 1> = wrap(bias);
+    unwrap(x.matmul(wrap(weight)) + bias.unsqueeze::<2>())
+}
+
+/// `dx = grad · weightᵀ`, `dweight = xᵀ · grad`, `dbias = Σ_rows grad`.
+pub fn linear_backward<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> LinearGrads<B> {
+    let (x, weight, grad): (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) =
+        (wrap(x), wrap(weight), wrap(grad));
+    let d_out = grad.dims()[1];
+    LinearGrads {
+        x: unwrap(grad.clone().matmul(weight.transpose())),
+        weight: unwrap(x.transpose().matmul(grad.clone())),
+        bias: unwrap(grad.sum_dim(0).reshape([d_out])),
+    }
 }
 
 /// `dx = y · (g - Σ_dim g·y)`.

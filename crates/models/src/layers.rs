@@ -3,12 +3,14 @@
 use burn::module::Param;
 use burn::prelude::*;
 use kiln_core::rng::SplitMix64;
+use kiln_kernels::FusedOps;
 
 /// Standard deviation of every weight's N(0, σ²) initialisation.
 pub const INIT_STD: f64 = 0.02;
 
 /// A fully connected layer `y = x W + b` with `W: [d_in, d_out]`, initialised
-/// N(0, 0.02²) with zero bias.
+/// N(0, 0.02²) with zero bias, applied through kiln's fused linear operation
+/// ([`kiln_kernels::linear`]).
 #[derive(Module, Debug)]
 pub struct Dense<B: Backend> {
     /// `[d_in, d_out]`.
@@ -25,10 +27,12 @@ impl<B: Backend> Dense<B> {
             bias: Param::from_tensor(Tensor::zeros([d_out], device)),
         }
     }
+}
 
+impl<B: FusedOps> Dense<B> {
     /// Applies the layer to `[rows, d_in]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        x.matmul(self.weight.val()) + self.bias.val().unsqueeze::<2>()
+        kiln_kernels::linear(x, self.weight.val(), self.bias.val())
     }
 }
 

@@ -4,6 +4,7 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use kiln_core::rng::SplitMix64;
 use kiln_core::{Error, Inputs, Prediction, TaskKind, TaskModel, TaskSpec};
+use kiln_kernels::FusedOps;
 
 use crate::layers::Dense;
 
@@ -95,7 +96,7 @@ pub struct Mlp<B: Backend> {
     classes: bool,
 }
 
-impl<B: Backend> TaskModel<B> for Mlp<B> {
+impl<B: FusedOps> TaskModel<B> for Mlp<B> {
     fn forward(&self, inputs: Inputs<B>) -> kiln_core::Result<Prediction<B>> {
         let mut x = inputs.into_features()?;
         for layer in &self.hidden {
