@@ -24,6 +24,11 @@ const EPS: f64 = 1e-5;
 /// orders, which is all that separates them.
 const TOLERANCE: f32 = 1e-5;
 
+/// The same on NdArray, where both sides are Burn's own ops (NdArray has no kiln
+/// kernels: the trait's defaults) and NdArray's SIMD functions, unified into a
+/// workspace build, round differently in each composition (2.5e-5 relative seen).
+const NDARRAY_TOLERANCE: f32 = 1e-4;
+
 /// Outputs and gradients (of x, and of γ and β for the layer norm, of the weight
 /// `gamma · gammaᵀ` and the bias β for the linear layer) of `op` on `x`, fused or
 /// through Burn's ops, under the upstream gradient `w`.
@@ -86,7 +91,7 @@ fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().unwrap()
 }
 
-fn compare<B: AutodiffBackend + FusedOps>(op: Op, [rows, d]: [usize; 2]) {
+fn compare<B: AutodiffBackend + FusedOps>(op: Op, [rows, d]: [usize; 2], tolerance: f32) {
     let device = Default::default();
     B::seed(&device, 7);
     let x = Tensor::<B, 2>::random([rows, d], Distribution::Normal(0.0, 2.0), &device);
@@ -107,7 +112,7 @@ fn compare<B: AutodiffBackend + FusedOps>(op: Op, [rows, d]: [usize; 2]) {
         // relative error means nothing): `torch.allclose(rtol=1e-5, atol=1e-5)`.
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             assert!(
-                (g - w).abs() <= TOLERANCE * (1.0 + w.abs()),
+                (g - w).abs() <= tolerance * (1.0 + w.abs()),
                 "{op:?} {rows}x{d} {name}[{i}]: fused {g}, Burn {w}"
             );
         }
@@ -118,13 +123,14 @@ fn compare<B: AutodiffBackend + FusedOps>(op: Op, [rows, d]: [usize; 2]) {
 fn fused_ops_equal_burns_ops(
     #[values(Op::Gelu, Op::Softmax, Op::LayerNorm, Op::Linear)] op: Op,
     #[values(
-        compare::<Autodiff<Flex>> as fn(Op, [usize; 2]),
-        compare::<Autodiff<NdArray>> as fn(Op, [usize; 2])
+        (compare::<Autodiff<Flex>> as fn(Op, [usize; 2], f32), TOLERANCE),
+        (compare::<Autodiff<NdArray>> as fn(Op, [usize; 2], f32), NDARRAY_TOLERANCE)
     )]
-    backend: fn(Op, [usize; 2]),
+    backend: (fn(Op, [usize; 2], f32), f32),
     #[values([1, 7], [3, 5], [64, 128], [300, 130])] shape: [usize; 2],
 ) {
-    backend(op, shape);
+    let (compare, tolerance) = backend;
+    compare(op, shape, tolerance);
 }
 
 #[test]
@@ -252,19 +258,23 @@ fn attention<B: AutodiffBackend + FusedOps>(
     ]
 }
 
+/// Outputs and gradients of an attention of that shape and head count, fused or not.
+type Attention = fn([usize; 3], usize, bool) -> Vec<Vec<f32>>;
+
 #[rstest]
 #[case::one_head([1, 3, 4], 1)]
 #[case::tiny_gpt([4, 64, 128], 4)]
 #[case::odd_sizes([3, 17, 30], 5)]
 fn fused_attention_equals_burns_ops(
     #[values(
-        attention::<Autodiff<Flex>> as fn([usize; 3], usize, bool) -> Vec<Vec<f32>>,
-        attention::<Autodiff<NdArray>> as fn([usize; 3], usize, bool) -> Vec<Vec<f32>>
+        (attention::<Autodiff<Flex>> as Attention, TOLERANCE),
+        (attention::<Autodiff<NdArray>> as Attention, NDARRAY_TOLERANCE)
     )]
-    run: fn([usize; 3], usize, bool) -> Vec<Vec<f32>>,
+    backend: (Attention, f32),
     #[case] shape: [usize; 3],
     #[case] heads: usize,
 ) {
+    let (run, tolerance) = backend;
     let (fused, burn) = (run(shape, heads, true), run(shape, heads, false));
     for ((name, got), want) in ["output", "grad q", "grad k", "grad v"]
         .iter()
@@ -274,7 +284,7 @@ fn fused_attention_equals_burns_ops(
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             assert!(
-                (g - w).abs() <= TOLERANCE * (1.0 + w.abs()),
+                (g - w).abs() <= tolerance * (1.0 + w.abs()),
                 "{shape:?} {heads} heads {name}[{i}]: fused {g}, Burn {w}"
             );
         }
