@@ -123,10 +123,10 @@ fn compare<B: AutodiffBackend + FusedOps>(op: Op, [rows, d]: [usize; 2], toleran
 fn fused_ops_equal_burns_ops(
     #[values(Op::Gelu, Op::Softmax, Op::LayerNorm, Op::Linear)] op: Op,
     #[values(
-        (compare::<Autodiff<Flex>> as fn(Op, [usize; 2], f32), TOLERANCE),
-        (compare::<Autodiff<NdArray>> as fn(Op, [usize; 2], f32), NDARRAY_TOLERANCE)
+        (compare::<Autodiff<Flex>> as Compare, TOLERANCE),
+        (compare::<Autodiff<NdArray>> as Compare, NDARRAY_TOLERANCE)
     )]
-    backend: (fn(Op, [usize; 2], f32), f32),
+    backend: (Compare, f32),
     #[values([1, 7], [3, 5], [64, 128], [300, 130])] shape: [usize; 2],
 ) {
     let (compare, tolerance) = backend;
@@ -257,6 +257,9 @@ fn attention<B: AutodiffBackend + FusedOps>(
         values(v.grad(&grads).unwrap()),
     ]
 }
+
+/// [`compare`] on one backend.
+type Compare = fn(Op, [usize; 2], f32);
 
 /// Outputs and gradients of an attention of that shape and head count, fused or not.
 type Attention = fn([usize; 3], usize, bool) -> Vec<Vec<f32>>;
