@@ -1,7 +1,7 @@
 //! Helpers shared by kiln's cross-crate tests.
 
 use std::io::Read;
-use std::process::{Child, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -154,4 +154,64 @@ fn read_all(
         let _ = ended.send(());
         bytes
     })
+}
+
+/// Marks a process of the test binary started by [`own_process`] to run one test.
+const OWN_PROCESS: &str = "KILN_TEST_OWN_PROCESS";
+
+/// The full name of the running test (`module::test`, and `::case_N_name` for an
+/// rstest case): libtest names each test's thread after it.
+pub fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .filter(|name| *name != "main")
+        .expect("a test runs on a thread libtest named after it")
+        .to_owned()
+}
+
+/// Whether the calling test runs its body here. For a test that needs a
+/// process-wide resource to itself: Burn's RNG on the CPU backends is one per
+/// process, and every training run of the other tests reseeds it.
+///
+/// In the shared test process this starts the binary again with the test as its
+/// only one, waits for it (at most 15 minutes), fails if it failed or ran no test,
+/// and returns `false`: the caller returns, its body having passed there. In that
+/// process of its own it returns `true`.
+///
+/// ```no_run
+/// #[test]
+/// fn two_runs_draw_the_same_dropout_masks() {
+///     if !kiln_tests::own_process() {
+///         return;
+///     }
+///     // ... train twice and compare
+/// }
+/// ```
+pub fn own_process() -> bool {
+    if std::env::var_os(OWN_PROCESS).is_some() {
+        return true;
+    }
+    let name = test_name();
+    let child = Command::new(std::env::current_exe().expect("the test binary's path"))
+        .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(OWN_PROCESS, &name)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the test binary starts again");
+    let output = output_within(child, Duration::from_secs(900), &name);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{name} failed in its own process ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    // A filter that matched nothing would pass without running the body.
+    assert!(
+        stdout.contains("test result: ok. 1 passed"),
+        "{name} did not run in its own process:\n{stdout}\n{stderr}"
+    );
+    eprintln!("{name}: passed in a process of its own");
+    false
 }

@@ -5,6 +5,11 @@
 //! imports form layers, with no cycle. A module is a file of `src/` or a folder
 //! (`learner/` is one module); `lib.rs` and test code do not count.
 //!
+//! `each_package_has_one_integration_test_binary`: every test binary links and
+//! monomorphises Burn's training code again (seventeen of them took half an hour
+//! to build cold), so a package's integration tests are modules of one binary,
+//! `tests/it/main.rs`.
+//!
 //! A unit-test module of xtask (no test binary of its own).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -235,6 +240,58 @@ fn module_imports_form_layers() {
     assert!(
         problems.is_empty(),
         "move what both sides need into a lower module:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// The integration-test binaries of the package in `dir`: its `[[test]]` targets
+/// and what cargo finds by itself (`tests/*.rs`, `tests/*/main.rs`).
+fn test_binaries(dir: &Path) -> Vec<String> {
+    let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap_or_default();
+    let mut found: Vec<String> = manifest
+        .lines()
+        .filter(|line| line.trim() == "[[test]]")
+        .map(|_| "[[test]] in Cargo.toml".to_owned())
+        .collect();
+    if !manifest.contains("autotests = false") {
+        let entries = std::fs::read_dir(dir.join("tests")).into_iter().flatten();
+        for path in entries.map(|entry| entry.unwrap().path()) {
+            let is_binary = match path.is_dir() {
+                true => path.join("main.rs").exists(),
+                false => path.extension().is_some_and(|e| e == "rs"),
+            };
+            if is_binary {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn each_package_has_one_integration_test_binary() {
+    let root = workspace_root();
+    let mut packages: Vec<PathBuf> = std::fs::read_dir(root.join("crates"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    packages.extend(["tests", "examples", "xtask"].map(|dir| root.join(dir)));
+    let mut problems = Vec::new();
+    let mut with_tests = 0;
+    for package in packages.iter().filter(|p| p.join("Cargo.toml").exists()) {
+        let binaries = test_binaries(package);
+        with_tests += usize::from(!binaries.is_empty());
+        if binaries.len() > 1 {
+            problems.push(format!("{}: {}", package.display(), binaries.join(", ")));
+        }
+    }
+    assert!(
+        with_tests >= 4,
+        "only {with_tests} packages with integration tests found: is the layout still crates/*/tests?"
+    );
+    assert!(
+        problems.is_empty(),
+        "more than one integration-test binary; make each a module of tests/it/main.rs:\n{}",
         problems.join("\n")
     );
 }

@@ -1,11 +1,9 @@
 //! The background writer, stale runs read LOST, resumed runs, and the summaries of
 //! resumed runs against a full scan (property test), on real database files.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use kiln_experiment_db::{
     EndStatus, Error, ExperimentDb, Goal, RunId, RunQuery, RunStatus, RunTracker,
 };

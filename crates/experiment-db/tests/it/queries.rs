@@ -1,9 +1,7 @@
 //! Run queries and their filter syntax, downsampled histories and run comparisons, on
 //! real database files.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kiln_experiment_db::{
     CompareOp, EndStatus, Error, ExperimentDb, Filter, MetricCondition, MetricField, MetricOrder,
     ParamCondition, RunId, RunQuery, RunStatus, RunTracker, SortOrder,

@@ -1,16 +1,14 @@
 //! Several processes on one database file, and a writer process killed with SIGKILL.
 //!
-//! The child processes are this test binary run again: `child_process_entry` does
+//! The child processes are this test binary run again: `processes::child_process_entry` does
 //! nothing unless `KILN_EDB_CHILD` names a role, so no extra binary is needed.
-
-mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use kiln_experiment_db::{EndStatus, ExperimentDb, RunStatus, RunTracker};
 
 const ROLE: &str = "KILN_EDB_CHILD";
@@ -28,7 +26,7 @@ fn spawn_child(role: &str, env: &[(&str, &Path)], name: &str) -> Child {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
         .args([
-            "child_process_entry",
+            "processes::child_process_entry",
             "--exact",
             "--nocapture",
             "--test-threads=1",

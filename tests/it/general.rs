@@ -2,14 +2,13 @@
 //! `InferenceStep`, a `Dataset` and a `Batcher`, burn-optim optimizers and
 //! schedulers) trained through `TrainingCoordinator::fit`, unchanged.
 //!
-//! Burn's RNG is one per process on Flex, and the tests of this binary run on
-//! parallel threads: every test that draws from it (initialisation, dropout) takes
-//! its turn through [`rng_turn`].
+//! Burn's RNG is one per process on Flex, and the other tests of this binary train
+//! (and reseed it) on parallel threads: every test here that draws from it
+//! (initialisation, dropout) runs in a process of its own ([`own_process`]).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use burn::backend::Autodiff;
@@ -32,17 +31,10 @@ use kiln_examples::regressor::{
     RegressionBatcher, RegressionItem, Regressor, RegressorConfig, synthetic_regression,
 };
 use kiln_experiment_db::ExperimentDb;
-use kiln_tests::{loss_bits, output_within, param_values, quiet};
+use kiln_tests::{loss_bits, output_within, own_process, param_values, quiet, test_name};
 use rstest::rstest;
 
 type B = Autodiff<Flex>;
-
-static RNG: Mutex<()> = Mutex::new(());
-
-/// This test's turn with Burn's process-wide RNG.
-fn rng_turn() -> MutexGuard<'static, ()> {
-    RNG.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// The CNN, initialised from Burn's RNG seeded with 3.
 fn cnn(dropout: f64) -> ImageClassifier<B> {
@@ -81,7 +73,9 @@ fn the_cnn_trains_with_dropout_and_its_loss_falls(
     #[case] want: Strategy,
     #[case] want_engine: Engine,
 ) {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let trained = quiet(dir.path())
         .strategy(strategy)
@@ -140,7 +134,9 @@ fn the_cnn_trains_with_dropout_and_its_loss_falls(
 #[case::ddp("ddp")]
 #[case::fsdp("fsdp")]
 fn without_dropout_two_workers_take_the_steps_of_one_device(#[case] strategy: &str) {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let model = cnn(0.0);
     let run = |strategy: &str, devices: &str, batch_size: usize| {
         let dir = tempfile::tempdir().unwrap();
@@ -200,7 +196,9 @@ fn both_engines_take_the_same_steps(
     #[case] devices: &str,
     #[case] dropout: f64,
 ) {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let model = cnn(dropout);
     let run = |engine: &str| {
         let dir = tempfile::tempdir().unwrap();
@@ -273,7 +271,9 @@ fn two_runs_with_one_seed_and_dropout_take_the_same_steps_bit_for_bit(
     #[case] engine: &str,
     #[case] deterministic: bool,
 ) {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let run = |model: ImageClassifier<B>| {
         let dir = tempfile::tempdir().unwrap();
         quiet(dir.path())
@@ -433,7 +433,9 @@ fn stop_and_resume<M, I, T, S, LR>(
 /// The CNN with dropout, Adam and a linear schedule, on either engine.
 #[rstest]
 fn the_cnn_with_dropout_and_adam_resumes_bit_for_bit(#[values("learner", "native")] engine: &str) {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     stop_and_resume(
         engine,
         cnn(0.25),
@@ -449,7 +451,9 @@ fn the_cnn_with_dropout_and_adam_resumes_bit_for_bit(#[values("learner", "native
 /// schedule and gradient accumulation.
 #[test]
 fn the_regressor_with_dropout_and_sgd_momentum_resumes_bit_for_bit() {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let device = Default::default();
     B::seed(&device, 4);
     let model: Regressor<B> = RegressorConfig::new().with_dropout(0.2).init(&device);
@@ -517,18 +521,16 @@ fn two_nodes_train_the_cnn_as_one_device_does() {
         assert_eq!(report.status, RunStatus::Finished);
         return;
     }
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let port = free_master_port(2).expect("a free range of ports");
+    let name = test_name();
     let nodes: Vec<_> = (0..2)
         .map(|rank| {
             Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "two_nodes_train_the_cnn_as_one_device_does",
-                    "--test-threads",
-                    "1",
-                ])
+                .args([name.as_str(), "--exact", "--test-threads", "1"])
                 .env(NODE_ROOT, dir.path())
                 .env("WORLD_SIZE", "2")
                 .env("NODE_RANK", rank.to_string())
@@ -583,7 +585,9 @@ fn two_nodes_train_the_cnn_as_one_device_does() {
 /// store where training had started, never a panic.
 #[test]
 fn an_empty_training_dataset_is_refused_before_anything_is_written() {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let data = Datasets::new(
         InMemDataset::<ImageItem>::new(Vec::new()),
@@ -674,7 +678,9 @@ where
 
 #[test]
 fn a_batch_that_does_not_fit_the_model_fails_the_run_naming_it() {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let (reason, report, status) = failed_run(&images(TwoChannels));
     assert_eq!(status, "FAILED");
     assert_eq!(report.optimizer_steps, 0);
@@ -686,7 +692,9 @@ fn a_batch_that_does_not_fit_the_model_fails_the_run_naming_it() {
 
 #[test]
 fn a_dataset_shorter_than_its_len_fails_the_run_naming_the_item() {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let data = Datasets::new(
         Short(synthetic_images(32, 4, 1)),
         synthetic_images(8, 4, 2),
@@ -784,7 +792,9 @@ impl<B: Backend> burn::train::InferenceStep for WithMae<B> {
 /// A user's own output type is logged with the metrics it names, on both engines.
 #[rstest]
 fn a_users_output_logs_its_own_metrics(#[values("learner", "native")] engine: &str) {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let report = quiet(dir.path())
         .engine(engine)
@@ -826,7 +836,9 @@ fn a_users_output_logs_its_own_metrics(#[values("learner", "native")] engine: &s
 #[case::f16_mixed("16-mixed", 0.05)]
 #[case::f32("32-true", 1e-5)]
 fn a_loss_step_trains_in_mixed_precision(#[case] precision: &str, #[case] tolerance: f32) {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let builder = |root: &Path, precision: &str| {
         quiet(root)
             .precision(precision)
@@ -913,7 +925,9 @@ fn a_loss_step_trains_in_mixed_precision(#[case] precision: &str, #[case] tolera
 fn a_loss_step_trains_and_resumes_in_a_true_precision(
     #[values("bf16-true", "16-true")] precision: &str,
 ) {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let run = |root: &Path, max_steps: u64, resume: bool| {
         let mut builder = quiet(root)
             .run_name("r")
@@ -969,7 +983,9 @@ fn what_the_general_path_cannot_run_is_named(
     #[case] with_loss: bool,
     #[case] needle: &str,
 ) {
-    let _turn = rng_turn();
+    if !own_process() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let coordinator = quiet(dir.path()).precision(precision).build().unwrap();
     let data = regression(RegressionBatcher);

@@ -1,8 +1,6 @@
 //! Helpers shared by the integration tests: real database files in temporary
 //! directories, runs, points, and the reference summary computed by a full scan.
 
-#![allow(dead_code)] // each test binary uses its own subset
-
 use std::path::{Path, PathBuf};
 
 use kiln_experiment_db::{ExperimentDb, MetricPoint, MetricSummaryRecord, NewRun};

@@ -1,10 +1,8 @@
 //! The experiment store on real database files.
 
-mod common;
-
 use std::path::Path;
 
-use common::{point, raw, same_summary, scan, temp_db};
+use crate::common::{point, raw, same_summary, scan, temp_db};
 use kiln_experiment_db::{
     EndStatus, Error, ExperimentDb, Goal, MetricPoint, MetricSummaryRecord, NewArtifact, NewRun,
     RunId, RunStatus, RunTracker,
@@ -100,7 +98,7 @@ fn a_missing_directory_is_an_error_not_a_panic() {
 }
 
 /// Any change to the schema must update `tests/schema.snapshot.sql`. To regenerate it:
-/// `KILN_UPDATE_SNAPSHOTS=1 cargo test -p kiln-experiment-db --test store schema_snapshot`.
+/// `KILN_UPDATE_SNAPSHOTS=1 cargo test -p kiln-experiment-db --test it store::schema_snapshot`.
 #[test]
 fn schema_snapshot() {
     let (_dir, path, db) = temp_db();
@@ -737,7 +735,7 @@ fn a_version_1_database_is_upgraded() {
              INSERT INTO schema_migrations VALUES (1, 0);",
         )
         .unwrap();
-        conn.execute_batch(include_str!("../migrations/0001_initial.sql"))
+        conn.execute_batch(include_str!("../../migrations/0001_initial.sql"))
             .unwrap();
         conn.execute_batch(
             "INSERT INTO experiments (id, name, created_at) VALUES (1, 'old', 0);

@@ -215,7 +215,7 @@ fn ddp_on_one_device_runs_single_and_says_so() {
 }
 
 /// A node whose master never answers fails within its timeout, naming the master
-/// and what to check, before any training (the rest: `crates/cli/tests/multi_node.rs`).
+/// and what to check, before any training (the rest: `crates/cli/tests/it/multi_node.rs`).
 #[test]
 fn a_node_that_cannot_reach_its_master_fails_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();

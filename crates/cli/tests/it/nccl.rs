@@ -4,7 +4,7 @@
 //! Compiled only in a kiln built with `--features cuda-nccl`; the comparison needs
 //! two CUDA devices (one NCCL group cannot hold the same GPU twice) and says so and
 //! returns on a machine with fewer: `cargo test -p kiln-cli --features cuda-nccl
-//! --test nccl`.
+//! --test it nccl::`.
 #![cfg(feature = "cuda-nccl")]
 
 use std::process::Command;
