@@ -138,3 +138,67 @@ fn a_checkpoint_of_one_engine_resumes_in_the_other(#[case] first: &str, #[case] 
     assert_eq!(loss_bits(&resumed.report), loss_bits(&straight.report));
     assert_eq!(param_values(&resumed.model), param_values(&straight.model));
 }
+
+/// Every precision takes the same steps on both engines: the Learner engine runs
+/// kiln's micro-batch passes and optimizer step (`16-mixed`'s loss scale, its
+/// unscaling and skipped steps; the true modes' stored dtype) as the native loop
+/// does, alone and in a data-parallel group, with accumulation and clipping.
+#[rstest]
+#[case::bf16_mixed("bf16-mixed", "auto", "1")]
+#[case::f16_mixed("16-mixed", "auto", "1")]
+#[case::bf16_true("bf16-true", "auto", "1")]
+#[case::bf16_mixed_ddp("bf16-mixed", "ddp", "2")]
+#[case::f16_mixed_fsdp("16-mixed", "fsdp", "2")]
+fn both_engines_take_the_same_steps_in_every_precision(
+    #[case] precision: &str,
+    #[case] strategy: &str,
+    #[case] devices: &str,
+) {
+    let (data, task) = corpus_data(20_000, 32);
+    let run = |engine: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let model = small_gpt(data.vocab_size(), 32)
+            .init::<B>(5, &Default::default())
+            .unwrap();
+        quiet(dir.path())
+            .strategy(strategy)
+            .devices(devices)
+            .engine(engine)
+            .precision(precision)
+            .strict_precision(true)
+            .seed(5)
+            .batch_size(8)
+            .max_steps(20)
+            .learning_rate(2e-3)
+            .accumulate_grad_batches(2)
+            .gradient_clip_val(1.0)
+            .log_every_n_steps(5)
+            .checkpoint_every_n_steps(10)
+            .build()
+            .unwrap()
+            .train::<B, _, _>(model, &data, &task, None, 100)
+            .unwrap()
+            .report
+    };
+    let learner = run("learner");
+    let native = run("native");
+    assert_eq!(learner.plan.engine, Engine::Learner);
+    assert_eq!(native.plan.engine, Engine::Native);
+    assert_eq!(learner.plan.precision.to_string(), precision);
+    assert_eq!(learner.optimizer_steps, 20);
+    assert_eq!(learner.skipped_steps, native.skipped_steps);
+    assert_eq!(
+        loss_bits(&learner),
+        loss_bits(&native),
+        "per-step losses differ:\nlearner {:?}\nnative  {:?}",
+        learner.step_losses,
+        native.step_losses
+    );
+    same_books(&learner, &native);
+    if precision == "16-mixed" {
+        assert_eq!(
+            learner.final_metrics["train/loss_scale"],
+            native.final_metrics["train/loss_scale"]
+        );
+    }
+}

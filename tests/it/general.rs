@@ -14,15 +14,17 @@ use std::time::Duration;
 use burn::backend::Autodiff;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::{Dataset, InMemDataset};
+use burn::lr_scheduler::composed::ComposedLrSchedulerConfig;
 use burn::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
 use burn::lr_scheduler::linear::LinearLrSchedulerConfig;
+use burn::lr_scheduler::noam::NoamLrSchedulerConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamConfig, SgdConfig};
+use burn::optim::{AdaGradConfig, AdamConfig, AdamWConfig, RmsPropConfig, SgdConfig};
 use burn::prelude::*;
 use kiln_backend_cpu::Flex;
-use kiln_coordinator::{CoordinatorError, Datasets, StopHandle};
+use kiln_coordinator::{CoordinatorError, Datasets, KilnSchedule, StopHandle};
 use kiln_core::launch::{NodeFlags, NodeLaunch, NodeSettings, free_master_port};
-use kiln_core::{Engine, RunStatus, Strategy, TrainReport};
+use kiln_core::{Engine, LrSchedule, RunStatus, Strategy, TrainReport};
 use kiln_examples::image_classifier::{
     ImageBatch, ImageBatcher, ImageClassifier, ImageClassifierConfig, ImageItem, SIDE,
     synthetic_images,
@@ -126,6 +128,13 @@ fn the_cnn_trains_with_dropout_and_its_loss_falls(
     );
     assert!(!report.final_metrics.contains_key("valid/top5_accuracy"));
     assert!(!report.final_metrics.contains_key("valid/auroc"));
+    // The same metrics of the training steps' outputs (rank 0's micro-batches of
+    // the logged steps, dropout on).
+    for metric in ["accuracy", "precision", "recall", "f1"] {
+        let value = report.final_metrics[&format!("train/{metric}")];
+        assert!(value > 0.3 && value <= 1.0, "train/{metric} {value}");
+    }
+    assert!(report.final_metrics["train/perplexity"] >= 1.0);
 }
 
 /// Without dropout, two workers with 8 examples each take the steps one device
@@ -482,6 +491,69 @@ fn the_regressor_with_dropout_and_sgd_momentum_resumes_bit_for_bit() {
     );
 }
 
+/// The regressor with dropout resumes bit for bit with burn-optim's other
+/// optimizers and schedulers too (their state in the checkpoint): RmsProp with a
+/// Noam schedule, AdaGrad with a composed one (linear × cosine), and AdamW with
+/// kiln's warm-up + cosine, each with accumulation and clipping.
+#[test]
+fn the_regressor_resumes_bit_for_bit_with_other_optimizers_and_schedulers() {
+    if !own_process() {
+        return;
+    }
+    let data = |batcher| {
+        Datasets::new(
+            synthetic_regression(256, 1),
+            synthetic_regression(64, 2),
+            batcher,
+        )
+    };
+    stop_and_resume(
+        "native",
+        regressor(0.2),
+        || RmsPropConfig::new().with_momentum(0.5).init(),
+        || {
+            NoamLrSchedulerConfig::new(0.05)
+                .with_warmup_steps(4)
+                .with_model_size(16)
+                .init()
+                .unwrap()
+        },
+        data,
+        RegressionBatcher,
+        2,
+    );
+    stop_and_resume(
+        "learner",
+        regressor(0.2),
+        || AdaGradConfig::new().init(),
+        || {
+            ComposedLrSchedulerConfig::new()
+                .linear(LinearLrSchedulerConfig::new(1.0, 0.1, 14))
+                .cosine(CosineAnnealingLrSchedulerConfig::new(0.05, 14))
+                .init()
+                .unwrap()
+        },
+        data,
+        RegressionBatcher,
+        1,
+    );
+    stop_and_resume(
+        "native",
+        regressor(0.2),
+        || AdamWConfig::new().with_weight_decay(0.01).init(),
+        || {
+            let schedule = LrSchedule::WarmupCosine {
+                warmup_steps: 3,
+                min_lr_ratio: 0.1,
+            };
+            KilnSchedule::new(1e-2, schedule, 14)
+        },
+        data,
+        RegressionBatcher,
+        2,
+    );
+}
+
 /// Set in the processes that [`two_nodes_train_the_cnn_as_one_device_does`] starts:
 /// the root directory their run writes to. Such a process is a node.
 const NODE_ROOT: &str = "KILN_TEST_NODE_ROOT";
@@ -708,6 +780,63 @@ fn a_dataset_shorter_than_its_len_fails_the_run_naming_the_item() {
     );
 }
 
+/// A validation batcher of its own: `ImageBatcher`'s batches, counted.
+#[derive(Clone, Default)]
+struct CountedValid(std::sync::Arc<AtomicUsize>);
+
+impl<Bk: Backend> Batcher<Bk, ImageItem, ImageBatch<Bk>> for CountedValid {
+    fn batch(&self, items: Vec<ImageItem>, device: &Bk::Device) -> ImageBatch<Bk> {
+        assert!(
+            !Bk::ad_enabled(device),
+            "a training batch from the validation batcher"
+        );
+        self.0.fetch_add(1, Ordering::SeqCst);
+        ImageBatcher.batch(items, device)
+    }
+}
+
+/// The CNN (no dropout) for 8 steps on `engine` with `data`, validated after its
+/// one epoch.
+fn cnn_with<V>(engine: &str, data: &Datasets<ImageItem, ImageBatcher, V>) -> TrainReport
+where
+    V: kiln_coordinator::ValidBatcher<B, ImageItem, ImageClassifier<B>>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    quiet(dir.path())
+        .engine(engine)
+        .batch_size(16)
+        .limit_train_batches(8)
+        .build()
+        .unwrap()
+        .fit(cnn(0.0), AdamConfig::new().init(), 3e-3, data, None, 1)
+        .unwrap()
+        .report
+}
+
+/// A validation batcher of its own (burn-train's second data loader) builds every
+/// validation batch, and only those: the same run as with one batcher for both.
+#[rstest]
+fn a_validation_batcher_of_its_own_builds_the_validation_batches(
+    #[values("learner", "native")] engine: &str,
+) {
+    if !own_process() {
+        return;
+    }
+    let counted = CountedValid::default();
+    let two = cnn_with(
+        engine,
+        &images(ImageBatcher).with_valid_batcher(counted.clone()),
+    );
+    let one = cnn_with(engine, &images(ImageBatcher));
+    // 64 validation images in batches of 16.
+    assert_eq!(counted.0.load(Ordering::SeqCst), 4);
+    assert_eq!(loss_bits(&two), loss_bits(&one));
+    assert_eq!(
+        two.final_metrics["valid/loss"].to_bits(),
+        one.final_metrics["valid/loss"].to_bits()
+    );
+}
+
 /// A regressor (dropout, SGD with momentum) seeded like the resume test's.
 fn regressor(dropout: f64) -> Regressor<B> {
     let device = Default::default();
@@ -824,23 +953,35 @@ fn a_users_output_logs_its_own_metrics(#[values("learner", "native")] engine: &s
     // The best MAE is the smallest seen (lower is better for a metric not known
     // to be a score).
     assert!(report.metrics["valid/mae"].best <= mae);
+    // The training steps' outputs name it too, logged on the logged steps.
+    let train = report.final_metrics["train/mae"];
+    let train_loss = report.final_metrics["train/loss"];
+    assert!(
+        train > 0.0 && train < 2.0 && train_loss < train * 1.5,
+        "train/mae {train}, train/loss {train_loss}"
+    );
 }
 
 /// A model that is also a `LossStep` trains in the mixed precisions through
 /// `fit_with_loss`: kiln runs backward from its loss (scaled under `16-mixed`),
 /// the loss falls as it does in `32-true`, and `32-true` takes the steps `fit`
 /// takes (kiln weighs the loss before backward where `fit` scales the gradients
-/// after: float rounding apart).
+/// after: float rounding apart), on either engine.
 #[rstest]
 #[case::bf16_mixed("bf16-mixed", 0.05)]
 #[case::f16_mixed("16-mixed", 0.05)]
 #[case::f32("32-true", 1e-5)]
-fn a_loss_step_trains_in_mixed_precision(#[case] precision: &str, #[case] tolerance: f32) {
+fn a_loss_step_trains_in_mixed_precision(
+    #[case] precision: &str,
+    #[case] tolerance: f32,
+    #[values("native", "learner")] engine: &str,
+) {
     if !own_process() {
         return;
     }
     let builder = |root: &Path, precision: &str| {
         quiet(root)
+            .engine(engine)
             .precision(precision)
             .batch_size(16)
             .accumulate_grad_batches(2)
@@ -866,6 +1007,7 @@ fn a_loss_step_trains_in_mixed_precision(#[case] precision: &str, #[case] tolera
         .unwrap()
         .report;
     assert_eq!(mixed.plan.precision.to_string(), precision);
+    assert_eq!(mixed.plan.engine.to_string(), engine);
     if precision == "16-mixed" {
         assert!(
             mixed.metrics.contains_key("train/loss_scale"),

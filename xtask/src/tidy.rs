@@ -3,7 +3,10 @@
 //!
 //! `module_imports_form_layers`: within each library crate, the modules' `crate::`
 //! imports form layers, with no cycle. A module is a file of `src/` or a folder
-//! (`learner/` is one module); `lib.rs` and test code do not count.
+//! (`learner/` is one module); a name `lib.rs` re-exports counts as its module's
+//! (`crate::TrainingCoordinator` is `coordinator`), and test code does not count.
+//! Inside a folder its files form layers too (`super::` imports; a name of
+//! `mod.rs` itself counts as `mod`, which holds every file of the folder).
 //!
 //! `each_package_has_one_integration_test_binary`: every test binary links and
 //! monomorphises Burn's training code again (seventeen of them took half an hour
@@ -55,11 +58,15 @@ fn code_of(text: &str) -> String {
     while let Some(line) = lines.next() {
         let trimmed = line.trim_start();
         let test_cfg = trimmed.starts_with("#[cfg(test)]") || trimmed.starts_with("#[cfg(all(test");
-        if test_cfg
-            && lines
-                .peek()
-                .is_some_and(|next| next.trim_start().starts_with("mod "))
-        {
+        let is_mod = |line: &str| {
+            let line = line.trim_start();
+            let line = line
+                .strip_prefix("pub(crate) ")
+                .or_else(|| line.strip_prefix("pub "))
+                .unwrap_or(line);
+            line.starts_with("mod ")
+        };
+        if test_cfg && lines.peek().is_some_and(|next| is_mod(next)) {
             break;
         }
         let without_comment = match line.find("//") {
@@ -72,13 +79,77 @@ fn code_of(text: &str) -> String {
     code
 }
 
-/// The modules of `known` that `code` names through `crate::`: paths
-/// (`crate::run::Failure`) and grouped imports (`use crate::{run::X, group}`).
-fn imports(code: &str, known: &BTreeSet<String>) -> BTreeSet<String> {
+/// Where the names a module's code can reach stand: the modules of its level
+/// (`known`), and the names its parent (`lib.rs` or `mod.rs`) re-exports from them.
+struct Names {
+    known: BTreeSet<String>,
+    /// Re-exported name -> the module it comes from.
+    aliases: BTreeMap<String, String>,
+    /// The module an unknown name counts as (a folder's `mod`), if any.
+    fallback: Option<String>,
+}
+
+impl Names {
+    fn resolve(&self, name: &str) -> Option<String> {
+        if self.known.contains(name) {
+            return Some(name.to_owned());
+        }
+        self.aliases
+            .get(name)
+            .cloned()
+            .or_else(|| self.fallback.clone().filter(|_| !name.is_empty()))
+    }
+}
+
+/// The names `code` (a `lib.rs` or `mod.rs`) re-exports from the modules of
+/// `known` (`pub use run::Failure;`, `pub(crate) use group::{A, B as C};`).
+fn reexports(code: &str, known: &BTreeSet<String>) -> BTreeMap<String, String> {
+    let mut found = BTreeMap::new();
+    for statement in code.split(';') {
+        let Some(at) = statement
+            .find("pub use ")
+            .map(|i| i + "pub use ".len())
+            .or_else(|| {
+                statement
+                    .find("pub(crate) use ")
+                    .map(|i| i + "pub(crate) use ".len())
+            })
+        else {
+            continue;
+        };
+        let Some((module, names)) = statement[at..].trim().split_once("::") else {
+            continue;
+        };
+        if !known.contains(module) {
+            continue;
+        }
+        let names = names.trim().trim_start_matches('{').trim_end_matches('}');
+        for name in names.split(',') {
+            let last = name.rsplit("::").next().unwrap_or("");
+            let shown = last.rsplit(" as ").next().unwrap_or("").trim();
+            if !shown.is_empty() {
+                found.insert(shown.to_owned(), module.to_owned());
+            }
+        }
+    }
+    found
+}
+
+/// The modules that `code` names through `prefix` (`crate::` or `super::`): paths
+/// (`crate::run::Failure`) and grouped imports (`use crate::{run::X, group}`),
+/// resolved by `names`.
+fn imports(code: &str, prefix: &str, names: &Names) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
     let mut rest = code;
-    while let Some(i) = rest.find("crate::") {
-        rest = &rest[i + "crate::".len()..];
+    while let Some(i) = rest.find(prefix) {
+        let word_before = rest[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$');
+        rest = &rest[i + prefix.len()..];
+        if word_before {
+            continue;
+        }
         if let Some(group) = rest.strip_prefix('{') {
             // Top-level names of the group, up to its closing brace.
             let mut depth = 0usize;
@@ -87,7 +158,13 @@ fn imports(code: &str, known: &BTreeSet<String>) -> BTreeSet<String> {
             for ch in group.chars() {
                 match ch {
                     '{' => depth += 1,
-                    '}' if depth == 0 => break,
+                    '}' if depth == 0 => {
+                        // The group's last name, ended by its brace.
+                        if at_start {
+                            found.extend(names.resolve(&name));
+                        }
+                        break;
+                    }
                     '}' => depth -= 1,
                     ',' if depth == 0 => {
                         at_start = true;
@@ -100,9 +177,7 @@ fn imports(code: &str, known: &BTreeSet<String>) -> BTreeSet<String> {
                     if ch.is_alphanumeric() || ch == '_' {
                         name.push(ch);
                     } else if !name.is_empty() {
-                        if known.contains(&name) {
-                            found.insert(name.clone());
-                        }
+                        found.extend(names.resolve(&name));
                         at_start = false;
                     }
                 }
@@ -112,9 +187,7 @@ fn imports(code: &str, known: &BTreeSet<String>) -> BTreeSet<String> {
                 .chars()
                 .take_while(|c| c.is_alphanumeric() || *c == '_')
                 .collect();
-            if known.contains(&name) {
-                found.insert(name);
-            }
+            found.extend(names.resolve(&name));
         }
     }
     found
@@ -128,16 +201,89 @@ fn graph(src: &Path) -> Graph {
         .map(|(m, _)| m.clone())
         .filter(|m| m != "lib" && m != "main")
         .collect();
+    let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap_or_default();
+    let names = Names {
+        aliases: reexports(&code_of(&lib), &known),
+        known,
+        fallback: None,
+    };
     let mut graph = Graph::new();
     for (module, path) in files {
-        if !known.contains(&module) {
+        if !names.known.contains(&module) {
             continue;
         }
         let code = code_of(&std::fs::read_to_string(&path).unwrap());
         let edges = graph.entry(module.clone()).or_default();
-        edges.extend(imports(&code, &known).into_iter().filter(|m| *m != module));
+        edges.extend(
+            imports(&code, "crate::", &names)
+                .into_iter()
+                .filter(|m| *m != module),
+        );
     }
     graph
+}
+
+/// The import graph of the files of the folder module `dir` (one level): `mod`
+/// (its `mod.rs`) holds every file, and each file's `super::` imports name a
+/// sibling, or `mod` itself.
+fn folder_graph(dir: &Path) -> Graph {
+    let files: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "rs"))
+        .map(|path| {
+            let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+            (stem, path)
+        })
+        .collect();
+    let known: BTreeSet<String> = files.iter().map(|(m, _)| m.clone()).collect();
+    let parent = std::fs::read_to_string(dir.join("mod.rs")).unwrap_or_default();
+    let names = Names {
+        aliases: reexports(&code_of(&parent), &known),
+        known,
+        fallback: Some("mod".to_owned()),
+    };
+    let mut graph = Graph::new();
+    for (module, path) in files {
+        let edges = graph.entry(module.clone()).or_default();
+        if module == "mod" {
+            edges.extend(names.known.iter().filter(|m| *m != "mod").cloned());
+            continue;
+        }
+        let code = code_of(&std::fs::read_to_string(&path).unwrap());
+        edges.extend(
+            imports(&code, "super::", &names)
+                .into_iter()
+                .filter(|m| *m != module),
+        );
+    }
+    graph
+}
+
+/// The cycles of `graph`, each said as its modules and their edges inside it.
+fn said_cycles(graph: &Graph, place: &Path) -> Vec<String> {
+    cycles(graph)
+        .into_iter()
+        .map(|cycle| {
+            let edges: Vec<String> = cycle
+                .iter()
+                .map(|m| {
+                    let inside: Vec<&str> = graph[m]
+                        .iter()
+                        .filter(|t| cycle.contains(t))
+                        .map(String::as_str)
+                        .collect();
+                    format!("{m} -> {}", inside.join(", "))
+                })
+                .collect();
+            format!(
+                "{}: modules {} import each other in a cycle:\n  {}",
+                place.display(),
+                cycle.join(", "),
+                edges.join("\n  ")
+            )
+        })
+        .collect()
 }
 
 /// The cycles of `graph`: its strongly connected components of more than one
@@ -205,7 +351,7 @@ fn cycles(graph: &Graph) -> Vec<Vec<String>> {
 fn module_imports_form_layers() {
     let crates = workspace_root().join("crates");
     let mut problems = Vec::new();
-    let mut checked = 0;
+    let (mut checked, mut folders) = (0, 0);
     for entry in std::fs::read_dir(&crates).unwrap() {
         let src = entry.unwrap().path().join("src");
         if !src.join("lib.rs").exists() {
@@ -213,29 +359,17 @@ fn module_imports_form_layers() {
         }
         let graph = graph(&src);
         checked += graph.len();
-        for cycle in cycles(&graph) {
-            let edges: Vec<String> = cycle
-                .iter()
-                .map(|m| {
-                    let inside: Vec<&str> = graph[m]
-                        .iter()
-                        .filter(|t| cycle.contains(t))
-                        .map(String::as_str)
-                        .collect();
-                    format!("{m} -> {}", inside.join(", "))
-                })
-                .collect();
-            problems.push(format!(
-                "{}: modules {} import each other in a cycle:\n  {}",
-                src.display(),
-                cycle.join(", "),
-                edges.join("\n  ")
-            ));
+        problems.extend(said_cycles(&graph, &src));
+        for dir in std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().path()) {
+            if dir.join("mod.rs").exists() {
+                folders += 1;
+                problems.extend(said_cycles(&folder_graph(&dir), &dir));
+            }
         }
     }
     assert!(
-        checked > 20,
-        "only {checked} modules read: is the layout still crates/*/src?"
+        checked > 20 && folders > 0,
+        "only {checked} modules and {folders} folders read: is the layout still crates/*/src?"
     );
     assert!(
         problems.is_empty(),
@@ -298,14 +432,37 @@ fn each_package_has_one_integration_test_binary() {
 
 #[test]
 fn the_reader_finds_imports_and_cycles() {
-    let known: BTreeSet<String> = ["a", "b", "c", "d"].map(String::from).into();
+    let known: BTreeSet<String> = ["a", "b", "c", "d", "e"].map(String::from).into();
+    let lib = code_of("mod a;\npub use e::{Shown, Other as Renamed};\npub(crate) use d::Hidden;\n");
+    let names = Names {
+        aliases: reexports(&lib, &known),
+        known,
+        fallback: None,
+    };
     let code = code_of(
         "use crate::a::X;\n// crate::d::in_a_comment\nfn f() { crate::b::g(); }\n\
-         use crate::{c::{Y, Z}, Error};\n#[cfg(test)]\nmod tests { use crate::d; }\n",
+         use crate::{c::{Y, Z}, Error, Renamed};\nuse kiln_crate::d::Q;\n\
+         #[cfg(test)]\npub(crate) mod tests { use crate::d; }\n",
     );
     assert_eq!(
-        imports(&code, &known),
-        ["a", "b", "c"].map(String::from).into()
+        imports(&code, "crate::", &names),
+        ["a", "b", "c", "e"].map(String::from).into()
+    );
+    assert_eq!(
+        imports("use crate::Hidden;", "crate::", &names),
+        ["d"].map(String::from).into()
+    );
+    let in_folder = Names {
+        fallback: Some("mod".to_owned()),
+        ..names
+    };
+    assert_eq!(
+        imports(
+            "use super::Shared;\nuse super::b::Y;",
+            "super::",
+            &in_folder
+        ),
+        ["b", "mod"].map(String::from).into()
     );
     let graph: Graph = [
         ("a", vec!["b"]),

@@ -6,6 +6,14 @@ use kiln_core::{CheckpointPolicy, CoordinatorConfig, LrSchedule, OptimizerConfig
 
 use crate::{Result, TrainingCoordinator};
 
+impl TrainingCoordinator {
+    /// A builder taking Lightning's argument names and strings (here, so that the
+    /// builder sits above the coordinator it builds).
+    pub fn builder() -> CoordinatorBuilder {
+        CoordinatorBuilder::default()
+    }
+}
+
 /// Builds a [`TrainingCoordinator`] from the strings Lightning users know.
 ///
 /// Setters take the values as written on a command line or in a config file; they

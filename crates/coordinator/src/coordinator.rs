@@ -26,9 +26,10 @@ use crate::schedule::KilnSchedule;
 use crate::sync::BackendSync;
 use crate::tracking::Metrics;
 use crate::workload::{
-    LossStep, LossSteps, ModelBatcher, ModelSteps, StepWork, Steps, TaskWork, TrainModel, Workload,
+    LossStep, LossSteps, ModelSteps, StepWork, Steps, TaskWork, TrainBatcher, TrainModel,
+    ValidBatcher, Workload,
 };
-use crate::{CoordinatorBuilder, CoordinatorError, Datasets, Result, StopHandle};
+use crate::{CoordinatorError, Datasets, Result, StopHandle};
 
 /// A trained model and the report of its run.
 #[derive(Debug)]
@@ -68,11 +69,6 @@ impl TrainingCoordinator {
     /// signal handler itself; the `kiln` binary connects SIGINT and SIGTERM to it.
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
-    }
-
-    /// A builder taking Lightning's argument names and strings.
-    pub fn builder() -> CoordinatorBuilder {
-        CoordinatorBuilder::default()
     }
 
     /// The configuration.
@@ -183,8 +179,8 @@ impl TrainingCoordinator {
     /// gradients with an output item) and its inner module `InferenceStep`;
     /// `optimizer` is any burn-optim optimizer (`AdamConfig::new().init()`,
     /// `SgdConfig::new().with_momentum(..).init()`, ...); `lr_scheduler` any
-    /// `LrScheduler` (a plain `f64` is a constant rate); `data` the datasets and
-    /// batcher ([`Datasets`]). Trains for `n_epochs` epochs on the backend's
+    /// `LrScheduler` (a plain `f64` is a constant rate, [`KilnSchedule`](crate::KilnSchedule)
+    /// kiln's warm-up + cosine); `data` the datasets and batchers ([`Datasets`]). Trains for `n_epochs` epochs on the backend's
     /// default device, recording the run in `experiment_db` when given.
     ///
     /// kiln reads each step's loss through burn-train's `Adaptor<LossInput<B>>`
@@ -203,12 +199,12 @@ impl TrainingCoordinator {
     /// precision other than `32-true`: the model's step runs backward itself, so
     /// kiln cannot cast or scale around it (implement [`LossStep`] and train with
     /// [`fit_with_loss`](Self::fit_with_loss)).
-    pub fn fit<B, M, I, T, S, LR>(
+    pub fn fit<B, M, I, T, V, S, LR>(
         &self,
         model: M,
         optimizer: OptimizerAdaptor<S, M, B>,
         lr_scheduler: LR,
-        data: &Datasets<I, T>,
+        data: &Datasets<I, T, V>,
         experiment_db: Option<&mut dyn RunTracker>,
         n_epochs: usize,
     ) -> Result<Trained<M>>
@@ -216,7 +212,8 @@ impl TrainingCoordinator {
         B: AutodiffBackend,
         M: TrainModel<B>,
         I: Send + Sync,
-        T: ModelBatcher<B, I, M>,
+        T: TrainBatcher<B, I, M>,
+        V: ValidBatcher<B, I, M>,
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler + 'static,
     {
@@ -234,13 +231,13 @@ impl TrainingCoordinator {
     /// [`fit`](Self::fit) on the given devices; the configuration's `devices`
     /// selects among them by index.
     #[allow(clippy::too_many_arguments)]
-    pub fn fit_on<B, M, I, T, S, LR>(
+    pub fn fit_on<B, M, I, T, V, S, LR>(
         &self,
         devices: &[B::Device],
         model: M,
         optimizer: OptimizerAdaptor<S, M, B>,
         lr_scheduler: LR,
-        data: &Datasets<I, T>,
+        data: &Datasets<I, T, V>,
         experiment_db: Option<&mut dyn RunTracker>,
         n_epochs: usize,
     ) -> Result<Trained<M>>
@@ -248,7 +245,8 @@ impl TrainingCoordinator {
         B: AutodiffBackend,
         M: TrainModel<B>,
         I: Send + Sync,
-        T: ModelBatcher<B, I, M>,
+        T: TrainBatcher<B, I, M>,
+        V: ValidBatcher<B, I, M>,
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler + 'static,
     {
@@ -279,12 +277,12 @@ impl TrainingCoordinator {
     /// As [`fit`](Self::fit); [`CoordinatorError::NotAvailable`] for `bf16-true`
     /// and `16-true` with an optimizer other than Adam and AdamW, whose state
     /// kiln cannot store in the parameters' dtype (burn-optim keeps it private).
-    pub fn fit_with_loss<B, M, I, T, S, LR>(
+    pub fn fit_with_loss<B, M, I, T, V, S, LR>(
         &self,
         model: M,
         optimizer: OptimizerAdaptor<S, M, B>,
         lr_scheduler: LR,
-        data: &Datasets<I, T>,
+        data: &Datasets<I, T, V>,
         experiment_db: Option<&mut dyn RunTracker>,
         n_epochs: usize,
     ) -> Result<Trained<M>>
@@ -292,7 +290,8 @@ impl TrainingCoordinator {
         B: AutodiffBackend,
         M: TrainModel<B> + LossStep<B>,
         I: Send + Sync,
-        T: ModelBatcher<B, I, M>,
+        T: TrainBatcher<B, I, M>,
+        V: ValidBatcher<B, I, M>,
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler + 'static,
     {
@@ -310,13 +309,13 @@ impl TrainingCoordinator {
     /// [`fit_with_loss`](Self::fit_with_loss) on the given devices; the
     /// configuration's `devices` selects among them by index.
     #[allow(clippy::too_many_arguments)]
-    pub fn fit_with_loss_on<B, M, I, T, S, LR>(
+    pub fn fit_with_loss_on<B, M, I, T, V, S, LR>(
         &self,
         devices: &[B::Device],
         model: M,
         optimizer: OptimizerAdaptor<S, M, B>,
         lr_scheduler: LR,
-        data: &Datasets<I, T>,
+        data: &Datasets<I, T, V>,
         experiment_db: Option<&mut dyn RunTracker>,
         n_epochs: usize,
     ) -> Result<Trained<M>>
@@ -324,7 +323,8 @@ impl TrainingCoordinator {
         B: AutodiffBackend,
         M: TrainModel<B> + LossStep<B>,
         I: Send + Sync,
-        T: ModelBatcher<B, I, M>,
+        T: TrainBatcher<B, I, M>,
+        V: ValidBatcher<B, I, M>,
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler + 'static,
     {
@@ -344,19 +344,19 @@ impl TrainingCoordinator {
 
     /// A model with its own step on `work`, with the user's optimizer and
     /// scheduler; recorded under the model's type name.
-    fn fit_work<'d, B, M, I, T, K, S, LR>(
+    fn fit_work<'d, B, M, I, T, V, K, S, LR>(
         &self,
         devices: &[B::Device],
         model: M,
         (optimizer, lr_scheduler): (OptimizerAdaptor<S, M, B>, LR),
-        work: &StepWork<'d, I, T, K>,
+        work: &StepWork<'d, I, T, V, K>,
         experiment_db: Option<&mut dyn RunTracker>,
         n_epochs: usize,
     ) -> Result<Trained<M>>
     where
         B: AutodiffBackend,
         M: AutodiffModule<B> + 'static,
-        StepWork<'d, I, T, K>: Workload<B, M>,
+        StepWork<'d, I, T, V, K>: Workload<B, M>,
         S: SimpleOptimizer<B::InnerBackend> + 'static,
         LR: LrScheduler + 'static,
     {
@@ -411,7 +411,7 @@ impl TrainingCoordinator {
         // kiln's AdamW and schedule; a resumed run's schedule continues at its step.
         let optimization = |total, start| Optimization {
             optimizer: adamw(&self.config).init::<B, M>(),
-            scheduler: KilnSchedule::new(o.lr, o.schedule, total, start),
+            scheduler: KilnSchedule::new(o.lr, o.schedule, total).starting_at(start),
             cast_state: crate::precision::state_cast::<B, M, burn::optim::AdamW>(),
         };
         self.run(
@@ -510,22 +510,16 @@ impl TrainingCoordinator {
                     .into(),
             });
         }
-        if precision != kiln_core::Precision::F32 && plan.engine == kiln_core::Engine::Learner {
-            if config.engine.is_some() {
-                return Err(kiln_core::Error::invalid(
-                    "engine",
-                    "learner",
-                    format!(
-                        "auto or native with precision {precision} (the Learner engine \
-                         trains in 32-true)"
-                    ),
-                )
-                .into());
-            }
+        if precision != kiln_core::Precision::F32
+            && plan.engine == kiln_core::Engine::Learner
+            && config.engine.is_none()
+        {
+            // `auto` keeps the native loop for the other precisions, where they
+            // first ran; `engine = learner` runs them through burn-train alike
+            // (the same step, `update::take_step`).
             plan.engine = kiln_core::Engine::Native;
             plan.warnings.push(format!(
-                "precision {precision} runs on kiln's native loop (the Learner engine \
-                 trains in 32-true)"
+                "precision {precision} runs on kiln's native loop (engine auto;                  engine = learner runs it on burn-train's Learner)"
             ));
         }
         resolve_process_group(
@@ -711,7 +705,7 @@ impl TrainingCoordinator {
                 model,
                 optimization,
                 resume.as_ref(),
-                plan.strategy == Strategy::Fsdp,
+                (plan.strategy == Strategy::Fsdp, plan.precision),
                 sync.filter(|_| {
                     plan.process_group_backend == Some(kiln_core::ProcessGroupBackend::Nccl)
                 }),

@@ -52,6 +52,7 @@ mod step;
 mod stop;
 mod sync;
 mod tracking;
+mod update;
 mod workload;
 
 pub use builder::CoordinatorBuilder;
@@ -59,8 +60,9 @@ pub use coordinator::{Trained, TrainingCoordinator};
 pub use error::CoordinatorError;
 pub use outputs::{StepOutput, burn_metric};
 pub use plan::resolve_plan;
+pub use schedule::KilnSchedule;
 pub use stop::StopHandle;
-pub use workload::{Datasets, LossStep, ModelBatcher, TrainModel};
+pub use workload::{Datasets, LossStep, ModelBatcher, TrainBatcher, TrainModel, ValidBatcher};
 
 /// Result alias for the coordinator.
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;

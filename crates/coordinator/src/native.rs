@@ -17,14 +17,13 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::lr_scheduler::LrScheduler;
-use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer, SimpleOptimizer};
+use burn::optim::{GradientsParams, Optimizer, SimpleOptimizer};
 use burn::tensor::backend::AutodiffBackend;
 use kiln_core::Split;
 
 use crate::CoordinatorError;
 use crate::checkpoint::{Loaded, Snapshot};
 use crate::collective::{Link, Peer};
-use crate::grad::{self, global_norm};
 use crate::group::{
     Group, Offer, StartGate, check_replicas, exchange_failure, exchange_step, failure_text,
     gather_shards, guard, spawn_worker,
@@ -35,11 +34,13 @@ use crate::precision::{self, LossScaler};
 use crate::progress::Progress;
 use crate::run::{
     CheckpointCtx, Failure, LoopInputs, LoopStats, RunShape, SaveAt, SaveClock, StepRecord,
-    book_step, book_validation, epoch_order, ready_gradients, restore_stats, resume_optimization,
-    resume_position, shard, trainer_state, write_checkpoint,
+    book_step, book_validation, epoch_order, restore_stats, resume_optimization, resume_position,
+    shard, trainer_state, write_checkpoint,
 };
 use crate::step::MicroStep;
+use crate::stop::StopHandle;
 use crate::tracking::Metrics;
+use crate::update::{Accumulation, StepAt, StepEngine, Summed, take_step};
 use crate::workload::{Steps, Validates, Workload};
 
 /// This worker's place in a data-parallel group; [`Replica::single`] for a run on
@@ -94,11 +95,10 @@ where
 
 /// One accumulation group's work on this worker, before the exchange.
 struct Local {
-    grads: Option<GradientsParams>,
-    /// Sum over the group's micro-batches of this worker's loss × its share of the
-    /// micro-batch, divided by the group length (summed over workers: the step's
-    /// mean loss; the share is exactly 1 with one worker).
-    loss: f64,
+    /// This worker's sums over the group's micro-batches: its loss is the mean of
+    /// loss × its share of each micro-batch (summed over workers: the step's mean
+    /// loss; the share is exactly 1 with one worker).
+    summed: Summed,
     /// Examples of the global batches (all workers).
     samples: u64,
 }
@@ -268,17 +268,16 @@ where
             while b < per_epoch {
                 let group = accumulate.min(per_epoch - b);
                 let step = stats.steps + 1;
+                let logging = StepRecord::is_logged(config.log_every_n_steps, step, total);
                 let local = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     train_group::<B, M, W, S>(
                         inputs,
                         &model,
                         &order,
-                        b,
-                        group,
+                        (b, group),
                         replica,
                         scaler.as_ref().map(LossScaler::scale),
-                        step,
-                        epoch,
+                        (step, epoch, logging),
                     )
                 }))
                 .unwrap_or_else(|panic| {
@@ -290,21 +289,27 @@ where
                         .as_ref()
                         .is_some_and(|c| clock.time_due(c.policy));
                 let member = peer.as_ref().zip(replica.group);
-                let (mut grads, step_loss, samples, time_due) = match (member, local) {
-                    (None, Ok(local)) => (
-                        local.grads.unwrap_or_default(),
-                        local.loss,
-                        local.samples,
+                let (grads, step_loss, samples, time_due, outputs) = match (member, local) {
+                    (None, Ok(Local { summed, samples })) => (
+                        summed.grads.unwrap_or_default(),
+                        summed.loss,
+                        samples,
                         time_due,
+                        summed.metrics,
                     ),
                     (None, Err(failure)) => return Err(failure),
                     (Some((peer, group)), local) => {
                         let stopped = matches!(local, Err(Failure::Stopped));
-                        let (grads, mine_loss, samples, own) = match local {
-                            Ok(l) => (l.grads, l.loss, l.samples, deferred.take()),
-                            Err(Failure::Stopped) => (None, 0.0, 0, deferred.take()),
-                            Err(f) => (None, 0.0, 0, Some(f)),
+                        let (summed, samples, own) = match local {
+                            Ok(Local { summed, samples }) => (summed, samples, deferred.take()),
+                            Err(Failure::Stopped) => (Summed::default(), 0, deferred.take()),
+                            Err(f) => (Summed::default(), 0, Some(f)),
                         };
+                        let Summed {
+                            grads,
+                            loss: mine_loss,
+                            metrics: outputs,
+                        } = summed;
                         let offer = Offer {
                             grads: grads.as_ref(),
                             loss: mine_loss,
@@ -325,82 +330,41 @@ where
                         )?;
                         stats.collective_seconds += exchange.elapsed().as_secs_f64();
                         // Rank 0's clock decides time-based checkpoints for all.
-                        (summed, all.loss, samples, all.save_due > 0.0)
+                        (summed, all.loss, samples, all.save_due > 0.0, outputs)
                     }
                 };
                 stats.samples += samples;
-                let logging = StepRecord::is_logged(config, step, total);
-                // 16-mixed: the gradients are unscaled and checked; a step whose
-                // gradients are not finite is skipped (identically on every worker:
-                // they all hold the same summed gradients).
-                let (take, known_norm) = match scaler.as_mut() {
-                    Some(scaler) => {
-                        grad::scale::<B, M>(&model, &mut grads, 1.0 / scaler.scale());
-                        let norm = global_norm::<B, M>(&model, &grads);
-                        let take = scaler.update(norm.is_finite()).map_err(Failure::Diverged)?;
-                        stats.skipped_steps = scaler.state().skipped;
-                        if !take {
-                            tracing::debug!(
-                                step,
-                                scale = scaler.scale(),
-                                "16-mixed: non-finite gradients, step skipped"
-                            );
-                        }
-                        (take, take.then_some(norm))
-                    }
-                    None => (true, None),
-                };
-                let lr = scheduler.step();
-                let mut norm = None;
-                if take {
-                    let owns = |i| replica.owns(i);
-                    norm = ready_gradients::<B, M>(
-                        config.gradient_clip_val,
-                        &model,
-                        &mut grads,
-                        logging,
-                        known_norm,
-                        replica.sharded.then_some(&owns as &dyn Fn(usize) -> bool),
-                        step,
-                        epoch,
-                    )?;
-                    model = optim.step(lr, model, grads);
-                    if let (Some(peer), true) = (&peer, replica.sharded) {
-                        let exchange = Instant::now();
-                        model = peer
-                            .gather_params(model, &|i| replica.owns(i))
-                            .map_err(exchanged)?;
-                        stats.collective_seconds += exchange.elapsed().as_secs_f64();
-                    }
-                    if let (Some(peer), Some(group), true) =
-                        (&peer, replica.group, config.check_replicas)
-                    {
-                        let at = format!("step {step}");
-                        match check_replicas(peer, group, &model, None, stop, &at) {
-                            Ok((spread, _)) => {
-                                stats.replica_spread =
-                                    Some(stats.replica_spread.unwrap_or(0.0).max(spread));
-                            }
-                            // Told to the others at the next exchange.
-                            Err(failure @ Failure::Error(_)) => {
-                                defer(&mut deferred, failure, true)?
-                            }
-                            Err(other) => return Err(other),
-                        }
-                    }
-                }
-                let record = StepRecord {
+                let owns = |i| replica.owns(i);
+                let at = StepAt {
                     step,
                     epoch,
                     loss: step_loss,
-                    lr,
-                    grad_norm: norm,
                     logging,
-                    loss_scale: scaler.as_ref().map(LossScaler::scale),
-                    samples: stats.samples,
-                    train_seconds: previous_seconds + started.elapsed().as_secs_f64()
-                        - validation_seconds,
+                    metrics: outputs,
+                    clip: config.gradient_clip_val,
+                    owns: replica.sharded.then_some(&owns as &dyn Fn(usize) -> bool),
                 };
+                let mut engine = NativeStep {
+                    optim: &mut optim,
+                    scheduler: &mut scheduler,
+                    peer: peer.as_ref(),
+                    replica,
+                    check_replicas: config.check_replicas,
+                    stop,
+                    step,
+                    exchanged: &exchanged,
+                    stats: &mut *stats,
+                    deferred: &mut deferred,
+                    started,
+                    seconds_before: previous_seconds - validation_seconds,
+                };
+                let (stepped, record) =
+                    take_step::<B, M, _>(&mut engine, model, grads, at, scaler.as_mut());
+                model = stepped;
+                let record = record?;
+                if let Some(scaler) = &scaler {
+                    stats.skipped_steps = scaler.state().skipped;
+                }
                 if let Err(e) =
                     book_step(&record, task, items_per_example, stats, metrics, progress)
                 {
@@ -640,17 +604,14 @@ fn defer(deferred: &mut Option<Failure>, failure: Failure, in_group: bool) -> Re
 
 /// The forward and backward passes of one accumulation group on this worker's
 /// shards: micro-batches `b..b + group` of `order`.
-#[allow(clippy::too_many_arguments)]
 fn train_group<B, M, W, S>(
     inputs: &LoopInputs<'_, B, W>,
     model: &M,
     order: &[usize],
-    b: usize,
-    group: usize,
+    (b, group): (usize, usize),
     replica: &Replica<'_, B, M, S>,
     loss_scale: Option<f64>,
-    step: u64,
-    epoch: usize,
+    (step, epoch, logged): (u64, usize, bool),
 ) -> Result<Local, Failure>
 where
     B: AutodiffBackend,
@@ -662,21 +623,17 @@ where
     let (rank, world) = (replica.rank, replica.world);
     let batch_size = config.batch_size;
     let steps = work.steps();
-    let mut accumulator = GradientsAccumulator::<M>::new();
-    let mut single = None;
-    let mut local = Local {
-        grads: None,
-        loss: 0.0,
-        samples: 0,
-    };
+    let mut sum = Accumulation::default();
+    let mut samples = 0;
     for m in b..b + group {
         let (mine, global) = shard(order, m, batch_size, rank, world);
-        local.samples += global as u64;
+        samples += global as u64;
         if mine.is_empty() {
             // A short last global batch: this worker sends zero gradients.
             if inputs.stop.is_stopped() {
                 return Err(Failure::Stopped);
             }
+            sum.add(model, None, 0.0, 0.0, &[]);
             continue;
         }
         let batch = work.batch(mine, device)?;
@@ -693,23 +650,104 @@ where
             share,
             precision: replica.precision,
             loss_scale,
+            logged: logged && rank == 0,
             step,
             epoch,
             batch: m,
         };
         let turn = config.deterministic && replica.local > 1;
         let _turn = micro.seed_rng::<B>(device, config.seed, rank, turn);
-        let (grads, value) = steps.backward(model, batch, &micro, None)?;
-        local.loss += value * share;
-        if group > 1 {
-            accumulator.accumulate(model, grads);
-        } else {
-            single = Some(grads);
+        let passed = steps.backward(model, batch, &micro, None)?;
+        sum.add(
+            model,
+            Some(passed.grads),
+            passed.loss,
+            share,
+            &passed.metrics,
+        );
+    }
+    Ok(Local {
+        summed: sum.finish(),
+        samples,
+    })
+}
+
+/// The native loop's side of an optimizer step ([`take_step`]): its scheduler and
+/// optimizer, and its `Peer` for fsdp's gather and the replica check.
+struct NativeStep<'a, B, M, S, LR>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
+{
+    optim: &'a mut OptimizerAdaptor<S, M, B>,
+    scheduler: &'a mut LR,
+    peer: Option<&'a Peer<B>>,
+    replica: &'a Replica<'a, B, M, S>,
+    check_replicas: bool,
+    stop: &'a StopHandle,
+    step: u64,
+    /// An exchange's error as the run's failure.
+    exchanged: &'a dyn Fn(CoordinatorError) -> Failure,
+    stats: &'a mut LoopStats,
+    /// This worker's failure for the next exchange.
+    deferred: &'a mut Option<Failure>,
+    /// When this attempt started training, and the training seconds before it
+    /// less validation's.
+    started: Instant,
+    seconds_before: f64,
+}
+
+impl<B, M, S, LR> StepEngine<M> for NativeStep<'_, B, M, S, LR>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    S: SimpleOptimizer<B::InnerBackend> + 'static,
+    LR: LrScheduler,
+{
+    fn lr(&mut self) -> f64 {
+        self.scheduler.step()
+    }
+
+    fn optimize(&mut self, model: M, lr: f64, grads: GradientsParams) -> M {
+        self.optim.step(lr, model, grads)
+    }
+
+    fn gather(&mut self, model: &M) -> Result<Option<M>, Failure> {
+        let Some(peer) = self.peer.filter(|_| self.replica.sharded) else {
+            return Ok(None);
+        };
+        let exchange = Instant::now();
+        let replica = self.replica;
+        let gathered = peer
+            .gather_params(model.clone(), &|i| replica.owns(i))
+            .map_err(self.exchanged);
+        self.stats.collective_seconds += exchange.elapsed().as_secs_f64();
+        gathered.map(Some)
+    }
+
+    fn check(&mut self, model: &M) -> Result<(), Failure> {
+        let (Some(peer), Some(group), true) = (self.peer, self.replica.group, self.check_replicas)
+        else {
+            return Ok(());
+        };
+        let at = format!("step {}", self.step);
+        match check_replicas(peer, group, model, None, self.stop, &at) {
+            Ok((spread, _)) => {
+                let spread = self.stats.replica_spread.unwrap_or(0.0).max(spread);
+                self.stats.replica_spread = Some(spread);
+                Ok(())
+            }
+            // Told to the others at the next exchange.
+            Err(failure @ Failure::Error(_)) => defer(self.deferred, failure, true),
+            Err(other) => Err(other),
         }
     }
-    local.grads = single.or_else(|| (group > 1).then(|| accumulator.grads()));
-    local.loss /= group as f64;
-    Ok(local)
+
+    fn counters(&self) -> (u64, f64) {
+        let seconds = self.seconds_before + self.started.elapsed().as_secs_f64();
+        (self.stats.samples, seconds)
+    }
 }
 
 /// Writes a checkpoint (rank 0), gathering the optimizer shards first under fsdp.

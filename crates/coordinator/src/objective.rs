@@ -97,22 +97,26 @@ impl EvalSums {
         }
     }
 
+    /// `(name, mean)` of every further metric, in the order first seen (the
+    /// perplexity's from the mean log-likelihood).
+    pub fn means(&self) -> Vec<(&'static str, f64)> {
+        let count = self.count.max(1.0);
+        self.others
+            .iter()
+            .map(|&(name, sum)| match name {
+                "perplexity" => (name, (sum / count).exp()),
+                _ => (name, sum / count),
+            })
+            .collect()
+    }
+
     /// `(name, value)` of each metric of `kind`, as [`TaskKind::metric_names`] lists
     /// them; a custom task's: the loss, then every metric its outputs gave.
     pub fn metrics(&self, kind: &TaskKind) -> Vec<(&'static str, f64)> {
-        let count = self.count.max(1.0);
-        let loss = self.loss_sum / count;
-        let mean = |name: &'static str, sum: f64| match name {
-            "perplexity" => (sum / count).exp(),
-            _ => sum / count,
-        };
+        let loss = self.loss_sum / self.count.max(1.0);
         if *kind == TaskKind::Custom {
             return std::iter::once(("loss", loss))
-                .chain(
-                    self.others
-                        .iter()
-                        .map(|&(name, sum)| (name, mean(name, sum))),
-                )
+                .chain(self.means())
                 .collect();
         }
         kind.metric_names()
@@ -121,10 +125,7 @@ impl EvalSums {
                 let value = match name {
                     "loss" => loss,
                     "perplexity" => perplexity(loss),
-                    other => {
-                        let (_, sum) = self.others.iter().find(|(n, _)| *n == other)?;
-                        mean(other, *sum)
-                    }
+                    other => self.means().into_iter().find(|(n, _)| *n == other)?.1,
                 };
                 Some((name, value))
             })

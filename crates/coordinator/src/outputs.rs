@@ -1,8 +1,8 @@
 //! What kiln reads of a step's output ([`StepOutput`]): the loss, through
-//! burn-train's own `Adaptor<LossInput<B>>` and `LossMetric`, and further
-//! validation metrics: for the outputs burn-train defines, every metric burn-train
-//! computes from them (through their adaptors and burn-train's metrics); for a
-//! user's own output, the ones it names.
+//! burn-train's own `Adaptor<LossInput<B>>` and `LossMetric`, and further metrics
+//! (of validation, and of the logged training steps): for the outputs burn-train
+//! defines, every metric burn-train computes from them (through their adaptors and
+//! burn-train's metrics); for a user's own output, the ones it names.
 
 use burn::prelude::*;
 use burn::train::metric::{
@@ -21,10 +21,11 @@ const TOP_K: usize = 5;
 
 /// The output of a model's step, as kiln reads it: the loss through burn-train's
 /// own [`Adaptor`] to [`LossInput`], as burn-train's `LossMetric` reads it, and the
-/// validation metrics of the output.
+/// further metrics of the output.
 ///
 /// burn-train's outputs implement it, each with every metric burn-train computes
-/// from it, logged as fractions under `valid/<name>`:
+/// from it, logged as fractions under `valid/<name>` (over each validation) and
+/// `train/<name>` (on the logged training steps, `log_every_n_steps`):
 ///
 /// | output | metrics |
 /// | --- | --- |
@@ -87,8 +88,8 @@ pub trait StepOutput<B: Backend>: Adaptor<LossInput<B>> {
         burn_metric(LossMetric::<B>::new(), &self.adapt())
     }
 
-    /// `(name, value)` of each further validation metric of this output, rates
-    /// and scores as fractions; none by default.
+    /// `(name, value)` of each further metric of this output, rates and scores as
+    /// fractions; none by default.
     fn metrics(&self) -> Vec<(&'static str, f64)> {
         Vec::new()
     }

@@ -1,7 +1,7 @@
 //! Strategy resolution: what will actually run. See `docs/strategies.md`.
 
 use kiln_core::{
-    CoordinatorConfig, Engine, ProcessGroupBackend, ProgressMode, ResolvedPlan, Strategy,
+    CoordinatorConfig, Engine, Precision, ProcessGroupBackend, ProgressMode, ResolvedPlan, Strategy,
 };
 
 use crate::{CoordinatorError, Result};
@@ -128,7 +128,7 @@ pub fn resolve_plan(
 /// synchronisation (`TrainingCoordinator::train_on_nccl`, only in such builds).
 ///
 /// `auto` takes NCCL when it is offered and can run the plan (the Learner engine,
-/// one node), else burn-collective; `nccl` where it cannot run is an error naming
+/// one node, `32-true`), else burn-collective; `nccl` where it cannot run is an error naming
 /// what is missing.
 pub(crate) fn resolve_process_group(
     config: &CoordinatorConfig,
@@ -178,6 +178,18 @@ pub(crate) fn resolve_process_group(
             )
             .into());
         }
+        Some(ProcessGroupBackend::Nccl) if plan.precision != Precision::F32 => {
+            return Err(kiln_core::Error::invalid(
+                "process_group_backend",
+                "nccl",
+                format!(
+                    "auto or collective with precision {} (NCCL synchronisation runs in \
+                     precision 32-true)",
+                    plan.precision
+                ),
+            )
+            .into());
+        }
         Some(ProcessGroupBackend::Nccl) if !nccl_offered => {
             return Err(CoordinatorError::NotAvailable {
                 what: format!("process_group_backend nccl on backend {}", plan.backend),
@@ -187,7 +199,9 @@ pub(crate) fn resolve_process_group(
             });
         }
         Some(ProcessGroupBackend::Nccl) => ProcessGroupBackend::Nccl,
-        None if nccl_offered && learner && nodes == 1 => ProcessGroupBackend::Nccl,
+        None if nccl_offered && learner && nodes == 1 && plan.precision == Precision::F32 => {
+            ProcessGroupBackend::Nccl
+        }
         None => ProcessGroupBackend::Collective,
     };
     plan.process_group_backend = Some(chosen);
@@ -498,6 +512,32 @@ mod tests {
         }
         if asked == "nccl" && plan.world_size == 1 {
             assert_eq!(plan.warnings.len(), warnings + 1, "{:?}", plan.warnings);
+        }
+    }
+
+    /// NCCL's synchronisation runs in `32-true` only: asked for in another
+    /// precision it is refused by name, and `auto` takes burn-collective.
+    #[rstest]
+    #[case::asked("nccl", Err("precision bf16-mixed"))]
+    #[case::auto("auto", Ok(Some(ProcessGroupBackend::Collective)))]
+    fn nccl_runs_in_32_true_only(
+        #[case] asked: &str,
+        #[case] want: std::result::Result<Option<ProcessGroupBackend>, &str>,
+    ) {
+        let config = CoordinatorConfig {
+            process_group_backend: ProcessGroupBackend::parse_choice(asked).unwrap(),
+            ..nodes("ddp", "2", 1)
+        };
+        let mut plan = resolve_plan(&config, "cuda", 2).unwrap();
+        plan.engine = Engine::Learner;
+        plan.precision = Precision::Bf16Mixed;
+        match (
+            resolve_process_group(&config, &mut plan, (true, true)),
+            want,
+        ) {
+            (Ok(()), Ok(backend)) => assert_eq!(plan.process_group_backend, backend, "{plan}"),
+            (Err(e), Err(needle)) => assert!(e.to_string().contains(needle), "{e}"),
+            (got, want) => panic!("{got:?} vs {want:?} ({plan})"),
         }
     }
 

@@ -376,6 +376,9 @@ pub(crate) struct StepRecord {
     pub grad_norm: Option<f64>,
     /// Whether this step is logged (`log_every_n_steps`, and the last step).
     pub logging: bool,
+    /// On logged steps: the step outputs' further metrics (`StepOutput::metrics`,
+    /// the mean over rank 0's micro-batches), logged as `train/<name>`.
+    pub metrics: Vec<(&'static str, f64)>,
     /// `16-mixed`: the loss scale after this step's update.
     pub loss_scale: Option<f64>,
     /// Examples trained on so far.
@@ -385,9 +388,10 @@ pub(crate) struct StepRecord {
 }
 
 impl StepRecord {
-    /// Whether step `step` (1-based) of `total` is logged.
-    pub fn is_logged(config: &CoordinatorConfig, step: u64, total: u64) -> bool {
-        step.is_multiple_of(config.log_every_n_steps) || step == total
+    /// Whether step `step` (1-based) of `total` is logged, logging every
+    /// `log_every_n_steps` steps and the last.
+    pub fn is_logged(log_every_n_steps: u64, step: u64, total: u64) -> bool {
+        step.is_multiple_of(log_every_n_steps) || step == total
     }
 }
 
@@ -473,6 +477,9 @@ pub(crate) fn book_step(
             metrics.record("train", "loss_scale", step, epoch, scale);
         }
         metrics.record("train", "items_per_s", step, epoch, rate);
+        for &(name, value) in &record.metrics {
+            metrics.record("train", name, step, epoch, value);
+        }
         metrics.flush()?;
     }
     progress.step(step, epoch, loss, lr, rate);

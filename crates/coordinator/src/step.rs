@@ -32,6 +32,9 @@ pub(crate) struct MicroStep {
     pub precision: Precision,
     /// `16-mixed`: the loss scale.
     pub loss_scale: Option<f64>,
+    /// The optimizer step is logged and this worker keeps the books (rank 0):
+    /// the output's training metrics are read.
+    pub logged: bool,
     /// The optimizer step this micro-batch is part of (1-based), its epoch, and the
     /// micro-batch's index in the epoch.
     pub step: u64,
@@ -123,6 +126,17 @@ impl MicroStep {
     }
 }
 
+/// What one micro-batch's passes give.
+pub(crate) struct Passed {
+    /// The gradients of the loss, weighted as the [`MicroStep`] says.
+    pub grads: GradientsParams,
+    /// The loss (unweighted).
+    pub loss: f64,
+    /// On logged steps: the step output's further metrics (`StepOutput::metrics`),
+    /// logged as `train/<name>`; none otherwise, and none for a task model.
+    pub metrics: OutputMetrics,
+}
+
 /// See [`MicroStep::weighting`].
 enum Weighting {
     Whole,
@@ -138,7 +152,7 @@ pub(crate) fn task_backward<B, M>(
     batch: Batch<B>,
     micro: &MicroStep,
     extra: Option<Tensor<B, 1>>,
-) -> Result<(GradientsParams, f64), Failure>
+) -> Result<Passed, Failure>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B> + TaskModel<B>,
@@ -151,14 +165,15 @@ where
             }
             None => model.forward(batch.inputs)?,
         };
-        objective::loss(kind, prediction, batch.targets).map_err(|e| micro.locate(e))
+        let loss = objective::loss(kind, prediction, batch.targets).map_err(|e| micro.locate(e))?;
+        Ok((loss, Vec::new()))
     })
 }
 
 /// The backward pass of one micro-batch from the loss `forward` computes (in f32)
-/// on the model it is given, with the inputs in the dtype it is given: the
-/// gradients of the loss weighted as `micro` says, on `model`'s parameters, and the
-/// loss. Mixed precisions run `forward` on a working copy in their dtype, made by
+/// on the model it is given, with the inputs in the dtype it is given (with the
+/// output's metrics on logged steps): the gradients of the loss weighted as `micro`
+/// says, on `model`'s parameters, the loss and the metrics. Mixed precisions run `forward` on a working copy in their dtype, made by
 /// casting every parameter inside the autodiff graph (the gradients arrive on the
 /// f32 masters in f32); true modes store `model` in their dtype already. A
 /// non-finite loss is an error before backward. `extra` is added to the loss as it
@@ -168,8 +183,8 @@ pub(crate) fn backward_from_loss<B, M>(
     model: &M,
     micro: &MicroStep,
     extra: Option<Tensor<B, 1>>,
-    forward: impl FnOnce(&M, Option<FloatDType>) -> Result<Tensor<B, 1>, Failure>,
-) -> Result<(GradientsParams, f64), Failure>
+    forward: impl FnOnce(&M, Option<FloatDType>) -> Result<(Tensor<B, 1>, OutputMetrics), Failure>,
+) -> Result<Passed, Failure>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
@@ -184,7 +199,7 @@ where
         }
         _ => model,
     };
-    let loss = forward(runs, dtype)?;
+    let (loss, metrics) = forward(runs, dtype)?;
     let value = loss.clone().into_scalar().elem::<f64>();
     micro.check(value)?;
     let mut loss = micro.weigh(loss);
@@ -196,5 +211,46 @@ where
         Some(scale) => loss.mul_scalar(scale),
         None => loss,
     };
-    Ok((GradientsParams::from_grads(loss.backward(), model), value))
+    Ok(Passed {
+        grads: GradientsParams::from_grads(loss.backward(), model),
+        loss: value,
+        metrics,
+    })
+}
+
+/// A step output's further metrics: `(name, value)`.
+pub(crate) type OutputMetrics = Vec<(&'static str, f64)>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn micro(step: u64, batch: usize) -> MicroStep {
+        MicroStep {
+            in_group: true,
+            group: 1,
+            share: 0.5,
+            precision: Precision::F32,
+            loss_scale: None,
+            logged: false,
+            step,
+            epoch: 0,
+            batch,
+        }
+    }
+
+    /// Every worker, micro-batch and step draws from a seed of its own (dropout
+    /// masks differ across a data-parallel group), and the same one again after a
+    /// resume.
+    #[test]
+    fn each_worker_and_micro_batch_draws_its_own_seed() {
+        let seeds: Vec<u64> = [(1, 0, 0), (1, 0, 1), (1, 1, 0), (2, 0, 0), (2, 1, 1)]
+            .into_iter()
+            .map(|(step, batch, rank)| micro(step, batch).seed(7, rank))
+            .collect();
+        let distinct: std::collections::BTreeSet<_> = seeds.iter().collect();
+        assert_eq!(distinct.len(), seeds.len(), "{seeds:?}");
+        assert_eq!(micro(2, 1).seed(7, 1), seeds[4]);
+        assert_ne!(micro(2, 1).seed(8, 1), seeds[4]);
+    }
 }

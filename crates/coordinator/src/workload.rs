@@ -24,7 +24,6 @@ use std::sync::Arc;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::module::AutodiffModule;
-use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use burn::tensor::backend::AutodiffBackend;
@@ -36,7 +35,7 @@ use crate::objective::{self, EvalSums};
 use crate::outputs::StepOutput;
 use crate::precision;
 use crate::run::Failure;
-use crate::step::{MicroStep, backward_from_loss, task_backward};
+use crate::step::{MicroStep, OutputMetrics, Passed, backward_from_loss, task_backward};
 use crate::{CoordinatorError, Result};
 
 /// What the loop needs of a model `M` (trained on `B`) and its data: the examples
@@ -92,8 +91,9 @@ pub(crate) trait Steps<B: AutodiffBackend, M: AutodiffModule<B>>:
     const KILN_BACKWARD: bool;
 
     /// Forward and backward passes of one micro-batch: the gradients of the loss
-    /// weighted as `micro` says (× the loss scale under `16-mixed`), and the loss
-    /// itself; a non-finite loss is an error ([`MicroStep::check`]). `extra` is
+    /// weighted as `micro` says (× the loss scale under `16-mixed`), the loss
+    /// itself, and on logged steps the output's metrics; a non-finite loss is an
+    /// error ([`MicroStep::check`]). `extra` is
     /// added to the loss before backward (the zero term of the backend's gradient
     /// synchronisation); only steps with [`Steps::KILN_BACKWARD`] are given one.
     fn backward(
@@ -102,7 +102,7 @@ pub(crate) trait Steps<B: AutodiffBackend, M: AutodiffModule<B>>:
         batch: Self::Batch,
         micro: &MicroStep,
         extra: Option<Tensor<B, 1>>,
-    ) -> Result<(GradientsParams, f64), Failure>;
+    ) -> Result<Passed, Failure>;
 }
 
 /// What runs on one validation batch of the inner model `IM` (on `IB`, without
@@ -186,7 +186,7 @@ where
         batch: Batch<B>,
         micro: &MicroStep,
         extra: Option<Tensor<B, 1>>,
-    ) -> Result<(GradientsParams, f64), Failure> {
+    ) -> Result<Passed, Failure> {
         task_backward(&self.kind, model, batch, micro, extra)
     }
 }
@@ -214,9 +214,12 @@ impl<IB: Backend, IM: TaskModel<IB>> Validates<IB, IM> for TaskSteps {
 }
 
 /// A Burn user's data, as burn-train's `SupervisedTraining` takes it: a training
-/// and a validation [`Dataset`] of items `I`, and one [`Batcher`] that turns items
-/// into the model's input, on the autodiff backend for training and on the inner
-/// backend for validation (a batcher generic over the backend is both).
+/// and a validation [`Dataset`] of items `I`, and the [`Batcher`]s that turn items
+/// into the model's input: `T` on the autodiff backend for training, `V` on the
+/// inner backend for validation. One batcher generic over the backend is both
+/// ([`Datasets::new`]); a validation batcher of its own (without augmentation,
+/// say) replaces it there ([`Datasets::with_valid_batcher`]), as burn-train's
+/// two data loaders would.
 ///
 /// kiln owns the data order: every epoch it draws a seeded permutation of the
 /// training set's indices (cut into shards across a data-parallel group) and asks
@@ -228,29 +231,45 @@ impl<IB: Backend, IM: TaskModel<IB>> Validates<IB, IM> for TaskSteps {
 /// use burn::data::dataset::InMemDataset;
 /// use kiln_coordinator::Datasets;
 ///
-/// #[derive(Clone)]
-/// struct Batcher;
-/// let data = Datasets::new(InMemDataset::new(vec![1.0f32, 2.0]), InMemDataset::new(vec![3.0f32]), Batcher);
+/// struct Augmenting;
+/// struct Plain;
+/// let data = Datasets::new(InMemDataset::new(vec![1.0f32, 2.0]), InMemDataset::new(vec![3.0f32]), Augmenting)
+///     .with_valid_batcher(Plain);
 /// assert_eq!(data.len(kiln_core::Split::Train), 2);
 /// ```
-pub struct Datasets<I, T> {
+pub struct Datasets<I, T, V = T> {
     train: Arc<dyn Dataset<I>>,
     valid: Arc<dyn Dataset<I>>,
-    batcher: T,
+    batcher: Arc<T>,
+    valid_batcher: Arc<V>,
 }
 
 impl<I, T> Datasets<I, T> {
     /// The training set, the validation set (it may be empty: no validation) and
-    /// the batcher.
+    /// the batcher of both.
     pub fn new(
         train: impl Dataset<I> + 'static,
         valid: impl Dataset<I> + 'static,
         batcher: T,
     ) -> Self {
+        let batcher = Arc::new(batcher);
         Self {
             train: Arc::new(train),
             valid: Arc::new(valid),
+            valid_batcher: batcher.clone(),
             batcher,
+        }
+    }
+}
+
+impl<I, T, V> Datasets<I, T, V> {
+    /// The same data with `batcher` building the validation batches.
+    pub fn with_valid_batcher<W>(self, batcher: W) -> Datasets<I, T, W> {
+        Datasets {
+            train: self.train,
+            valid: self.valid,
+            batcher: self.batcher,
+            valid_batcher: Arc::new(batcher),
         }
     }
 
@@ -266,12 +285,12 @@ impl<I, T> Datasets<I, T> {
 /// The general path: a Burn user's model with its own `TrainStep` and
 /// `InferenceStep`, on [`Datasets`]; its passes are `K`: the model's own step
 /// ([`ModelSteps`]), or kiln's backward from its loss ([`LossSteps`]).
-pub(crate) struct StepWork<'a, I, T, K> {
-    pub data: &'a Datasets<I, T>,
+pub(crate) struct StepWork<'a, I, T, V, K> {
+    pub data: &'a Datasets<I, T, V>,
     pub steps: K,
 }
 
-impl<I, T, K> StepWork<'_, I, T, K> {
+impl<I, T, V, K> StepWork<'_, I, T, V, K> {
     fn items(&self, split: Split, indices: &[usize]) -> Result<Vec<I>> {
         let dataset = match split {
             Split::Train => &self.data.train,
@@ -296,12 +315,13 @@ impl<I, T, K> StepWork<'_, I, T, K> {
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct ModelSteps;
 
-impl<B, M, I, T, K> Workload<B, M> for StepWork<'_, I, T, K>
+impl<B, M, I, T, V, K> Workload<B, M> for StepWork<'_, I, T, V, K>
 where
     B: AutodiffBackend,
     M: TrainModel<B>,
     I: Send + Sync,
-    T: ModelBatcher<B, I, M>,
+    T: TrainBatcher<B, I, M>,
+    V: ValidBatcher<B, I, M>,
     K: Steps<B, M, Batch = M::Input>
         + Validates<
             B::InnerBackend,
@@ -322,7 +342,7 @@ where
     fn batch(&self, indices: &[usize], device: &B::Device) -> Result<M::Input> {
         let items = self.items(Split::Train, indices)?;
         Ok(Batcher::<B, I, M::Input>::batch(
-            &self.data.batcher,
+            &*self.data.batcher,
             items,
             device,
         ))
@@ -335,7 +355,7 @@ where
     ) -> Result<<M::InnerModule as InferenceStep>::Input> {
         let items = self.items(Split::Valid, indices)?;
         Ok(Batcher::<B::InnerBackend, I, _>::batch(
-            &self.data.batcher,
+            &*self.data.valid_batcher,
             items,
             device,
         ))
@@ -353,7 +373,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Steps<B, M> for ModelSteps {
         batch: M::Input,
         micro: &MicroStep,
         extra: Option<Tensor<B, 1>>,
-    ) -> Result<(GradientsParams, f64), Failure> {
+    ) -> Result<Passed, Failure> {
         if extra.is_some() {
             // The coordinator refuses the backend's synchronisation for such a
             // model (`Workload::KILN_BACKWARD`); this is its last guard.
@@ -371,7 +391,11 @@ impl<B: AutodiffBackend, M: TrainModel<B>> Steps<B, M> for ModelSteps {
         if factor != 1.0 {
             grad::scale::<B, M>(model, &mut grads, factor);
         }
-        Ok((grads, value))
+        Ok(Passed {
+            grads,
+            loss: value,
+            metrics: logged_metrics(micro, &item),
+        })
     }
 }
 
@@ -391,6 +415,15 @@ where
         _precision: Precision,
     ) -> Result<EvalSums> {
         Ok(inference_sums::<IB, IM>(model, batch, examples))
+    }
+}
+
+/// The further metrics of a step's `output`, on logged steps only (some, such as
+/// AUROC or the error rates, cost a pass over the output).
+fn logged_metrics<B: Backend, O: StepOutput<B>>(micro: &MicroStep, output: &O) -> OutputMetrics {
+    match micro.logged {
+        true => output.metrics(),
+        false => Vec::new(),
     }
 }
 
@@ -426,11 +459,38 @@ where
 {
 }
 
-/// A batcher of items `I` for model `M` (a [`TrainModel`]): its training input on
-/// the autodiff backend, its validation input on the inner backend (a batcher
-/// generic over the backend is both). Every such batcher is one.
+/// A batcher of items `I` into model `M`'s training input, on the autodiff
+/// backend (what [`Datasets`]' `T` is). Every such batcher is one.
+pub trait TrainBatcher<B: AutodiffBackend, I, M: TrainModel<B>>: Batcher<B, I, M::Input> {}
+
+impl<B, I, M, T> TrainBatcher<B, I, M> for T
+where
+    B: AutodiffBackend,
+    M: TrainModel<B>,
+    T: Batcher<B, I, M::Input>,
+{
+}
+
+/// A batcher of items `I` into model `M`'s validation input, on the inner backend
+/// (what [`Datasets`]' `V` is). Every such batcher is one.
+pub trait ValidBatcher<B: AutodiffBackend, I, M: TrainModel<B>>:
+    Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>
+{
+}
+
+impl<B, I, M, V> ValidBatcher<B, I, M> for V
+where
+    B: AutodiffBackend,
+    M: TrainModel<B>,
+    V: Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+{
+}
+
+/// A batcher of items `I` for model `M` (a [`TrainModel`]) that serves both splits:
+/// its training input on the autodiff backend, its validation input on the inner
+/// backend (a batcher generic over the backend is both). Every such batcher is one.
 pub trait ModelBatcher<B: AutodiffBackend, I, M: TrainModel<B>>:
-    Batcher<B, I, M::Input> + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>
+    TrainBatcher<B, I, M> + ValidBatcher<B, I, M>
 {
 }
 
@@ -438,8 +498,7 @@ impl<B, I, M, T> ModelBatcher<B, I, M> for T
 where
     B: AutodiffBackend,
     M: TrainModel<B>,
-    T: Batcher<B, I, M::Input>
-        + Batcher<B::InnerBackend, I, <M::InnerModule as InferenceStep>::Input>,
+    T: TrainBatcher<B, I, M> + ValidBatcher<B, I, M>,
 {
 }
 
@@ -528,14 +587,17 @@ where
         batch: M::Input,
         micro: &MicroStep,
         extra: Option<Tensor<B, 1>>,
-    ) -> Result<(GradientsParams, f64), Failure> {
+    ) -> Result<Passed, Failure> {
         backward_from_loss(model, micro, extra, |model, dtype| {
             Ok(match dtype {
-                Some(dtype) => model
-                    .forward_loss(M::cast_input(batch, dtype))
-                    .0
-                    .cast(FloatDType::F32),
-                None => model.forward_loss(batch).0,
+                Some(dtype) => {
+                    let (loss, output) = model.forward_loss(M::cast_input(batch, dtype));
+                    (loss.cast(FloatDType::F32), logged_metrics(micro, &output))
+                }
+                None => {
+                    let (loss, output) = model.forward_loss(batch);
+                    (loss, logged_metrics(micro, &output))
+                }
             })
         })
     }

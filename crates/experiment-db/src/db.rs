@@ -10,8 +10,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params, params_from_iter};
 use crate::compare::{Comparison, MetricRow, ParamRow};
 use crate::query::{RunQuery, SortOrder};
 use crate::records::{
-    ArtifactRecord, Goal, MetricRecord, MetricSummaryRecord, NewArtifact, ResumeRecord, RunRecord,
-    RunStatus,
+    ArtifactRecord, Goal, MetricRecord, MetricSummaryRecord, ResumeRecord, RunRecord, RunStatus,
 };
 use crate::series::downsample;
 use crate::sqlite::{
@@ -19,7 +18,10 @@ use crate::sqlite::{
     recompute_summaries, retry_busy, write_tx,
 };
 use crate::writer::{Syncer, Writer};
-use crate::{EndStatus, Error, MetricPoint, NewRun, Pulse, Result, RunId, RunTracker, migrations};
+use crate::{
+    EndStatus, Error, MetricPoint, NewArtifact, NewRun, Pulse, Result, RunId, RunTracker,
+    migrations,
+};
 
 /// kiln's experiment store: one SQLite database file.
 ///

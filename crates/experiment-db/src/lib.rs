@@ -38,10 +38,11 @@ pub use query::{
     SortOrder,
 };
 pub use records::{
-    ArtifactRecord, Goal, MetricRecord, MetricSummaryRecord, NewArtifact, ResumeRecord, RunRecord,
-    RunStatus,
+    ArtifactRecord, Goal, MetricRecord, MetricSummaryRecord, ResumeRecord, RunRecord, RunStatus,
 };
-pub use tracker::{EndStatus, HEARTBEAT_INTERVAL, MetricPoint, NewRun, Pulse, RunId, RunTracker};
+pub use tracker::{
+    EndStatus, HEARTBEAT_INTERVAL, MetricPoint, NewArtifact, NewRun, Pulse, RunId, RunTracker,
+};
 
 /// Result alias for the experiment store.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -148,19 +148,6 @@ pub enum Goal {
     Max,
 }
 
-/// An artifact to record for a run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NewArtifact {
-    /// Kind: `checkpoint`, `plot`, `config`, ...
-    pub kind: String,
-    /// Path relative to the run directory.
-    pub path: String,
-    /// Size in bytes.
-    pub size_bytes: u64,
-    /// SHA-256 of the content as lowercase hex, when computed.
-    pub sha256: Option<String>,
-}
-
 /// An artifact as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ArtifactRecord {

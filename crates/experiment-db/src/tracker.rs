@@ -14,6 +14,19 @@ pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_se
 /// A run's id in the store.
 pub type RunId = i64;
 
+/// An artifact to record for a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewArtifact {
+    /// Kind: `checkpoint`, `plot`, `config`, ...
+    pub kind: String,
+    /// Path relative to the run directory.
+    pub path: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// SHA-256 of the content as lowercase hex, when computed.
+    pub sha256: Option<String>,
+}
+
 /// What is known of a run when it starts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewRun {
@@ -136,7 +149,7 @@ pub trait RunTracker {
 
     /// Records a file the run wrote (the final weights, the report, a checkpoint).
     /// A tracker without an artifact list ignores it.
-    fn log_artifact(&mut self, run: RunId, artifact: &crate::NewArtifact) -> Result<()> {
+    fn log_artifact(&mut self, run: RunId, artifact: &NewArtifact) -> Result<()> {
         let _ = (run, artifact);
         Ok(())
     }

@@ -19,6 +19,7 @@
 
 mod group;
 mod loader;
+mod member;
 mod shared;
 mod stepper;
 
@@ -41,11 +42,12 @@ use burn::train::renderer::{
     MetricsRendererTraining, ProgressType, TrainingProgress,
 };
 use burn::train::{ExecutionStrategy, Interrupter, Learner, SupervisedTraining, TrainingStrategy};
-use kiln_core::Split;
+use kiln_core::{Precision, Split};
 
 use crate::checkpoint::Loaded;
 use crate::objective::EvalSums;
 use crate::optim::Optimization;
+use crate::precision::{self, LossScaler, ScalerState};
 use crate::progress::Progress;
 use crate::run::{
     Failure, LoopInputs, LoopStats, RunShape, SaveClock, book_step, book_validation, epoch_stop,
@@ -53,10 +55,12 @@ use crate::run::{
 };
 use crate::sync::BackendSync;
 use crate::tracking::Metrics;
+use crate::update::Accumulation;
 use crate::workload::{Steps, Workload};
-use group::{Components, GroupStrategy, Member, Worker, merge_shards};
+use group::{Components, GroupStrategy, Worker};
 use loader::{TrainLoader, ValidLoader, produce};
-use shared::{Event, OnBackend, Position, Settings, Shared, SharedRef};
+use member::{Member, merge_shards};
+use shared::{Event, OnBackend, Position, Settings, Shared, SharedRef, ShownLr};
 use stepper::{Stepper, StepperOptim};
 
 /// Trains `model` through burn-train on `devices`; the counterpart of
@@ -72,7 +76,7 @@ pub(crate) fn fit<B, M, W, S, LR>(
     model: M,
     optimization: Optimization<B, M, S, LR>,
     resume: Option<&Loaded>,
-    sharded: bool,
+    (sharded, precision): (bool, Precision),
     sync: Option<BackendSync<B>>,
     metrics: &mut Metrics<'_>,
     progress: &mut Progress,
@@ -119,6 +123,12 @@ where
         model = loaded.model::<B, M>(model, device)?;
         restore_stats(loaded, stats);
     }
+    // True modes store the parameters (and so the optimizer's state) in their
+    // dtype; checkpoints hold f32 (as on the native loop).
+    let stored = precision::stored_dtype(precision).filter(|_| optimization.cast_state.is_some());
+    if let Some(dtype) = stored {
+        model = precision::store_as(model, dtype);
+    }
     let epochs = epochs_left(
         (start_epoch, start_batch),
         n_epochs,
@@ -158,6 +168,7 @@ where
         checkpoints: inputs.checkpoints.as_ref().map(|c| c.policy.clone()),
         check_replicas: config.check_replicas,
         backend_sync,
+        precision,
     };
     let group = (world > 1).then(|| Arc::new(crate::group::Group::<Vec<u8>>::new()));
     // The synchronisation closes when training is over (the group is dropped),
@@ -201,7 +212,7 @@ where
                 loaded,
                 &replica,
                 worker_device,
-                None,
+                stored,
                 sharded.then_some(&owns as &dyn Fn(usize) -> bool),
             )?,
             None => optimization.clone(),
@@ -222,8 +233,7 @@ where
                 batch: start_batch,
                 steps: stats.steps,
                 samples: stats.samples,
-                group_losses: Vec::new(),
-                pending: None,
+                accumulated: Accumulation::default(),
                 ready: false,
                 previous_seconds: stats.train_seconds,
                 started: Instant::now(),
@@ -235,6 +245,12 @@ where
                 replica_spread: None,
                 optimizer_state_bytes: 0,
                 lr: 0.0,
+                scaler: (precision == Precision::F16Mixed).then(|| {
+                    LossScaler::new(
+                        &config.loss_scaling,
+                        resume.and_then(|l| l.state.loss_scale),
+                    )
+                }),
             },
             Box::new(OnBackend::<B, LR>(scheduler, PhantomData)),
         );
@@ -379,6 +395,9 @@ where
     stats.optimizer_state_bytes = position.optimizer_state_bytes;
     stats.collective_seconds += position.collective_seconds;
     stats.replica_spread = position.replica_spread;
+    if let Some(scaler) = &position.scaler {
+        stats.skipped_steps = scaler.state().skipped;
+    }
     if let Some(failure) = position.failure.take() {
         return Err(failure);
     }
@@ -416,7 +435,12 @@ struct Books<'a, 'i, 't, B: Backend, D> {
     items_per_example: f64,
     sums: EvalSums,
     /// A checkpoint waiting for the end of its epoch's validation.
-    after_validation: Option<(crate::checkpoint::Snapshot, usize, usize)>,
+    after_validation: Option<(
+        crate::checkpoint::Snapshot,
+        usize,
+        usize,
+        Option<ScalerState>,
+    )>,
 }
 
 impl<B: Backend, D> Books<'_, '_, '_, B, D> {
@@ -437,11 +461,15 @@ impl<B: Backend, D> Books<'_, '_, '_, B, D> {
                 epoch,
                 batch,
                 after_validation,
+                loss_scale,
             } => match (&self.inputs.checkpoints, after_validation) {
-                (Some(_), true) => self.after_validation = Some((snapshot, epoch, batch)),
+                (Some(_), true) => {
+                    self.after_validation = Some((snapshot, epoch, batch, loss_scale))
+                }
                 (Some(ctx), false) => {
-                    let state =
+                    let mut state =
                         trainer_state(ctx, self.stats, self.metrics, config.seed, epoch, batch);
+                    state.loss_scale = loss_scale;
                     write_checkpoint(ctx, &snapshot, &state, self.metrics)?;
                 }
                 (None, _) => {}
@@ -457,11 +485,12 @@ impl<B: Backend, D> Books<'_, '_, '_, B, D> {
                     false => Vec::new(),
                 };
                 book_validation(&results, epoch, self.stats, self.metrics, self.progress)?;
-                if let (Some(ctx), Some((snapshot, epoch, batch))) =
+                if let (Some(ctx), Some((snapshot, epoch, batch, loss_scale))) =
                     (&self.inputs.checkpoints, self.after_validation.take())
                 {
-                    let state =
+                    let mut state =
                         trainer_state(ctx, self.stats, self.metrics, config.seed, epoch, batch);
+                    state.loss_scale = loss_scale;
                     write_checkpoint(ctx, &snapshot, &state, self.metrics)?;
                 }
             }
@@ -471,25 +500,6 @@ impl<B: Backend, D> Books<'_, '_, '_, B, D> {
 }
 
 /// burn-train's scheduler, for its dashboard: the rate of the last optimizer step.
-/// The run's own scheduler is stepped once per optimizer step by the stepper
-/// ([`Shared::step_lr`]); burn-train steps its scheduler once per micro-batch.
-#[derive(Clone)]
-pub(crate) struct ShownLr(Arc<Shared>);
-
-impl LrScheduler for ShownLr {
-    type Record<B: Backend> = ();
-
-    fn step(&mut self) -> f64 {
-        self.0.position().lr
-    }
-
-    fn to_record<B: Backend>(&self) {}
-
-    fn load_record<B: Backend>(self, _: ()) -> Self {
-        self
-    }
-}
-
 /// kiln books every number itself: burn-train's metric loggers get nothing to write.
 struct Discard;
 

@@ -9,15 +9,16 @@ use std::time::Instant;
 
 use std::marker::PhantomData;
 
-use burn::optim::GradientsParams;
 use burn::optim::lr_scheduler::LrScheduler;
 use burn::prelude::Backend;
 use burn::train::Interrupter;
-use kiln_core::CheckpointPolicy;
+use kiln_core::{CheckpointPolicy, Precision};
 
 use crate::checkpoint::Snapshot;
 use crate::objective::EvalSums;
+use crate::precision::{LossScaler, ScalerState};
 use crate::run::{Failure, SaveClock, StepRecord};
+use crate::update::Accumulation;
 use crate::{CoordinatorError, StopHandle};
 
 /// What the training thread tells the bookkeeping thread, in order.
@@ -32,6 +33,8 @@ pub(crate) enum Event {
         epoch: usize,
         batch: usize,
         after_validation: bool,
+        /// `16-mixed`: the loss scaler's state at the step.
+        loss_scale: Option<ScalerState>,
     },
     /// Sums of one validation batch.
     ValidBatch(EvalSums),
@@ -60,6 +63,8 @@ pub(crate) struct Settings {
     /// The backend sums the gradients over the group during backward
     /// (`process_group_backend = nccl`, [`crate::sync`]).
     pub backend_sync: bool,
+    /// The precision that runs (`docs/precision.md`).
+    pub precision: Precision,
 }
 
 /// Where the training thread stands.
@@ -74,11 +79,8 @@ pub(crate) struct Position {
     pub lr: f64,
     /// Examples trained on.
     pub samples: u64,
-    /// Micro-batch losses of the current accumulation group.
-    pub group_losses: Vec<f64>,
-    /// Gradients summed over the current accumulation group so far (none yet, or
-    /// none of this worker's in a short global batch).
-    pub pending: Option<GradientsParams>,
+    /// The current accumulation group's gradients and losses so far.
+    pub accumulated: Accumulation,
     /// The accumulation group is complete: the optimizer step is next.
     pub ready: bool,
     /// Training seconds before this attempt (resume).
@@ -97,6 +99,8 @@ pub(crate) struct Position {
     pub replica_spread: Option<f64>,
     /// Encoded size of the optimizer state after the last step.
     pub optimizer_state_bytes: u64,
+    /// `16-mixed`: the loss scale and its record of skipped steps.
+    pub scaler: Option<LossScaler>,
 }
 
 impl Position {
@@ -259,5 +263,24 @@ impl<B: Backend, LR: LrScheduler> Scheduled for OnBackend<B, LR> {
 
     fn attach(&self, snapshot: Snapshot) -> Result<Snapshot, CoordinatorError> {
         snapshot.with_scheduler::<B, _>(self.0.to_record::<B>())
+    }
+}
+
+/// The run's own scheduler is stepped once per optimizer step by the stepper
+/// ([`Shared::step_lr`]); burn-train steps its scheduler once per micro-batch.
+#[derive(Clone)]
+pub(crate) struct ShownLr(pub Arc<Shared>);
+
+impl LrScheduler for ShownLr {
+    type Record<B: Backend> = ();
+
+    fn step(&mut self) -> f64 {
+        self.0.position().lr
+    }
+
+    fn to_record<B: Backend>(&self) {}
+
+    fn load_record<B: Backend>(self, _: ()) -> Self {
+        self
     }
 }

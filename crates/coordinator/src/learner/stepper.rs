@@ -14,19 +14,21 @@ use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 
 use burn::module::{AutodiffModule, Devices, Module, ModuleMapper, ModuleVisitor};
-use burn::optim::{GradientsAccumulator, GradientsParams, MultiGradientsParams, Optimizer};
+use burn::optim::{GradientsParams, MultiGradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::metric::{Adaptor, ItemLazy, LossInput};
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 
-use super::group::Member;
 use super::loader::{Counted, Micro};
-use super::shared::{Event, SharedRef};
+use super::member::Member;
+use super::shared::{Event, Shared, SharedRef};
 use crate::checkpoint::Snapshot;
-use crate::run::{Failure, SaveAt, StepRecord, ready_gradients};
-use crate::step::MicroStep;
+use crate::precision::LossScaler;
+use crate::run::{Failure, SaveAt, StepRecord};
+use crate::step::{MicroStep, Passed};
 use crate::sync::zero_over_params;
+use crate::update::{StepAt, StepEngine, Summed, take_step};
 use crate::workload::{Steps, Validates};
 
 /// A model wrapped for burn-train with what runs on its batches (`St`, the
@@ -199,10 +201,11 @@ where
         let shared = &self.shared.0;
         let in_group = shared.member.is_some();
         let synced = shared.settings.backend_sync;
-        let (epoch, batch_index, group, steps, failed) = {
+        let (epoch, batch_index, group, steps, failed, loss_scale) = {
             let p = shared.position();
             let group = p.group_len(&shared.settings);
-            (p.epoch, p.batch, group, p.steps, p.failure.is_some())
+            let scale = p.scaler.as_ref().map(LossScaler::scale);
+            (p.epoch, p.batch, group, p.steps, p.failure.is_some(), scale)
         };
         // Forward and backward of this worker's examples; none once it failed (in
         // a group it still completes the accumulation group, to meet the others at
@@ -214,8 +217,14 @@ where
                         in_group,
                         group,
                         share: micro.share,
-                        precision: kiln_core::Precision::F32,
-                        loss_scale: None,
+                        precision: shared.settings.precision,
+                        loss_scale,
+                        logged: shared.settings.rank == 0
+                            && StepRecord::is_logged(
+                                shared.settings.log_every_n_steps,
+                                steps + 1,
+                                shared.settings.total,
+                            ),
                         step: steps + 1,
                         epoch,
                         batch: batch_index,
@@ -225,8 +234,12 @@ where
                         step.seed_rng::<B>(device, settings.seed, settings.rank, settings.in_turn)
                     });
                     let zero = synced.then(|| zero_over_params(&self.model)).flatten();
-                    let (grads, value) = self.steps.backward(&self.model, batch, &step, zero)?;
-                    Ok(Some((value, grads)))
+                    Ok(Some(self.steps.backward(
+                        &self.model,
+                        batch,
+                        &step,
+                        zero,
+                    )?))
                 };
                 std::panic::catch_unwind(AssertUnwindSafe(forward)).unwrap_or_else(|panic| {
                     Err(Failure::Panicked(crate::run::panic_message(panic.as_ref())))
@@ -247,40 +260,34 @@ where
                     .ok()
                     .flatten();
                 match (work, grads) {
-                    (Ok(_), Some(grads)) => Ok(Some((0.0, grads))),
+                    (Ok(_), Some(grads)) => Ok(Some(Passed {
+                        grads,
+                        loss: 0.0,
+                        metrics: Vec::new(),
+                    })),
                     (work, _) => work,
                 }
             }
             work => work,
         };
-        let (value, grads) = match work {
-            Ok(Some((value, grads))) => (value, Some(grads)),
-            Ok(None) => (0.0, None),
+        let (value, grads, metrics) = match work {
+            Ok(Some(passed)) => (passed.loss, Some(passed.grads), passed.metrics),
+            Ok(None) => (0.0, None, Vec::new()),
             Err(failure) => {
                 let value = match &failure {
                     Failure::Diverged(_) => f64::NAN,
                     _ => 0.0,
                 };
                 shared.fail(failure);
-                (value, None)
+                (value, None, Vec::new())
             }
         };
         let mut p = shared.position();
         // This worker's share of the step's loss (the whole of it on one device).
-        p.group_losses.push(value * micro.share);
-        if let Some(grads) = grads {
-            p.pending = Some(match p.pending.take() {
-                None => grads,
-                Some(previous) => {
-                    let mut sum = GradientsAccumulator::<M>::new();
-                    sum.accumulate(&self.model, previous);
-                    sum.accumulate(&self.model, grads);
-                    sum.grads()
-                }
-            });
-        }
+        p.accumulated
+            .add(&self.model, grads, value, micro.share, &metrics);
         p.batch += 1;
-        p.ready = p.group_losses.len() == group;
+        p.ready = p.accumulated.len() == group;
         // burn-train gets no gradients from kiln: the step happens in `optimize`,
         // with the group's gradients, once the group is complete.
         TrainOutput {
@@ -301,19 +308,23 @@ where
             .member
             .as_ref()
             .and_then(|m| m.downcast_ref::<Member<B, M>>());
-        let (grads, losses, epoch, batch, steps) = {
+        let (summed, epoch, batch, steps) = {
             let mut p = shared.position();
             // On one device a failure ends the run at once: no step.
             if !p.ready || (member.is_none() && p.failure.is_some()) {
                 return self;
             }
             p.ready = false;
-            let losses = std::mem::take(&mut p.group_losses);
-            (p.pending.take(), losses, p.epoch, p.batch, p.steps)
+            let accumulated = std::mem::take(&mut p.accumulated);
+            (accumulated.finish(), p.epoch, p.batch, p.steps)
         };
+        let Summed {
+            grads,
+            loss,
+            metrics,
+        } = summed;
         let step = steps + 1;
-        let logging = step.is_multiple_of(settings.log_every_n_steps) || step == settings.total;
-        let loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+        let logging = StepRecord::is_logged(settings.log_every_n_steps, step, settings.total);
         let time_due = |rank: usize| {
             rank == 0
                 && settings
@@ -321,7 +332,7 @@ where
                     .as_ref()
                     .is_some_and(|policy| shared.position().clock.time_due(policy))
         };
-        let (mut grads, loss, time_due) = match member {
+        let (grads, loss, time_due) = match member {
             None => (grads.unwrap_or_default(), loss, time_due(0)),
             Some(member) => match member.exchange(
                 &shared,
@@ -338,57 +349,41 @@ where
                 }
             },
         };
-        let lr = shared.step_lr();
         let owner = member.filter(|m| m.sharded);
         let owns = |i| owner.is_some_and(|m| m.owns(i));
-        let norm = match ready_gradients::<B, M>(
-            settings.gradient_clip_val,
-            &self.model,
-            &mut grads,
-            logging,
-            None,
-            owner.map(|_| &owns as &dyn Fn(usize) -> bool),
-            step,
-            epoch,
-        ) {
-            Ok(norm) => norm,
-            Err(failure) => {
-                // Every worker holds the same summed gradients: all end here.
-                shared.end_with(Some(failure));
-                return self;
-            }
-        };
-        let mut stepped = optim.step(lr, self, grads);
-        if let Some(member) = member.filter(|m| m.sharded) {
-            match member.gather(&shared, stepped.model.clone()) {
-                // The gathered parameters are new tensors: marked again for the
-                // backend's synchronisation when it runs.
-                Ok(model) if settings.backend_sync => stepped.model = crate::sync::mark(model),
-                Ok(model) => stepped.model = model,
-                Err(failure) => {
-                    shared.end_with(Some(failure));
-                    return stepped;
-                }
-            }
-        }
-
-        if let Some(member) = member.filter(|_| settings.check_replicas) {
-            member.check(&shared, &stepped.model, step);
-        }
-
-        let mut p = shared.position();
-        p.steps = step;
-        let record = StepRecord {
+        let at = StepAt {
             step,
             epoch,
             loss,
-            lr,
-            grad_norm: norm,
             logging,
-            loss_scale: None,
-            samples: p.samples,
-            train_seconds: p.train_seconds(),
+            metrics,
+            clip: settings.gradient_clip_val,
+            owns: owner.map(|_| &owns as &dyn Fn(usize) -> bool),
         };
+        let mut engine = LearnerStep {
+            optim: &mut *optim,
+            shared: &shared,
+            member,
+            step,
+            backend: PhantomData,
+        };
+        // The scaler is taken out of the shared state for the step (the engine
+        // locks that state itself).
+        let mut scaler = shared.position().scaler.take();
+        let (stepped, record) =
+            take_step::<BO, Self, _>(&mut engine, self, grads, at, scaler.as_mut());
+        let loss_scale = scaler.as_ref().map(LossScaler::state);
+        shared.position().scaler = scaler;
+        let record = match record {
+            Ok(record) => record,
+            Err(failure) => {
+                shared.end_with(Some(failure));
+                return stepped;
+            }
+        };
+
+        let mut p = shared.position();
+        p.steps = step;
         shared.send(Event::Step(record));
         let last = step >= settings.total;
         if last {
@@ -420,6 +415,7 @@ where
                         epoch,
                         batch,
                         after_validation: when == SaveAt::AfterValidation,
+                        loss_scale,
                     }),
                     Some(Err(e)) => shared.fail(Failure::Error(e)),
                     None => {}
@@ -427,6 +423,74 @@ where
             }
         }
         stepped
+    }
+}
+
+/// The Learner engine's side of an optimizer step ([`take_step`]): burn-train's
+/// optimizer on the stepper, the run's scheduler through the shared state, and
+/// the worker's [`Member`] for fsdp's gather and the replica check.
+struct LearnerStep<'a, O, BO, B: AutodiffBackend, M> {
+    optim: &'a mut O,
+    shared: &'a Shared,
+    member: Option<&'a Member<B, M>>,
+    step: u64,
+    backend: PhantomData<BO>,
+}
+
+impl<O, BO, B, M, St> StepEngine<Stepper<B, M, St>> for LearnerStep<'_, O, BO, B, M>
+where
+    BO: AutodiffBackend,
+    O: Optimizer<Stepper<B, M, St>, BO>,
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + 'static,
+    St: Steps<B, M>,
+    Stepper<B, M, St>: AutodiffModule<BO>,
+{
+    fn lr(&mut self) -> f64 {
+        self.shared.step_lr()
+    }
+
+    fn optimize(
+        &mut self,
+        stepper: Stepper<B, M, St>,
+        lr: f64,
+        grads: GradientsParams,
+    ) -> Stepper<B, M, St> {
+        self.optim.step(lr, stepper, grads)
+    }
+
+    fn gather(
+        &mut self,
+        stepper: &Stepper<B, M, St>,
+    ) -> Result<Option<Stepper<B, M, St>>, Failure> {
+        let Some(member) = self.member.filter(|m| m.sharded) else {
+            return Ok(None);
+        };
+        let model = member.gather(self.shared, stepper.model.clone())?;
+        // The gathered parameters are new tensors: marked again for the backend's
+        // synchronisation when it runs.
+        let model = match self.shared.settings.backend_sync {
+            true => crate::sync::mark(model),
+            false => model,
+        };
+        Ok(Some(Stepper::new(
+            model,
+            stepper.steps.clone(),
+            stepper.shared.clone(),
+        )))
+    }
+
+    fn check(&mut self, stepper: &Stepper<B, M, St>) -> Result<(), Failure> {
+        // A difference is this worker's failure, told at the next exchange.
+        if let Some(member) = self.member.filter(|_| self.shared.settings.check_replicas) {
+            member.check(self.shared, &stepper.model, self.step);
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> (u64, f64) {
+        let p = self.shared.position();
+        (p.samples, p.train_seconds())
     }
 }
 
@@ -448,7 +512,7 @@ where
         let evaluate = || {
             Ok(self
                 .steps
-                .evaluate(&self.model, batch, examples, kiln_core::Precision::F32)?)
+                .evaluate(&self.model, batch, examples, shared.settings.precision)?)
         };
         // A panic is this worker's failure (in a group, told at the next exchange).
         let evaluated =
