@@ -29,6 +29,12 @@ const TOLERANCE: f32 = 1e-5;
 /// workspace build, round differently in each composition (2.5e-5 relative seen).
 const NDARRAY_TOLERANCE: f32 = 1e-4;
 
+/// NdArray's attention, the same two compositions of Burn's ops: the softmax's
+/// approximate SIMD exponential and reciprocal meet the causal mask and three
+/// products, and a key's gradient drifted 1.2e-4 relative in a workspace build
+/// (`[3, 17, 30]`, 5 heads). kiln's own kernels are held to [`TOLERANCE`] on Flex.
+const NDARRAY_ATTENTION_TOLERANCE: f32 = 5e-4;
+
 /// Outputs and gradients (of x, and of γ and β for the layer norm, of the weight
 /// `gamma · gammaᵀ` and the bias β for the linear layer) of `op` on `x`, fused or
 /// through Burn's ops, under the upstream gradient `w`.
@@ -295,7 +301,7 @@ type Attention = fn([usize; 3], usize, bool) -> Vec<Vec<f32>>;
 fn fused_attention_equals_burns_ops(
     #[values(
         (attention::<Autodiff<Flex>> as Attention, TOLERANCE),
-        (attention::<Autodiff<NdArray>> as Attention, NDARRAY_TOLERANCE)
+        (attention::<Autodiff<NdArray>> as Attention, NDARRAY_ATTENTION_TOLERANCE)
     )]
     backend: (Attention, f32),
     #[case] shape: [usize; 3],
