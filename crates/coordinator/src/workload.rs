@@ -93,9 +93,9 @@ pub(crate) trait Steps<B: AutodiffBackend, M: AutodiffModule<B>>:
     /// Forward and backward passes of one micro-batch: the gradients of the loss
     /// weighted as `micro` says (× the loss scale under `16-mixed`), the loss
     /// itself, and on logged steps the output's metrics; a non-finite loss is an
-    /// error ([`MicroStep::check`]). `extra` is
-    /// added to the loss before backward (the zero term of the backend's gradient
-    /// synchronisation); only steps with [`Steps::KILN_BACKWARD`] are given one.
+    /// error ([`MicroStep::check`]). `extra` is added to the loss before backward
+    /// (the zero term of the backend's gradient synchronisation); only steps with
+    /// [`Steps::KILN_BACKWARD`] are given one.
     fn backward(
         &self,
         model: &M,

@@ -499,7 +499,6 @@ impl<B: Backend, D> Books<'_, '_, '_, B, D> {
     }
 }
 
-/// burn-train's scheduler, for its dashboard: the rate of the last optimizer step.
 /// kiln books every number itself: burn-train's metric loggers get nothing to write.
 struct Discard;
 

@@ -266,6 +266,7 @@ impl<B: Backend, LR: LrScheduler> Scheduled for OnBackend<B, LR> {
     }
 }
 
+/// burn-train's scheduler, for its dashboard: the rate of the last optimizer step.
 /// The run's own scheduler is stepped once per optimizer step by the stepper
 /// ([`Shared::step_lr`]); burn-train steps its scheduler once per micro-batch.
 #[derive(Clone)]
