@@ -351,7 +351,6 @@ where
                     replica,
                     check_replicas: config.check_replicas,
                     stop,
-                    step,
                     exchanged: &exchanged,
                     stats: &mut *stats,
                     deferred: &mut deferred,
@@ -686,7 +685,6 @@ where
     replica: &'a Replica<'a, B, M, S>,
     check_replicas: bool,
     stop: &'a StopHandle,
-    step: u64,
     /// An exchange's error as the run's failure.
     exchanged: &'a dyn Fn(CoordinatorError) -> Failure,
     stats: &'a mut LoopStats,
@@ -726,12 +724,12 @@ where
         gathered.map(Some)
     }
 
-    fn check(&mut self, model: &M) -> Result<(), Failure> {
+    fn check(&mut self, model: &M, step: u64) -> Result<(), Failure> {
         let (Some(peer), Some(group), true) = (self.peer, self.replica.group, self.check_replicas)
         else {
             return Ok(());
         };
-        let at = format!("step {}", self.step);
+        let at = format!("step {step}");
         match check_replicas(peer, group, model, None, self.stop, &at) {
             Ok((spread, _)) => {
                 let spread = self.stats.replica_spread.unwrap_or(0.0).max(spread);

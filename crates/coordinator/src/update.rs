@@ -133,9 +133,9 @@ pub(crate) trait StepEngine<T> {
     /// (`None` under ddp and on one device: nothing to gather).
     fn gather(&mut self, model: &T) -> Result<Option<T>, Failure>;
 
-    /// `check_replicas`: compares `model` with the other replicas. A failure the
-    /// engine tells the others at the next exchange is not returned.
-    fn check(&mut self, model: &T) -> Result<(), Failure>;
+    /// `check_replicas`: compares `model` with the other replicas after `step`. A
+    /// failure the engine tells the others at the next exchange is not returned.
+    fn check(&mut self, model: &T, step: u64) -> Result<(), Failure>;
 
     /// Examples trained on and training seconds so far, for the record.
     fn counters(&self) -> (u64, f64);
@@ -196,7 +196,7 @@ where
             Ok(None) => {}
             Err(failure) => return (model, Err(failure)),
         }
-        if let Err(failure) = engine.check(&model) {
+        if let Err(failure) = engine.check(&model, at.step) {
             return (model, Err(failure));
         }
     }

@@ -364,7 +364,6 @@ where
             optim: &mut *optim,
             shared: &shared,
             member,
-            step,
             backend: PhantomData,
         };
         // The scaler is taken out of the shared state for the step (the engine
@@ -433,7 +432,6 @@ struct LearnerStep<'a, O, BO, B: AutodiffBackend, M> {
     optim: &'a mut O,
     shared: &'a Shared,
     member: Option<&'a Member<B, M>>,
-    step: u64,
     backend: PhantomData<BO>,
 }
 
@@ -480,10 +478,10 @@ where
         )))
     }
 
-    fn check(&mut self, stepper: &Stepper<B, M, St>) -> Result<(), Failure> {
+    fn check(&mut self, stepper: &Stepper<B, M, St>, step: u64) -> Result<(), Failure> {
         // A difference is this worker's failure, told at the next exchange.
         if let Some(member) = self.member.filter(|_| self.shared.settings.check_replicas) {
-            member.check(self.shared, &stepper.model, self.step);
+            member.check(self.shared, &stepper.model, step);
         }
         Ok(())
     }
