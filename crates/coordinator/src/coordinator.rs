@@ -412,7 +412,7 @@ impl TrainingCoordinator {
         let optimization = |total, start| Optimization {
             optimizer: adamw(&self.config).init::<B, M>(),
             scheduler: KilnSchedule::new(o.lr, o.schedule, total).starting_at(start),
-            cast_state: crate::precision::state_cast::<B, M, burn::optim::AdamW>(),
+            cast_state: crate::precision::state_cast::<B, M, kiln_kernels::AdamW>(),
         };
         self.run(
             devices,

@@ -1,10 +1,11 @@
 //! The optimizer and the learning-rate scheduler a run steps with, and their
 //! records: any burn-optim optimizer with any `LrScheduler` (the general path), or
-//! kiln's AdamW with kiln's schedule (the simple path).
+//! kiln's AdamW (burn-optim's, bit for bit, its update fused:
+//! [`kiln_kernels::AdamW`]) with kiln's schedule (the simple path).
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamWConfig, Optimizer, SimpleOptimizer};
+use burn::optim::{Optimizer, SimpleOptimizer};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use burn::tensor::backend::AutodiffBackend;
@@ -15,13 +16,9 @@ use kiln_core::CoordinatorConfig;
 pub(crate) type OptimRecord<S, B, M> = <OptimizerAdaptor<S, M, B> as Optimizer<M, B>>::Record;
 
 /// kiln's AdamW, configured from the run's optimizer settings (both engines use it).
-pub(crate) fn adamw(config: &CoordinatorConfig) -> AdamWConfig {
+pub(crate) fn adamw(config: &CoordinatorConfig) -> kiln_kernels::AdamW {
     let o = &config.optimizer;
-    AdamWConfig::new()
-        .with_beta_1(o.beta1)
-        .with_beta_2(o.beta2)
-        .with_epsilon(o.eps)
-        .with_weight_decay(o.weight_decay)
+    kiln_kernels::AdamW::new(o.beta1, o.beta2, o.eps, o.weight_decay)
 }
 
 /// The optimizer and the learning-rate scheduler a run steps with: the user's

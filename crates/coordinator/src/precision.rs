@@ -24,6 +24,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType};
 use kiln_core::{Inputs, LossScaling, Precision, Prediction};
+use kiln_kernels::AdamW as FusedAdamW;
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
@@ -138,14 +139,20 @@ pub(crate) fn store_as<B: AutodiffBackend, M: AutodiffModule<B>>(model: M, dtype
 }
 
 /// An optimizer whose per-parameter state kiln can store in a true precision's
-/// dtype: burn-optim's Adam and AdamW, whose state is an adaptive momentum with
-/// public tensors. (burn-optim 0.21 keeps the state of SGD's momentum, RmsProp and
+/// dtype: burn-optim's Adam and AdamW and kiln's fused AdamW, whose state is an
+/// adaptive momentum with public tensors. (burn-optim 0.21 keeps the state of SGD's momentum, RmsProp and
 /// AdaGrad private.)
 trait MomentState<B: Backend>: SimpleOptimizer<B> {
     fn momentum<const D: usize>(state: &mut Self::State<D>) -> &mut AdaptiveMomentumState<B, D>;
 }
 
 impl<B: Backend> MomentState<B> for AdamW {
+    fn momentum<const D: usize>(state: &mut AdamWState<B, D>) -> &mut AdaptiveMomentumState<B, D> {
+        &mut state.momentum
+    }
+}
+
+impl<B: Backend> MomentState<B> for FusedAdamW {
     fn momentum<const D: usize>(state: &mut AdamWState<B, D>) -> &mut AdaptiveMomentumState<B, D> {
         &mut state.momentum
     }
@@ -167,10 +174,16 @@ where
     S: SimpleOptimizer<B::InnerBackend> + 'static,
 {
     let s = TypeId::of::<S>();
-    (s == TypeId::of::<AdamW>() || s == TypeId::of::<Adam>()).then_some(cast_moments::<B, M, S>)
+    [
+        TypeId::of::<AdamW>(),
+        TypeId::of::<FusedAdamW>(),
+        TypeId::of::<Adam>(),
+    ]
+    .contains(&s)
+    .then_some(cast_moments::<B, M, S>)
 }
 
-/// `record` with the moments of Adam or AdamW in `dtype` (recognised by type;
+/// `record` with the moments of Adam or either AdamW in `dtype` (recognised by type;
 /// another optimizer's record is returned as it is).
 fn cast_moments<B, M, S>(
     model: &M,
@@ -185,6 +198,8 @@ where
     let any = &mut record as &mut dyn Any;
     if let Some(adamw) = any.downcast_mut::<OptimRecord<AdamW, B, M>>() {
         *adamw = moments_as::<B, M, AdamW>(model, std::mem::take(adamw), dtype);
+    } else if let Some(adamw) = any.downcast_mut::<OptimRecord<FusedAdamW, B, M>>() {
+        *adamw = moments_as::<B, M, FusedAdamW>(model, std::mem::take(adamw), dtype);
     } else if let Some(adam) = any.downcast_mut::<OptimRecord<Adam, B, M>>() {
         *adam = moments_as::<B, M, Adam>(model, std::mem::take(adam), dtype);
     }

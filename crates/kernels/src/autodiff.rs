@@ -10,7 +10,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, IntTensor};
 
 use crate::grads::{AttentionGrads, LayerNormGrads, LinearGrads};
 use crate::ops::FusedOps;
@@ -19,13 +19,13 @@ use crate::ops::FusedOps;
 struct Gelu;
 
 impl<B: FusedOps> Backward<B, 1> for Gelu {
-    /// The input.
+    /// What [`FusedOps::fused_gelu_saving`] kept (the input, or its derivative).
     type State = FloatTensor<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let x = ops.state;
+        let saved = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            B::fused_gelu_backward(x, grad)
+            B::fused_gelu_backward_saved(saved, grad)
         });
     }
 }
@@ -41,6 +41,21 @@ impl<B: FusedOps> Backward<B, 1> for Softmax {
         let (y, dim) = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
             B::fused_softmax_backward(y, grad, dim)
+        });
+    }
+}
+
+#[derive(Debug)]
+struct CrossEntropy;
+
+impl<B: FusedOps> Backward<B, 1> for CrossEntropy {
+    /// The logits and the class ids.
+    type State = (FloatTensor<B>, IntTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (logits, targets) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::fused_cross_entropy_backward(logits, targets, grad)
         });
     }
 }
@@ -138,8 +153,8 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let output = B::fused_gelu(x.primitive.clone());
-                prep.finish(x.primitive, output)
+                let (output, saved) = B::fused_gelu_saving(x.primitive);
+                prep.finish(saved, output)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::fused_gelu(x.primitive)),
         }
@@ -179,6 +194,25 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 prep.finish((output.clone(), dim), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::fused_softmax(x.primitive, dim)),
+        }
+    }
+
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match CrossEntropy
+            .prepare::<C>([logits.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::fused_cross_entropy(logits.primitive.clone(), targets.clone());
+                prep.finish((logits.primitive, targets), output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::fused_cross_entropy(logits.primitive, targets))
+            }
         }
     }
 
@@ -240,5 +274,6 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     // The backward methods of a differentiable backend are only reached by a second
     // derivative, which kiln never takes: the defaults (Burn's ops, themselves
-    // differentiable) serve it.
+    // differentiable) serve it. So does `fused_adamw`: optimizers step the inner
+    // backend's tensors.
 }

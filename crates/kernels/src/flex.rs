@@ -6,10 +6,11 @@
 //! element-wise ops each. Other dtypes (bf16, f16 under a mixed precision) take the
 //! trait's defaults.
 
-use burn::tensor::ops::ActivationOps;
+use burn::tensor::ops::{ActivationOps, FloatTensorOps};
 use burn::tensor::{DType, TensorData, TensorMetadata};
 use burn_flex::{Flex, FlexTensor};
 
+use crate::adamw_step::{AdamWStep, AdamWUpdate};
 use crate::cpu::{self, AttentionShape};
 use crate::grads::{AttentionGrads, LayerNormGrads, LinearGrads};
 use crate::ops::FusedOps;
@@ -64,6 +65,24 @@ fn linear_shape(x: &FlexTensor, w: &FlexTensor) -> LinearShape {
     }
 }
 
+/// The class ids of an int tensor `[n]`, each below `classes`.
+///
+/// # Panics
+/// On an id out of range, naming it (Burn's `gather` would read past the row).
+fn class_ids(targets: FlexTensor, classes: usize) -> Vec<usize> {
+    let ids = targets
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap_or_else(|e| unreachable!("converted to i64 just before: {e:?}"));
+    ids.into_iter()
+        .map(|id| match usize::try_from(id) {
+            Ok(id) if id < classes => id,
+            _ => panic!("class id {id} is out of range: the logits have {classes} classes (ids 0..{classes})"),
+        })
+        .collect()
+}
+
 impl FusedOps for Flex {
     fn fused_gelu(x: FlexTensor) -> FlexTensor {
         let Some(x) = contiguous_f32(&x) else {
@@ -81,6 +100,31 @@ impl FusedOps for Flex {
         }
         let (x, mut grad) = (x.to_contiguous(), owned(grad));
         cpu::gelu_backward(values(&x), values_mut(&mut grad));
+        grad
+    }
+
+    /// On f32 the derivative is kept, on other dtypes the input (the defaults):
+    /// [`FusedOps::fused_gelu_backward_saved`] tells them apart by dtype.
+    fn fused_gelu_saving(x: FlexTensor) -> (FlexTensor, FlexTensor) {
+        let Some(x) = contiguous_f32(&x) else {
+            return (Flex::gelu(x.clone()), x);
+        };
+        let x_values = values(&x);
+        let (mut out, mut slope) = (vec![0.0; x_values.len()], vec![0.0; x_values.len()]);
+        cpu::gelu_and_slope(x_values, &mut out, &mut slope);
+        (tensor(out, x.shape()), tensor(slope, x.shape()))
+    }
+
+    fn fused_gelu_backward_saved(saved: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        if saved.dtype() != DType::F32 {
+            return Flex::gelu_backward(saved, grad);
+        }
+        let dtype = grad.dtype();
+        if dtype != DType::F32 {
+            return Flex::float_mul(grad, Flex::float_cast(saved, dtype.into()));
+        }
+        let (slope, mut grad) = (saved.to_contiguous(), owned(grad));
+        cpu::multiply(values_mut(&mut grad), values(&slope));
         grad
     }
 
@@ -202,6 +246,71 @@ impl FusedOps for Flex {
             q: tensor(dq, shape.clone()),
             k: tensor(dk, shape.clone()),
             v: tensor(dv, shape),
+        }
+    }
+
+    fn fused_cross_entropy(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
+        let Some(logits) = contiguous_f32(&logits) else {
+            return reference::cross_entropy::<Flex>(logits, targets);
+        };
+        let classes = logits.shape()[1];
+        let ids = class_ids(targets, classes);
+        let loss = cpu::cross_entropy(values(&logits), &ids, classes);
+        tensor(vec![loss], [1].into())
+    }
+
+    fn fused_cross_entropy_backward(
+        logits: FlexTensor,
+        targets: FlexTensor,
+        grad: FlexTensor,
+    ) -> FlexTensor {
+        if logits.dtype() != DType::F32 || grad.dtype() != DType::F32 {
+            return reference::cross_entropy_backward::<Flex>(logits, targets, grad);
+        }
+        let grad = grad.to_contiguous();
+        let mut logits = owned(logits);
+        let classes = logits.shape()[1];
+        let ids = class_ids(targets, classes);
+        let scale = values(&grad)[0] / ids.len().max(1) as f32;
+        cpu::cross_entropy_backward(values_mut(&mut logits), &ids, classes, scale);
+        logits
+    }
+
+    fn fused_adamw(
+        param: FlexTensor,
+        grad: FlexTensor,
+        moments: Option<(FlexTensor, FlexTensor)>,
+        step: &AdamWStep,
+    ) -> AdamWUpdate<Flex> {
+        let f32s = |t: &FlexTensor| t.dtype() == DType::F32;
+        if !(f32s(&param)
+            && f32s(&grad)
+            && moments.as_ref().is_none_or(|(m, v)| f32s(m) && f32s(v)))
+        {
+            return reference::adamw::<Flex>(param, grad, moments, step);
+        }
+        let grad = grad.to_contiguous();
+        let mut param = owned(param);
+        let first = moments.is_none();
+        let (mut m, mut v) = match moments {
+            Some((m, v)) => (owned(m), owned(v)),
+            None => {
+                let zeros = || tensor(vec![0.0; values(&grad).len()], param.shape());
+                (zeros(), zeros())
+            }
+        };
+        cpu::adamw(
+            values_mut(&mut param),
+            values(&grad),
+            values_mut(&mut m),
+            values_mut(&mut v),
+            step.coefficients(),
+            first,
+        );
+        AdamWUpdate {
+            param,
+            moment_1: m,
+            moment_2: v,
         }
     }
 }

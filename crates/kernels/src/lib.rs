@@ -29,10 +29,12 @@
 //! Each backend's `impl` lives here (the orphan rule wants the trait's crate); the
 //! cargo features `flex`, `ndarray` and `cuda` choose which are built.
 
+mod adamw_step;
 mod autodiff;
 mod backends;
 #[cfg(feature = "flex")]
 pub mod cpu;
+mod dispatch;
 #[cfg(feature = "flex")]
 mod flex;
 #[cfg(feature = "flex")]
@@ -41,15 +43,19 @@ mod grads;
 pub mod math;
 mod nn;
 mod ops;
+mod optim;
 #[cfg(feature = "flex")]
 pub mod products;
 pub mod reference;
 
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorPrimitive};
 
+pub use adamw_step::{AdamWStep, AdamWUpdate};
 pub use grads::{AttentionGrads, LayerNormGrads, LinearGrads};
 pub use nn::{CausalSelfAttention, Gelu, LayerNorm, Linear};
 pub use ops::{FusedAutodiffBackend, FusedOps};
+pub use optim::AdamW;
 
 /// The exact GELU of every element, `x/2 · (1 + erf(x/√2))`.
 pub fn gelu<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
@@ -99,6 +105,43 @@ pub fn softmax<B: FusedOps, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tens
     Tensor::from_primitive(TensorPrimitive::Float(B::fused_softmax(
         x.into_primitive().tensor(),
         dim,
+    )))
+}
+
+/// The mean cross-entropy of `logits` `[n, classes]` against class ids `targets`
+/// `[n]`, `mean(logsumexp(row) - row[target])`, as a `[1]` tensor: what
+/// `burn::nn::loss::CrossEntropyLoss` computes without smoothing or weights.
+///
+/// Generic over any backend: on `Autodiff<Flex>` it is one node of the graph with a
+/// fused backward (`softmax - onehot`, in place on the logits), on `Flex` a fused
+/// forward, elsewhere Burn's `log_softmax` and `gather`.
+///
+/// ```
+/// use burn::backend::{Autodiff, Flex};
+/// use burn::prelude::*;
+///
+/// type B = Autodiff<Flex>;
+/// let device = Default::default();
+/// let logits = Tensor::<B, 2>::zeros([2, 4], &device).require_grad();
+/// let targets = Tensor::<B, 1, Int>::from_ints([0, 3], &device);
+/// let loss = kiln_kernels::cross_entropy(logits.clone(), targets);
+/// assert!((loss.clone().into_scalar() - 4f32.ln()).abs() < 1e-6);
+/// let grads = loss.backward();
+/// assert_eq!(logits.grad(&grads).unwrap().dims(), [2, 4]);
+/// ```
+///
+/// # Panics
+/// If `targets` is not as long as `logits` has rows, or (on Flex) a class id is out
+/// of range.
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let ([n, _], [m]) = (logits.dims(), targets.dims());
+    assert_eq!(
+        n, m,
+        "cross-entropy of {n} rows of logits against {m} class ids"
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(dispatch::cross_entropy::<B>(
+        logits.into_primitive().tensor(),
+        targets.into_primitive(),
     )))
 }
 

@@ -1,8 +1,9 @@
 //! [`FusedOps`]: the backend extension, one method per fused operation.
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, IntTensor};
 
+use crate::adamw_step::{AdamWStep, AdamWUpdate};
 use crate::grads::{AttentionGrads, LayerNormGrads, LinearGrads};
 use crate::reference;
 
@@ -27,6 +28,22 @@ pub trait FusedOps: Backend {
     /// `grad · gelu'(x)`.
     fn fused_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::gelu_backward(x, grad)
+    }
+
+    /// The GELU of `x` and what [`FusedOps::fused_gelu_backward_saved`] needs for its
+    /// gradient later: `x` itself by default. Flex keeps the derivative `gelu'(x)`
+    /// instead, computed with the output from the same exponential and erf, so that
+    /// its backward pass is one multiplication (and `x` need not be kept).
+    fn fused_gelu_saving(x: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        (Self::fused_gelu(x.clone()), x)
+    }
+
+    /// `grad · gelu'(x)` from what [`FusedOps::fused_gelu_saving`] kept.
+    fn fused_gelu_backward_saved(
+        saved: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::fused_gelu_backward(saved, grad)
     }
 
     /// `x · weight + bias` for `x: [rows, d_in]`, `weight: [d_in, d_out]` and
@@ -106,6 +123,37 @@ pub trait FusedOps: Backend {
         heads: usize,
     ) -> AttentionGrads<Self> {
         reference::causal_attention_backward::<Self>(q, k, v, grad, heads)
+    }
+
+    /// The mean cross-entropy of `logits` `[n, c]` against class ids `targets` `[n]`,
+    /// `mean(logsumexp(row) - row[target])`, as a `[1]` tensor.
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::cross_entropy::<Self>(logits, targets)
+    }
+
+    /// The logits' gradient of [`FusedOps::fused_cross_entropy`] for the loss's
+    /// gradient `grad` (`[1]`): `(softmax(row) - onehot(target)) · grad / n`.
+    fn fused_cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::cross_entropy_backward::<Self>(logits, targets, grad)
+    }
+
+    /// One AdamW step of a parameter tensor from its gradient and its moments
+    /// (`None` on its first step), burn-optim's `AdamW` bit for bit
+    /// ([`AdamWStep`]); [`crate::AdamW`] is the optimizer that calls it.
+    fn fused_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        step: &AdamWStep,
+    ) -> AdamWUpdate<Self> {
+        reference::adamw::<Self>(param, grad, moments, step)
     }
 }
 

@@ -1,10 +1,12 @@
 //! The backward passes in Burn's ordinary ops: the defaults of [`crate::FusedOps`],
 //! and what a fused kernel falls back to for a dtype or layout it does not cover.
 
+use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Bool, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Bool, Int, Tensor, TensorMetadata, TensorPrimitive};
 
+use crate::adamw_step::{AdamWStep, AdamWUpdate};
 use crate::grads::{AttentionGrads, LayerNormGrads, LinearGrads};
 
 fn wrap<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
@@ -147,4 +149,74 @@ pub fn causal_attention_backward<B: Backend>(
         k: merge_heads(ds.swap_dims(2, 3).matmul(q).mul_scalar(scale)),
         v: merge_heads(dv),
     }
+}
+
+/// One AdamW step in Burn's ops, in burn-optim 0.21's order of operations (so the
+/// same bits as its `AdamW`): the moments (`None` on the first step, where they
+/// start from the gradient alone), their bias corrections, the decay, the update.
+pub fn adamw<B: Backend>(
+    param: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    moments: Option<(FloatTensor<B>, FloatTensor<B>)>,
+    step: &AdamWStep,
+) -> AdamWUpdate<B> {
+    let c = step.coefficients();
+    let grad: Tensor<B, 1> = wrap(grad);
+    let (m, v) = match moments {
+        Some((m, v)) => (
+            wrap::<B, 1>(m)
+                .mul_scalar(c.beta_1)
+                .add(grad.clone().mul_scalar(c.factor_1)),
+            wrap::<B, 1>(v)
+                .mul_scalar(c.beta_2)
+                .add(grad.square().mul_scalar(c.factor_2)),
+        ),
+        None => (
+            grad.clone().mul_scalar(c.factor_1),
+            grad.square().mul_scalar(c.factor_2),
+        ),
+    };
+    let m_hat = m.clone().div_scalar(c.correction_1);
+    let v_hat = v.clone().div_scalar(c.correction_2);
+    let delta = m_hat.div(v_hat.sqrt().add_scalar(c.epsilon));
+    let param: Tensor<B, 1> = wrap(param);
+    let param = match c.decay {
+        Some(decay) => param.mul_scalar(decay),
+        None => param,
+    };
+    AdamWUpdate {
+        param: unwrap(param - delta.mul_scalar(c.lr)),
+        moment_1: unwrap(m),
+        moment_2: unwrap(v),
+    }
+}
+
+/// The mean cross-entropy of logits `[n, c]` against class ids `[n]` in Burn's ops:
+/// `-mean(gather(log_softmax(logits), targets))`.
+pub fn cross_entropy<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>) -> FloatTensor<B> {
+    let logits: Tensor<B, 2> = wrap(logits);
+    let [n, _] = logits.dims();
+    let targets = Tensor::<B, 1, Int>::from_primitive(targets).reshape([n, 1]);
+    unwrap(log_softmax(logits, 1).gather(1, targets).mean().neg())
+}
+
+/// The logits' gradient of [`cross_entropy`]: `(softmax(row) - onehot(target)) ·
+/// grad / n`.
+pub fn cross_entropy_backward<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let logits: Tensor<B, 2> = wrap(logits);
+    let [n, c] = logits.dims();
+    let device = logits.device();
+    let targets = Tensor::<B, 1, Int>::from_primitive(targets)
+        .reshape([n, 1])
+        .expand([n, c]);
+    let hits = Tensor::<B, 1, Int>::arange(0..c as i64, &device)
+        .reshape([1, c])
+        .expand([n, c])
+        .equal(targets);
+    let scale = wrap::<B, 1>(grad).div_scalar(n as f64).reshape([1, 1]);
+    unwrap((softmax(logits, 1) - hits.float()) * scale.expand([n, c]))
 }

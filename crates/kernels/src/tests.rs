@@ -162,7 +162,11 @@ fn a_bf16_tensor_takes_burns_ops_on_flex() {
     let x = Tensor::<Flex, 2>::random([4, 8], Distribution::Normal(0.0, 1.0), &device);
     let half = x.clone().cast(burn::tensor::FloatDType::BF16);
     let got = values(crate::gelu(half.clone()));
-    let want = values(activation::gelu(half));
+    let want = values(activation::gelu(half.clone()));
+    assert_eq!(got, want);
+    let targets = Tensor::<Flex, 1, Int>::from_ints([0, 7, 3, 1], &device);
+    let got = values(crate::cross_entropy(half.clone(), targets.clone()));
+    let want = values(burns_cross_entropy(half, targets));
     assert_eq!(got, want);
 }
 
@@ -212,7 +216,28 @@ fn cpu_kernels_give_the_same_bits_on_any_number_of_threads() {
             par_matmul(&mut tall, x_t, Mat::rows(&g, 0, rows, 5, 5), false);
             let mut wide = vec![0.0; 5 * d];
             par_matmul(&mut wide, g_t, Mat::rows(&x, 0, rows, d, d), false);
-            [dx, dgamma, dbeta, ds, gelu, y, lx, lw, lb, tall, wide]
+            let targets: Vec<usize> = (0..rows).map(|i| i * 7 % d).collect();
+            let loss = vec![crate::cpu::cross_entropy(&x, &targets, d)];
+            let mut dlogits = x.clone();
+            crate::cpu::cross_entropy_backward(&mut dlogits, &targets, d, 0.3);
+            // A second moment is never negative.
+            let (mut p, mut m, mut v) = (
+                x.clone(),
+                g.clone(),
+                x.iter().map(|a| a * a).collect::<Vec<_>>(),
+            );
+            let step = crate::AdamWStep {
+                lr: 1e-3,
+                time: 3,
+                beta_1: 0.9,
+                beta_2: 0.95,
+                epsilon: 1e-8,
+                weight_decay: 0.1,
+            };
+            crate::cpu::adamw(&mut p, &g, &mut m, &mut v, step.coefficients(), false);
+            [
+                dx, dgamma, dbeta, ds, gelu, y, lx, lw, lb, tall, wide, loss, dlogits, p, m, v,
+            ]
         })
     };
     assert_eq!(on(1), on(3));
@@ -324,6 +349,25 @@ fn fused_attention_equals_burns_ops(
     }
 }
 
+/// The derivative the GELU's forward pass keeps gives the backward pass that
+/// recomputes it, bit for bit; the output is [`crate::cpu::gelu`]'s.
+#[cfg(feature = "flex")]
+#[test]
+fn the_kept_gelu_slope_gives_the_recomputed_gradient_bit_for_bit() {
+    let x: Vec<f32> = normal(40_000, 3).iter().map(|v| v * 3.0).collect();
+    let g = normal(40_000, 4);
+    let (mut out, mut slope) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+    crate::cpu::gelu_and_slope(&x, &mut out, &mut slope);
+    let mut want_out = vec![0.0; x.len()];
+    crate::cpu::gelu(&x, &mut want_out);
+    assert_eq!(out, want_out);
+    let mut kept = g.clone();
+    crate::cpu::multiply(&mut kept, &slope);
+    let mut recomputed = g;
+    crate::cpu::gelu_backward(&x, &mut recomputed);
+    assert_eq!(kept, recomputed);
+}
+
 /// [`crate::math::vectorized`] changes the instruction set, never the bits: the GELU
 /// kernel (dispatched) against the same formula in a plain loop (baseline build).
 #[cfg(feature = "flex")]
@@ -342,4 +386,170 @@ fn vectorised_kernels_give_the_bits_of_the_baseline_build() {
         })
         .collect();
     assert_eq!(got, want);
+}
+
+/// Burn's cross-entropy, as `CrossEntropyLoss` composes it: `-mean(gather(log_softmax))`.
+fn burns_cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    let [n, _] = logits.dims();
+    let picked = activation::log_softmax(logits, 1).gather(1, targets.reshape([n, 1]));
+    picked.mean().neg()
+}
+
+/// [`FusedOps::fused_cross_entropy`] of `B` itself (no dispatch).
+fn trait_cross_entropy<B: FusedOps>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(
+        B::fused_cross_entropy(logits.into_primitive().tensor(), targets.into_primitive()),
+    ))
+}
+
+type CrossEntropy<B> = fn(Tensor<B, 2>, Tensor<B, 1, Int>) -> Tensor<B, 1>;
+
+/// The loss and the logits' gradient (under an upstream gradient of 2.5) of `loss`
+/// on `[n, c]` logits with confident rows (some probabilities near 1).
+fn cross_entropy_run<B: AutodiffBackend>(
+    loss: CrossEntropy<B>,
+    [n, c]: [usize; 2],
+) -> [Vec<f32>; 2] {
+    let device = Default::default();
+    let values_in: Vec<f32> = normal(n * c, 11).iter().map(|v| v * 4.0).collect();
+    let logits =
+        Tensor::<B, 2>::from_data(TensorData::new(values_in, [n, c]), &device).require_grad();
+    let ids: Vec<i64> = (0..n).map(|i| ((i * 7 + 3) % c) as i64).collect();
+    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &device);
+    let l = loss(logits.clone(), targets);
+    let grads = (l.clone() * 2.5).backward();
+    [values(l), values(logits.grad(&grads).unwrap())]
+}
+
+fn compare_cross_entropy<B: AutodiffBackend + FusedOps>(
+    fused: CrossEntropy<B>,
+    shape: [usize; 2],
+    tolerance: f32,
+) {
+    let got = cross_entropy_run(fused, shape);
+    let want = cross_entropy_run::<B>(burns_cross_entropy, shape);
+    for ((name, got), want) in ["loss", "grad logits"].iter().zip(&got).zip(&want) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tolerance * (1.0 + w.abs()),
+                "{shape:?} {name}[{i}]: fused {g}, Burn {w}"
+            );
+        }
+    }
+}
+
+/// The fused cross-entropy against Burn's, loss and gradient: through the generic
+/// [`crate::cross_entropy`] (which finds Flex's kernels) and through each backend's
+/// trait method (NdArray: one node over Burn's ops).
+#[rstest]
+fn fused_cross_entropy_equals_burns(
+    #[values(
+        (crate::cross_entropy::<Autodiff<Flex>> as CrossEntropy<Autodiff<Flex>>, TOLERANCE),
+        (trait_cross_entropy::<Autodiff<Flex>> as CrossEntropy<Autodiff<Flex>>, TOLERANCE),
+    )]
+    flex: (CrossEntropy<Autodiff<Flex>>, f32),
+    #[values([1, 7], [3, 5], [64, 65], [300, 130])] shape: [usize; 2],
+) {
+    compare_cross_entropy(flex.0, shape, flex.1);
+    compare_cross_entropy::<Autodiff<NdArray>>(trait_cross_entropy, shape, NDARRAY_TOLERANCE);
+    compare_cross_entropy::<Autodiff<NdArray>>(crate::cross_entropy, shape, NDARRAY_TOLERANCE);
+}
+
+/// Flex without autodiff (validation) takes the fused forward too.
+#[test]
+fn the_cross_entropy_of_inner_flex_is_the_fused_one() {
+    let device = Default::default();
+    let logits = Tensor::<Flex, 2>::from_data(TensorData::new(normal(40 * 9, 5), [40, 9]), &device);
+    let targets = Tensor::<Flex, 1, Int>::from_data(
+        TensorData::new((0..40i64).map(|i| i % 9).collect::<Vec<_>>(), [40]),
+        &device,
+    );
+    let fused = values(crate::cross_entropy(logits.clone(), targets.clone()))[0];
+    let burn = values(burns_cross_entropy(logits, targets))[0];
+    assert!(
+        (fused - burn).abs() <= TOLERANCE * burn.abs(),
+        "{fused} vs {burn}"
+    );
+}
+
+#[test]
+#[should_panic(expected = "class id 9 is out of range: the logits have 9 classes")]
+fn an_out_of_range_class_id_is_named() {
+    let device = Default::default();
+    let logits = Tensor::<Flex, 2>::zeros([2, 9], &device);
+    let targets = Tensor::<Flex, 1, Int>::from_ints([0, 9], &device);
+    let _ = crate::cross_entropy(logits, targets);
+}
+
+/// One AdamW step of a `[rows, cols]` tensor, by one optimizer or the other.
+type AdamWStepFn<'a, B> = dyn Fn(
+        f64,
+        Tensor<B, 2>,
+        Tensor<B, 2>,
+        Option<burn::optim::AdamWState<B, 2>>,
+    ) -> (Tensor<B, 2>, Option<burn::optim::AdamWState<B, 2>>)
+    + 'a;
+
+/// Parameters after each of `steps` AdamW steps from fixed values, then both moments
+/// and the step count, as bits.
+fn adamw_steps<B: Backend>(
+    step: &AdamWStepFn<'_, B>,
+    shape: [usize; 2],
+    steps: usize,
+) -> Vec<Vec<u32>> {
+    let device = Default::default();
+    let n = shape[0] * shape[1];
+    let tensor = |seed| Tensor::<B, 2>::from_data(TensorData::new(normal(n, seed), shape), &device);
+    let mut param = tensor(1);
+    let mut state = None;
+    let mut out = Vec::new();
+    for i in 0..steps {
+        let grad = tensor(100 + i as u64) * 0.1;
+        let (p, s) = step(1e-3 * (i + 1) as f64, param, grad, state);
+        param = p;
+        state = s;
+        out.push(values(param.clone()));
+    }
+    let momentum = state.expect("a state after a step").momentum;
+    out.push(values(momentum.moment_1));
+    out.push(values(momentum.moment_2));
+    out.push(vec![momentum.time as f32]);
+    out.into_iter()
+        .map(|v| v.iter().map(|x| x.to_bits()).collect())
+        .collect()
+}
+
+fn both_adamws<B: Backend>(weight_decay: f32, shape: [usize; 2]) {
+    use burn::optim::SimpleOptimizer;
+    let burn = burn::optim::AdamWConfig::new()
+        .with_beta_2(0.95)
+        .with_epsilon(1e-8)
+        .with_weight_decay(weight_decay)
+        .build();
+    let kiln = crate::AdamW::new(0.9, 0.95, 1e-8, weight_decay);
+    let kilns = adamw_steps::<B>(&|lr, p, g, s| kiln.step(lr, p, g, s), shape, 4);
+    let burns = adamw_steps::<B>(&|lr, p, g, s| burn.step(lr, p, g, s), shape, 4);
+    assert!(
+        kilns == burns,
+        "{shape:?}, weight decay {weight_decay}: kiln's AdamW differs from burn-optim's"
+    );
+}
+
+/// kiln's AdamW takes burn-optim's steps bit for bit: parameters after each step,
+/// both moments and the step count, with and without weight decay, for a tensor of
+/// one chunk and one of several, on Flex (fused, in place) and NdArray (Burn's ops).
+#[rstest]
+fn kilns_adamw_takes_burns_steps_bit_for_bit(
+    #[values(0.0, 0.1)] weight_decay: f32,
+    #[values([1, 5], [33, 17], [300, 130])] shape: [usize; 2],
+) {
+    both_adamws::<Flex>(weight_decay, shape);
+    both_adamws::<NdArray>(weight_decay, shape);
 }
