@@ -262,15 +262,19 @@ fn measure<B: FusedAutodiffBackend>(
             seq_len: cfg.seq_len,
         },
     );
-    // `total` steps through the coordinator with `workers` CPU workers of
+    // `steps` steps through the coordinator with `workers` CPU workers of
     // `batch / workers` examples each (the same global batch).
-    let run = |strategy: &str, engine: &str, workers: usize| -> Result<kiln_core::TrainReport> {
+    let run_steps = |strategy: &str,
+                     engine: &str,
+                     workers: usize,
+                     steps: usize|
+     -> Result<kiln_core::TrainReport> {
         let report = TrainingCoordinator::builder()
             .strategy(strategy)
             .engine(engine)
             .devices(workers.to_string())
             .batch_size(args.batch / workers)
-            .max_steps(total as u64)
+            .max_steps(steps as u64)
             .limit_val_batches(1)
             .log_every_n_steps(1_000_000)
             .enable_checkpointing(false)
@@ -288,8 +292,24 @@ fn measure<B: FusedAutodiffBackend>(
             .report;
         Ok(report)
     };
+    let run =
+        |strategy: &str, engine: &str, workers: usize| run_steps(strategy, engine, workers, total);
     let report = run("auto", "auto", 1)?;
     let coordinator_tps = report.throughput.items_per_s;
+    // The timed steps alone, as the hand loop and PyTorch's reference time them: the
+    // training seconds of all steps less those of a run of the warm-up steps alone
+    // (same seed, same data, same start-up).
+    let training_seconds = |r: &kiln_core::TrainReport| {
+        r.throughput.samples_per_s.recip() * (r.optimizer_steps as f64 * args.batch as f64)
+    };
+    let coordinator_timed_tps = match args.warmup {
+        0 => coordinator_tps,
+        warmup => {
+            let warm = run_steps("auto", "auto", 1, warmup)?;
+            tokens_per_step * args.steps as f64
+                / (training_seconds(&report) - training_seconds(&warm)).max(1e-9)
+        }
+    };
     // The same global batch on two CPU workers (ddp): what a second core buys. Only
     // for an even batch, which splits exactly.
     // The default engine's group, then the native loop's: the two engines' cost.
@@ -312,6 +332,7 @@ fn measure<B: FusedAutodiffBackend>(
         "hand_ms_per_step": 1000.0 * tokens_per_step / hand.timed_tokens_per_s,
         "hand_all_steps_tokens_per_s": hand.all_tokens_per_s,
         "coordinator_tokens_per_s": coordinator_tps,
+        "coordinator_timed_tokens_per_s": coordinator_timed_tps,
         "overhead": hand.all_tokens_per_s / coordinator_tps - 1.0,
         "hand_final_loss": hand.final_loss,
         "coordinator_final_loss": report.step_losses.last(),

@@ -200,6 +200,45 @@ impl StartGate {
     }
 }
 
+/// How many threads each of the `local` workers of one process computes on: the
+/// process's rayon pool (one thread per core by default) split evenly, at least one
+/// each. On 2 cores, two workers get one thread each, as PyTorch's DDP runs one
+/// single-threaded process per core.
+pub(crate) fn threads_per_worker(local: usize) -> usize {
+    (rayon::current_num_threads() / local.max(1)).max(1)
+}
+
+/// Runs worker `rank`'s `body` with its kernels on a rayon pool of its own of
+/// `threads` threads, so that the workers of one process do not take turns on the
+/// same threads (and each keeps its data in its own core's caches). Results do not
+/// change: kiln's kernels split their work by size, never by thread count. A lone
+/// worker (`threads` as many as the calling thread's pool has) keeps that pool.
+/// Should the system refuse the threads, `body` runs on the calling thread's pool,
+/// with a warning.
+pub(crate) fn on_own_threads<T: Send>(
+    rank: usize,
+    threads: usize,
+    body: impl FnOnce() -> T + Send,
+) -> T {
+    if threads >= rayon::current_num_threads() {
+        return body();
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("kiln-worker-{rank}-cpu{i}"))
+        .build();
+    match pool {
+        Ok(pool) => pool.install(body),
+        Err(e) => {
+            tracing::warn!(
+                "worker {rank} computes on the process's shared threads: a pool of \
+                 {threads} of its own was refused ({e})"
+            );
+            body()
+        }
+    }
+}
+
 /// Starts worker `rank`'s thread (named `name`) in `scope`; it runs `body` once
 /// `gate` opens, and returns `None` without running it if the gate closes. When the
 /// system refuses the thread, the error names the worker and the system's reason:
@@ -372,6 +411,33 @@ pub(crate) mod tests {
     /// The rank whose worker thread the next group start is refused (a test's
     /// fault), `usize::MAX` for none.
     pub static REFUSE_THREAD_OF: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+    /// The workers of one process split its pool: each of two workers on a pool of
+    /// `n` threads computes on `n / 2` of its own (one on 2 cores), in that pool, and
+    /// a lone worker keeps the whole pool.
+    #[test]
+    fn each_worker_computes_on_its_own_share_of_the_threads() {
+        let all = rayon::current_num_threads();
+        assert_eq!(threads_per_worker(1), all);
+        assert_eq!(threads_per_worker(all * 2), 1, "at least one thread each");
+        let share = threads_per_worker(2);
+        assert_eq!(share, (all / 2).max(1));
+        let (threads, name) = on_own_threads(1, share, || {
+            (
+                rayon::current_num_threads(),
+                std::thread::current().name().map(String::from),
+            )
+        });
+        assert_eq!(threads, share);
+        if share < all {
+            assert_eq!(
+                name.as_deref(),
+                Some("kiln-worker-1-cpu0"),
+                "ran on its own pool"
+            );
+        }
+        assert_eq!(on_own_threads(0, all, rayon::current_num_threads), all);
+    }
 
     /// Whether this start of worker `rank`'s thread is to be refused (once).
     pub fn refused(rank: usize) -> bool {

@@ -26,7 +26,7 @@ use crate::checkpoint::{Loaded, Snapshot};
 use crate::collective::{Link, Peer};
 use crate::group::{
     Group, Offer, StartGate, check_replicas, exchange_failure, exchange_step, failure_text,
-    gather_shards, guard, spawn_worker,
+    gather_shards, guard, on_own_threads, spawn_worker, threads_per_worker,
 };
 use crate::objective::EvalSums;
 use crate::optim::{OptimRecord, Optimization};
@@ -512,6 +512,7 @@ where
     let group = Group::<OptimRecord<S, B, M>>::new();
     let in_process = plan.link.is_none();
     let gate = StartGate::new();
+    let threads = threads_per_worker(local);
     std::thread::scope(|scope| {
         let _undecided = gate.close_if_undecided();
         let workers: Result<Vec<_>, Failure> = (1..local)
@@ -524,47 +525,51 @@ where
                 let rank_in_run = plan.first_rank + rank;
                 let name = format!("kiln-worker-{rank_in_run}");
                 spawn_worker(scope, &gate, rank_in_run, name, move || {
-                    let inputs = LoopInputs {
-                        device,
-                        checkpoints: inputs.checkpoints.as_ref().map(|c| CheckpointCtx {
-                            run_dir: c.run_dir,
-                            policy: c.policy,
-                            signatures: c.signatures.clone(),
-                            run_id: None,
-                            attempt: c.attempt,
-                        }),
-                        ..*inputs
-                    };
-                    guard::<B, _, _>(group, rank_in_run, in_process, || {
-                        fit(
-                            &inputs,
-                            replica_model,
-                            optimization,
-                            resume,
-                            &replica(rank, group),
-                            &mut Metrics::detached(),
-                            &mut Progress::new(kiln_core::ProgressMode::Off, 0),
-                            &mut LoopStats::default(),
-                        )
+                    on_own_threads(rank_in_run, threads, move || {
+                        let inputs = LoopInputs {
+                            device,
+                            checkpoints: inputs.checkpoints.as_ref().map(|c| CheckpointCtx {
+                                run_dir: c.run_dir,
+                                policy: c.policy,
+                                signatures: c.signatures.clone(),
+                                run_id: None,
+                                attempt: c.attempt,
+                            }),
+                            ..*inputs
+                        };
+                        guard::<B, _, _>(group, rank_in_run, in_process, || {
+                            fit(
+                                &inputs,
+                                replica_model,
+                                optimization,
+                                resume,
+                                &replica(rank, group),
+                                &mut Metrics::detached(),
+                                &mut Progress::new(kiln_core::ProgressMode::Off, 0),
+                                &mut LoopStats::default(),
+                            )
+                        })
+                        .and_then(|outcome| outcome.map(|_| ()))
                     })
-                    .and_then(|outcome| outcome.map(|_| ()))
                 })
             })
             .collect();
         // A worker that could not start fails the run; those that did return at once.
         gate.decide(workers.is_ok());
         let workers = workers?;
-        let outcome = guard::<B, _, _>(&group, plan.first_rank, in_process, || {
-            fit(
-                inputs,
-                model,
-                optimization,
-                resume,
-                &replica(0, &group),
-                metrics,
-                progress,
-                stats,
-            )
+        let outcome = on_own_threads(plan.first_rank, threads, || {
+            guard::<B, _, _>(&group, plan.first_rank, in_process, || {
+                fit(
+                    inputs,
+                    model,
+                    optimization,
+                    resume,
+                    &replica(0, &group),
+                    metrics,
+                    progress,
+                    stats,
+                )
+            })
         })
         .and_then(|outcome| outcome);
         let mut others = Vec::new();

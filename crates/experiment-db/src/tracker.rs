@@ -113,10 +113,11 @@ impl std::fmt::Debug for Pulse {
     }
 }
 
-/// Records runs. Every method may be called from the training thread: an
+/// Records runs. Every method may be called from the training thread (which may
+/// be another thread than the one that started the run, hence `Send`): an
 /// implementation must not block it on the disk for long (buffer and write in the
 /// background), and must have written everything by the time `finish_run` returns.
-pub trait RunTracker {
+pub trait RunTracker: Send {
     /// Registers a run as RUNNING and returns its id.
     fn start_run(&mut self, run: &NewRun) -> Result<RunId>;
     /// Records metric points of a run.

@@ -9,11 +9,18 @@
 //!   NdArray and CUDA the results are Burn's.
 //! - **`Autodiff<B>`** makes each op one graph node whose backward pass is `B`'s
 //!   fused backward ([`autodiff`]).
-//! - **Flex** runs [`cpu`]'s kernels on f32: a vectorised exact GELU and its
-//!   derivative, and the softmax and layer-norm backward passes, split across the
-//!   cores in fixed-size pieces, so that results never depend on the thread count.
+//! - **Flex** runs [`cpu`]'s kernels on f32: a vectorised exact GELU that keeps its
+//!   derivative for the backward pass, the softmax, layer-norm and cross-entropy
+//!   backward passes, causal attention and the linear layer's products, split across
+//!   the cores in fixed-size pieces, so that results never depend on the thread
+//!   count.
 //!
-//! Use them through [`gelu`], [`softmax`], [`LayerNorm`] and [`Gelu`]:
+//! Two work from code generic over any backend, as kiln's coordinator is: the loss
+//! [`cross_entropy`] and the optimizer [`AdamW`] (burn-optim's AdamW bit for bit,
+//! its update one in-place pass on Flex) find Flex's kernels by type at run time.
+//!
+//! Use them through [`gelu`], [`softmax`], [`cross_entropy`], [`LayerNorm`],
+//! [`Linear`], [`CausalSelfAttention`], [`Gelu`] and [`AdamW`]:
 //!
 //! ```
 //! use burn::backend::{Autodiff, Flex};

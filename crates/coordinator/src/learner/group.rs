@@ -31,7 +31,10 @@ use super::shared::{Shared, ShownLr};
 use super::stepper::{Stepper, StepperOptim};
 use crate::CoordinatorError;
 use crate::collective::Peer;
-use crate::group::{Offer, StartGate, check_replicas, exchange_step, guard, spawn_worker};
+use crate::group::{
+    Offer, StartGate, check_replicas, exchange_step, guard, on_own_threads, spawn_worker,
+    threads_per_worker,
+};
 use crate::run::Failure;
 use crate::workload::{Steps, Validates};
 
@@ -105,6 +108,7 @@ where
         let epochs = (starting_epoch, components.num_epochs);
         let (shared, member) = (&self.first.0, &self.first.1);
         let gate = StartGate::new();
+        let threads = threads_per_worker(others.len() + 1);
         let model = std::thread::scope(|scope| {
             let _undecided = gate.close_if_undecided();
             let workers: Result<Vec<_>, Failure> = others
@@ -114,8 +118,10 @@ where
                     let name = format!("kiln-worker-{rank}");
                     let handle = spawn_worker(scope, &gate, rank, name, move || {
                         let (shared, member) = (&w.shared, &w.member);
-                        let ran = guard::<B, _, _>(&member.group, rank, true, || {
-                            run(w.learner, &*w.loader, shared, member, None, epochs);
+                        let ran = on_own_threads(rank, threads, || {
+                            guard::<B, _, _>(&member.group, rank, true, || {
+                                run(w.learner, &*w.loader, shared, member, None, epochs);
+                            })
                         });
                         if let Err(failure) = ran {
                             shared.end_with(Some(failure));
@@ -140,15 +146,17 @@ where
                 processor: &mut processor,
                 valid: &*dataloader_valid,
             };
-            let model = guard::<B, _, _>(&member.group, 0, true, || {
-                run(
-                    learner,
-                    &*dataloader_train,
-                    shared,
-                    member,
-                    Some(books),
-                    epochs,
-                )
+            let model = on_own_threads(member.rank, threads, || {
+                guard::<B, _, _>(&member.group, 0, true, || {
+                    run(
+                        learner,
+                        &*dataloader_train,
+                        shared,
+                        member,
+                        Some(books),
+                        epochs,
+                    )
+                })
             })
             .unwrap_or_else(|failure| {
                 shared.end_with(Some(failure));
