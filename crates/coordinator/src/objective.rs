@@ -10,7 +10,8 @@ pub(crate) fn loss<B: Backend>(
     targets: Targets<B>,
 ) -> kiln_core::Result<Tensor<B, 1>> {
     Ok(match flatten(kind, prediction, targets)? {
-        Flat::Classes { logits, targets } => cross_entropy(logits, targets),
+        // Fused on Flex (one autodiff node), Burn's `log_softmax` and `gather` elsewhere.
+        Flat::Classes { logits, targets } => kiln_kernels::cross_entropy(logits, targets),
         Flat::Values { pred, targets } => (pred - targets).powi_scalar(2).mean(),
     })
 }
@@ -34,7 +35,9 @@ pub(crate) fn evaluate<B: Backend>(
                 .sum()
                 .into_scalar()
                 .elem::<f64>();
-            let loss = cross_entropy(logits, targets).into_scalar().elem::<f64>();
+            let loss = kiln_kernels::cross_entropy(logits, targets)
+                .into_scalar()
+                .elem::<f64>();
             EvalSums {
                 loss_sum: loss * n as f64,
                 count: n as f64,
@@ -259,13 +262,6 @@ fn ids_in_range<B: Backend, const D: usize>(
     Err(Error::TaskMismatch(format!(
         "{what} {bad} is out of range: the task's {field} is {limit} (ids 0..{limit})"
     )))
-}
-
-/// Mean cross-entropy of `logits` `[n, c]` against class ids `[n]`: fused on Flex
-/// (one autodiff node, [`kiln_kernels::cross_entropy`]), Burn's `log_softmax` and
-/// `gather` elsewhere.
-fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
-    kiln_kernels::cross_entropy(logits, targets)
 }
 
 #[cfg(test)]

@@ -161,6 +161,8 @@ pub fn adamw<B: Backend>(
     step: &AdamWStep,
 ) -> AdamWUpdate<B> {
     let c = step.coefficients();
+    // Every op here is element-wise, so the tensors are wrapped as rank 1 whatever
+    // their rank: Burn's element-wise ops keep the primitive's shape.
     let grad: Tensor<B, 1> = wrap(grad);
     let (m, v) = match moments {
         Some((m, v)) => (
