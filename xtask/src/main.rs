@@ -3,10 +3,12 @@
 //! - `cargo xtask train [ARGS...]`: builds the release `kiln` binary and runs
 //!   `kiln train ARGS...` (training in a debug build is never what you want).
 //! - `cargo xtask bench [--rounds N] [--config tiny|small|all] [--compare-pytorch]
-//!   [--no-write]`: builds the release binary, runs `kiln bench` for N rounds,
+//!   [--paired N] [--no-write]`: builds the release binary, runs `kiln bench` for N rounds,
 //!   interleaved with the PyTorch reference of `../shared/bench/` when asked and
 //!   torch is installed, prints JSON lines and medians, and rewrites the generated
-//!   section of `docs/benchmarks.md`.
+//!   section of `docs/benchmarks.md`. With `--paired N` it instead runs N pairs per
+//!   configuration of one worker against PyTorch, back to back in alternating order,
+//!   and writes the medians of the pairs' ratios to their own section.
 //! - `cargo xtask launch [--nodes N] [--master-port P] -- [TRAIN ARGS...]`: builds
 //!   the release binary and runs `kiln launch`: a multi-node run on this machine,
 //!   one `kiln train` process per node on the loopback interface.
@@ -39,7 +41,7 @@ fn main() -> ExitCode {
         _ => Err(
             "usage: cargo xtask train [ARGS...] | cargo xtask launch [--nodes N] \
                   [--master-port P] -- [TRAIN ARGS...] | cargo xtask bench [--rounds N] \
-                  [--config tiny|small|all] [--compare-pytorch] [--no-write] | cargo xtask \
+                  [--config tiny|small|all] [--compare-pytorch] [--paired N] [--no-write] | cargo xtask \
                   gpu-check [ARGS...]"
                 .into(),
         ),
@@ -114,6 +116,8 @@ struct BenchOptions {
     compare_pytorch: bool,
     store: bool,
     write: bool,
+    /// `--paired N`: N back-to-back pairs of one worker and PyTorch per configuration.
+    paired: Option<usize>,
 }
 
 fn parse_bench(args: &[String]) -> Result<BenchOptions> {
@@ -123,6 +127,7 @@ fn parse_bench(args: &[String]) -> Result<BenchOptions> {
         compare_pytorch: false,
         store: false,
         write: true,
+        paired: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -144,6 +149,15 @@ fn parse_bench(args: &[String]) -> Result<BenchOptions> {
                 }
                 o.config = v.clone();
             }
+            "--paired" => {
+                let v = it.next().ok_or("--paired needs a value")?;
+                o.paired = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|&n| n >= 1)
+                        .ok_or(format!("invalid --paired {v:?}: expected an integer >= 1"))?,
+                );
+            }
             "--compare-pytorch" => o.compare_pytorch = true,
             "--store" => o.store = true,
             "--no-write" => o.write = false,
@@ -157,42 +171,19 @@ fn bench(args: &[String]) -> Result<()> {
     let opts = parse_bench(args)?;
     let kiln = build_release(&[])?;
     let torch_script = root().join("../shared/bench/torch_tinygpt.py");
-    let torch = if opts.compare_pytorch {
-        let ok = torch_script.exists()
-            && Command::new("python3")
-                .args(["-c", "import torch"])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!(
-                "xtask: PyTorch reference skipped: needs {} and `pip install torch`",
-                torch_script.display()
-            );
-        }
-        ok
-    } else {
-        false
-    };
+    if let Some(pairs) = opts.paired {
+        return paired(&opts, pairs, &kiln, &torch_script, args);
+    }
+    let torch = opts.compare_pytorch && torch_available(&torch_script);
     let mut kiln_lines: Vec<Value> = Vec::new();
     let mut torch_lines: Vec<Value> = Vec::new();
     for round in 1..=opts.rounds {
         eprintln!("xtask: round {round}/{}", opts.rounds);
-        let mut bench_args = vec!["bench", "--rounds", "1", "--config", opts.config.as_str()];
+        let mut bench_args = vec!["--config", opts.config.as_str()];
         if opts.store {
             bench_args.push("--store");
         }
-        let out = Command::new(&kiln)
-            .args(&bench_args)
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("cannot run kiln bench: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("kiln bench exited with {}", out.status));
-        }
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let mut v: Value =
-                serde_json::from_str(line).map_err(|e| format!("bad bench line {line:?}: {e}"))?;
+        for mut v in kiln_bench(&kiln, &bench_args)? {
             v["round"] = round.into();
             println!("{v}");
             kiln_lines.push(v);
@@ -209,49 +200,11 @@ fn bench(args: &[String]) -> Result<()> {
             kiln_lines.push(v);
         }
         if torch {
-            let configs: &[&str] = match opts.config.as_str() {
-                "tiny" => &["tiny"],
-                "small" => &["small"],
-                _ => &["tiny", "small"],
-            };
             // One process with 2 threads, and DDP over 2 processes of 1 thread each
             // (gloo on loopback) at the same global batch.
-            for (config, ddp) in configs.iter().flat_map(|c| [(c, 1), (c, 2)]) {
-                let mut cmd = Command::new("python3");
-                cmd.arg(&torch_script)
-                    .args(["--warmup", "5", "--steps", "30"]);
-                match ddp {
-                    1 => cmd.args(["--threads", "2"]),
-                    _ => cmd.args(["--ddp", "2"]),
-                };
-                if *config == "small" {
-                    cmd.args(["--d-model", "256", "--layers", "4", "--seq", "128"]);
-                }
-                let out = cmd
-                    .output()
-                    .map_err(|e| format!("cannot run python3: {e}"))?;
-                if !out.status.success() {
-                    // A failed PyTorch run (gloo has aborted a `--ddp 2` run here) is
-                    // recorded and the sitting goes on; its medians use the others.
-                    let stderr = String::from_utf8_lossy(&out.stderr);
-                    let last = stderr.lines().last().unwrap_or_default().to_string();
-                    eprintln!("xtask: the PyTorch reference failed: {last}");
-                    let v = serde_json::json!({
-                        "backend": "pytorch", "config": *config, "ddp": ddp,
-                        "round": round, "failed": last,
-                    });
-                    println!("{v}");
-                    torch_lines.push(v);
-                    continue;
-                }
-                let text = String::from_utf8_lossy(&out.stdout);
-                let line = text.lines().last().unwrap_or_default();
-                let mut v: Value = serde_json::from_str(line)
-                    .map_err(|e| format!("bad PyTorch line {line:?}: {e}"))?;
-                v["config"] = (**config).into();
+            for (config, ddp) in configs(&opts.config).iter().flat_map(|c| [(c, 1), (c, 2)]) {
+                let mut v = torch_reference(&torch_script, config, ddp)?;
                 v["round"] = round.into();
-                v["backend"] = "pytorch".into();
-                v["ddp"] = ddp.into();
                 println!("{v}");
                 torch_lines.push(v);
             }
@@ -263,6 +216,171 @@ fn bench(args: &[String]) -> Result<()> {
         &torch_lines,
         opts.write.then_some(cmd.trim_end()),
     )
+}
+
+/// The model configurations `--config` names.
+fn configs(config: &str) -> &'static [&'static str] {
+    match config {
+        "tiny" => &["tiny"],
+        "small" => &["small"],
+        _ => &["tiny", "small"],
+    }
+}
+
+/// Whether the PyTorch reference can run here; says why not when it cannot.
+fn torch_available(script: &Path) -> bool {
+    let ok = script.exists()
+        && Command::new("python3")
+            .args(["-c", "import torch"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!(
+            "xtask: PyTorch reference skipped: needs {} and `pip install torch`",
+            script.display()
+        );
+    }
+    ok
+}
+
+/// The JSON lines of one `kiln bench --rounds 1 ARGS...`.
+fn kiln_bench(kiln: &Path, args: &[&str]) -> Result<Vec<Value>> {
+    let out = Command::new(kiln)
+        .args(["bench", "--rounds", "1"])
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run kiln bench: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("kiln bench exited with {}", out.status));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).map_err(|e| format!("bad bench line {line:?}: {e}")))
+        .collect()
+}
+
+/// One run of the PyTorch reference (5 warm-up + 30 timed steps): 2 threads in one
+/// process (`ddp` 1) or `--ddp 2` (two processes of one thread, gloo). A failed run
+/// (gloo has aborted a `--ddp 2` run here) is recorded as such, not fatal: the
+/// sitting goes on and its medians use the others.
+fn torch_reference(script: &Path, config: &str, ddp: u64) -> Result<Value> {
+    let mut cmd = Command::new("python3");
+    cmd.arg(script).args(["--warmup", "5", "--steps", "30"]);
+    match ddp {
+        1 => cmd.args(["--threads", "2"]),
+        _ => cmd.args(["--ddp", "2"]),
+    };
+    if config == "small" {
+        cmd.args(["--d-model", "256", "--layers", "4", "--seq", "128"]);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run python3: {e}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().last().unwrap_or_default().to_string();
+        eprintln!("xtask: the PyTorch reference failed: {last}");
+        return Ok(serde_json::json!({
+            "backend": "pytorch", "config": config, "ddp": ddp, "failed": last,
+        }));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    let mut v: Value =
+        serde_json::from_str(line).map_err(|e| format!("bad PyTorch line {line:?}: {e}"))?;
+    v["config"] = config.into();
+    v["backend"] = "pytorch".into();
+    v["ddp"] = ddp.into();
+    Ok(v)
+}
+
+/// `cargo xtask bench --paired N`: one worker on Flex against PyTorch's one process
+/// of 2 threads, in N pairs per configuration, the two runs of a pair back to back
+/// and their order alternating, so that both meet the same load on a shared machine.
+/// The verdict is the median of the pairs' ratios.
+fn paired(
+    opts: &BenchOptions,
+    pairs: usize,
+    kiln: &Path,
+    torch_script: &Path,
+    args: &[String],
+) -> Result<()> {
+    if !torch_available(torch_script) {
+        return Err("--paired compares with PyTorch, which cannot run here".into());
+    }
+    let mut lines = Vec::new();
+    for pair in 1..=pairs {
+        for &config in configs(&opts.config) {
+            eprintln!("xtask: pair {pair}/{pairs}, {config}");
+            let kiln_first = pair % 2 == 1;
+            let run_kiln = || -> Result<Value> {
+                let args = ["--backend", "flex", "--config", config, "--one-worker"];
+                kiln_bench(kiln, &args)?
+                    .pop()
+                    .ok_or_else(|| "kiln bench printed no line".to_string())
+            };
+            let (k, t) = if kiln_first {
+                let k = run_kiln()?;
+                (k, torch_reference(torch_script, config, 1)?)
+            } else {
+                let t = torch_reference(torch_script, config, 1)?;
+                (run_kiln()?, t)
+            };
+            let torch_tps = field(&t, "tokens_per_s");
+            let ratio = |key: &str| field(&k, key).zip(torch_tps).map(|(a, b)| a / b);
+            let v = serde_json::json!({
+                "kind": "pair", "config": config, "pair": pair, "kiln_first": kiln_first,
+                "hand_tokens_per_s": field(&k, "hand_tokens_per_s"),
+                "coordinator_timed_tokens_per_s": field(&k, "coordinator_timed_tokens_per_s"),
+                "pytorch_tokens_per_s": torch_tps,
+                "pytorch_failed": t.get("failed"),
+                "ratio_hand_to_pytorch": ratio("hand_tokens_per_s"),
+                "ratio_timed_to_pytorch": ratio("coordinator_timed_tokens_per_s"),
+            });
+            println!("{v}");
+            lines.push(v);
+        }
+    }
+    let summary = summarise_pairs(&lines);
+    for s in &summary {
+        println!("{s}");
+    }
+    if opts.write {
+        let cmd = format!("cargo xtask bench {}", args.join(" "));
+        write_pairs_md(cmd.trim_end(), &summary)?;
+    }
+    Ok(())
+}
+
+/// Per configuration: the median, lowest and highest of the pairs' ratios.
+fn summarise_pairs(lines: &[Value]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for config in ["tiny", "small"] {
+        let rows: Vec<&Value> = lines.iter().filter(|v| v["config"] == config).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let stats = |key: &str| {
+            let v: Vec<f64> = rows.iter().filter_map(|r| field(r, key)).collect();
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let at_least_one = v.iter().filter(|&&x| x >= 1.0).count();
+            serde_json::json!({
+                "pairs": v.len(), "median": median(v), "min": lo, "max": hi,
+                "pairs_at_least_1": at_least_one,
+            })
+        };
+        out.push(serde_json::json!({
+            "summary": true, "kind": "paired", "config": config,
+            "hand_to_pytorch": stats("ratio_hand_to_pytorch"),
+            "timed_to_pytorch": stats("ratio_timed_to_pytorch"),
+            "median_pytorch_tokens_per_s":
+                median(rows.iter().filter_map(|r| field(r, "pytorch_tokens_per_s")).collect()),
+        }));
+    }
+    out
 }
 
 /// `cargo xtask bench --summarise FILE`: the summary and `docs/benchmarks.md` of the
@@ -524,16 +642,62 @@ fn summarise_store(lines: &[Value]) -> Vec<Value> {
 const START: &str = "<!-- xtask-bench:start -->";
 const END: &str = "<!-- xtask-bench:end -->";
 
-fn write_benchmarks_md(command: &str, summary: &[Value]) -> Result<()> {
+const PAIRED_START: &str = "<!-- xtask-paired:start -->";
+const PAIRED_END: &str = "<!-- xtask-paired:end -->";
+
+/// Replaces what lies between `start` and `end` in `docs/benchmarks.md` (a missing
+/// section is added at the end) with `body`, which begins with `start`.
+fn replace_section(start: &str, end: &str, body: &str) -> Result<()> {
     let path = root().join("docs/benchmarks.md");
-    let old = std::fs::read_to_string(&path)
-        .unwrap_or_else(|_| format!("# Benchmarks\n\n{START}\n{END}\n"));
-    let (Some(s), Some(e)) = (old.find(START), old.find(END)) else {
+    let mut old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    if old.find(start).is_none() && old.find(end).is_none() {
+        old.push_str(&format!("\n{start}\n{end}\n"));
+    }
+    let (Some(s), Some(e)) = (old.find(start), old.find(end)) else {
         return Err(format!(
-            "{} lacks the markers {START} / {END}",
+            "{} lacks one of the markers {start} / {end}",
             path.display()
         ));
     };
+    let new = format!("{}{}{}", &old[..s], body, &old[e..]);
+    std::fs::write(&path, new).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(())
+}
+
+/// The paired sitting's table in `docs/benchmarks.md`.
+fn write_pairs_md(command: &str, summary: &[Value]) -> Result<()> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut table = format!(
+        "{PAIRED_START}\nGenerated by `{command}` ({threads} hardware threads): one worker on \
+         Flex against PyTorch eager (one process, 2 threads), each pair's two runs back to \
+         back, their order alternating.\n\n\
+         | config | pairs | PyTorch tokens/s (median) | coordinator timed / PyTorch: median | lowest | highest | pairs ≥ 1.0 | hand loop / PyTorch: median | lowest | highest |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    );
+    for v in summary {
+        let (t, h) = (&v["timed_to_pytorch"], &v["hand_to_pytorch"]);
+        let r = |x: &Value, k: &str| field(x, k).map_or("—".into(), |x| format!("{x:.3}"));
+        table.push_str(&format!(
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
+            v["config"].as_str().unwrap_or(""),
+            t["pairs"],
+            field(v, "median_pytorch_tokens_per_s").unwrap_or(f64::NAN),
+            r(t, "median"),
+            r(t, "min"),
+            r(t, "max"),
+            t["pairs_at_least_1"],
+            r(h, "median"),
+            r(h, "min"),
+            r(h, "max"),
+        ));
+    }
+    replace_section(PAIRED_START, PAIRED_END, &table)
+}
+
+fn write_benchmarks_md(command: &str, summary: &[Value]) -> Result<()> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -634,8 +798,46 @@ fn write_benchmarks_md(command: &str, summary: &[Value]) -> Result<()> {
             table.push_str(&format!("| {m} | {} | {shown} |\n", v["rounds"]));
         }
     }
-    let new = format!("{}{}{}", &old[..s], table, &old[e..]);
-    std::fs::write(&path, new).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    eprintln!("xtask: wrote {}", path.display());
-    Ok(())
+    replace_section(START, END, &table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(config: &str, timed: f64, hand: f64) -> Value {
+        serde_json::json!({
+            "kind": "pair", "config": config, "pytorch_tokens_per_s": 100.0,
+            "ratio_timed_to_pytorch": timed, "ratio_hand_to_pytorch": hand,
+        })
+    }
+
+    #[test]
+    fn pairs_are_summarised_by_their_median_ratio() {
+        let lines = [
+            pair("tiny", 1.2, 0.9),
+            pair("tiny", 0.8, 1.0),
+            pair("tiny", 1.05, 1.1),
+            pair("small", 0.9, 0.95),
+        ];
+        let summary = summarise_pairs(&lines);
+        assert_eq!(summary.len(), 2);
+        let tiny = &summary[0]["timed_to_pytorch"];
+        assert_eq!(
+            (tiny["median"].as_f64(), tiny["pairs"].as_u64()),
+            (Some(1.05), Some(3))
+        );
+        assert_eq!(
+            (tiny["min"].as_f64(), tiny["max"].as_f64()),
+            (Some(0.8), Some(1.2))
+        );
+        assert_eq!(tiny["pairs_at_least_1"].as_u64(), Some(2));
+        assert_eq!(summary[1]["hand_to_pytorch"]["median"].as_f64(), Some(0.95));
+    }
+
+    #[test]
+    fn bad_pair_counts_are_named() {
+        let err = parse_bench(&["--paired".into(), "0".into()]).err().unwrap();
+        assert!(err.contains("invalid --paired \"0\""), "{err}");
+    }
 }

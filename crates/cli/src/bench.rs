@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// logging every step) and checkpoint files (save and load MB/s).
     #[arg(long)]
     store: bool,
+    /// Measure one worker only (the hand loop and the coordinator), without the
+    /// two-worker runs: what `cargo xtask bench --paired` times against PyTorch.
+    #[arg(long)]
+    one_worker: bool,
 }
 
 const VOCAB: usize = 65;
@@ -313,8 +317,8 @@ fn measure<B: FusedAutodiffBackend>(
     // The same global batch on two CPU workers (ddp): what a second core buys. Only
     // for an even batch, which splits exactly.
     // The default engine's group, then the native loop's: the two engines' cost.
-    let (ddp, ddp_native) = match args.batch % 2 {
-        0 => (Some(run("ddp", "auto", 2)?), Some(run("ddp", "native", 2)?)),
+    let (ddp, ddp_native) = match (args.one_worker, args.batch % 2) {
+        (false, 0) => (Some(run("ddp", "auto", 2)?), Some(run("ddp", "native", 2)?)),
         _ => (None, None),
     };
     let _ = std::fs::remove_dir_all(&dir);

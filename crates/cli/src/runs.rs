@@ -8,14 +8,16 @@ use clap::{Args, Parser, Subcommand};
 use kiln_experiment_db::plot::plot_runs;
 use kiln_experiment_db::{
     ExperimentDb, Goal, MetricField, MetricSummaryRecord, RunId, RunQuery, RunRecord, SortOrder,
+    StoreLocation,
 };
 
 /// Query the runs recorded in the experiment store.
 #[derive(Debug, Clone, Parser)]
 pub struct RunsArgs {
-    /// Experiment store (default: <output-dir>/kiln.sqlite).
-    #[arg(long, value_name = "FILE", global = true)]
-    db: Option<PathBuf>,
+    /// Experiment store: a SQLite file, or a shared PostgreSQL database as
+    /// postgres://user[:password]@host[:port]/dbname (default: <output-dir>/kiln.sqlite).
+    #[arg(long, value_name = "FILE|URL", global = true)]
+    db: Option<StoreLocation>,
     /// Directory whose kiln.sqlite to read.
     #[arg(long, default_value = "runs", global = true)]
     output_dir: PathBuf,
@@ -108,18 +110,19 @@ fn split_metric(metric: &str) -> Result<(&str, &str)> {
 }
 
 pub fn run(args: &RunsArgs) -> Result<()> {
-    let path = args
+    let location = args
         .db
         .clone()
-        .unwrap_or_else(|| args.output_dir.join("kiln.sqlite"));
-    if !path.is_file() {
+        .unwrap_or_else(|| StoreLocation::Sqlite(args.output_dir.join("kiln.sqlite")));
+    if let Some(path) = location.sqlite_path()
+        && !path.is_file()
+    {
         anyhow::bail!(
             "no experiment store at {} (train a model first)",
             path.display()
         );
     }
-    let db =
-        ExperimentDb::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let db = crate::train::open_store(&location)?;
     let mut out = std::io::stdout().lock();
     match args
         .command

@@ -18,7 +18,7 @@ use kiln_core::{
     CoordinatorConfig, DataModule, LrSchedule, ProgressMode, TaskKind, TaskModel, TaskSpec,
     TrainReport,
 };
-use kiln_experiment_db::{ExperimentDb, RunTracker};
+use kiln_experiment_db::{ExperimentDb, RunTracker, StoreLocation};
 use kiln_kernels::FusedAutodiffBackend;
 use kiln_models::{
     CharTokenizer, MlpConfig, TabularDataModule, TextDataModule, TinyGptConfig, builtin_corpus,
@@ -155,9 +155,11 @@ pub struct TrainArgs {
     /// Keep this many best checkpoints by validation loss, besides the last.
     #[arg(long, default_value_t = 1)]
     save_top_k: usize,
-    /// Experiment store to record the run in (default: <output-dir>/kiln.sqlite).
-    #[arg(long, value_name = "FILE")]
-    db: Option<PathBuf>,
+    /// Experiment store to record the run in: a SQLite file, or a shared PostgreSQL
+    /// database as postgres://user[:password]@host[:port]/dbname (default:
+    /// <output-dir>/kiln.sqlite).
+    #[arg(long, value_name = "FILE|URL")]
+    db: Option<StoreLocation>,
     /// Do not record the run in an experiment store.
     #[arg(long, conflicts_with = "db")]
     no_db: bool,
@@ -255,7 +257,7 @@ fn train(args: &TrainArgs, coordinator: &TrainingCoordinator) -> Result<()> {
     let mut db = if args.no_db {
         None
     } else {
-        Some(open_db(args.db.as_deref(), &args.output_dir)?)
+        Some(open_db(args.db.as_ref(), &args.output_dir)?)
     };
     let exit = db.as_mut().map(ExperimentDb::exit_handle).transpose()?;
     let current = CurrentRun::default();
@@ -299,7 +301,7 @@ fn train(args: &TrainArgs, coordinator: &TrainingCoordinator) -> Result<()> {
     print_summary(
         &mut stdout,
         &report,
-        db.as_ref().map(ExperimentDb::path),
+        db.as_ref().map(ExperimentDb::location),
         args.json,
     )
 }
@@ -337,17 +339,31 @@ impl std::str::FromStr for Backend {
 #[error("stopped by a signal: the run is recorded as KILLED")]
 pub struct Interrupted;
 
-/// Opens the experiment store at `path`, or `<output_dir>/kiln.sqlite`.
-pub fn open_db(path: Option<&Path>, output_dir: &Path) -> Result<ExperimentDb> {
-    let path = match path {
-        Some(p) => p.to_path_buf(),
-        None => output_dir.join("kiln.sqlite"),
-    };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+/// Opens the experiment store at `location`, or `<output_dir>/kiln.sqlite`; creates
+/// a SQLite file's folder.
+pub fn open_db(location: Option<&StoreLocation>, output_dir: &Path) -> Result<ExperimentDb> {
+    let location = location
+        .cloned()
+        .unwrap_or_else(|| StoreLocation::Sqlite(output_dir.join("kiln.sqlite")));
+    if let Some(parent) = location
+        .sqlite_path()
+        .and_then(Path::parent)
+        .filter(|p| !p.as_os_str().is_empty())
+    {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    ExperimentDb::open(&path).with_context(|| format!("cannot open {}", path.display()))
+    open_store(&location)
+}
+
+/// Opens the experiment store at `location`; a SQLite file's error names the file (a
+/// PostgreSQL error names the server already).
+pub fn open_store(location: &StoreLocation) -> Result<ExperimentDb> {
+    let db = ExperimentDb::open_location(location);
+    match location.sqlite_path() {
+        Some(path) => db.with_context(|| format!("cannot open {}", path.display())),
+        None => Ok(db?),
+    }
 }
 
 /// How a run is handed to the coordinator: `TrainingCoordinator::train_on`, unless
@@ -566,7 +582,7 @@ fn quiet_stdout() -> Result<Box<dyn Write>> {
 fn print_summary(
     out: &mut dyn Write,
     report: &TrainReport,
-    db: Option<&Path>,
+    db: Option<&StoreLocation>,
     json: bool,
 ) -> Result<()> {
     if json {
@@ -598,11 +614,7 @@ fn print_summary(
         writeln!(out, "kiln: run outputs in {}", dir.display())?;
     }
     if let (Some(db), Some(id)) = (db, report.run_id) {
-        writeln!(
-            out,
-            "kiln: recorded as run {id} in {} (see `kiln runs`)",
-            db.display()
-        )?;
+        writeln!(out, "kiln: recorded as run {id} in {db} (see `kiln runs`)")?;
     }
     Ok(())
 }

@@ -1,35 +1,35 @@
-//! [`ExperimentDb`]: the SQLite store.
+//! [`ExperimentDb`]: the store, on SQLite or PostgreSQL.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::types::{Type, Value};
-use rusqlite::{Connection, OptionalExtension, Row, params, params_from_iter};
-
 use crate::compare::{Comparison, MetricRow, ParamRow};
+use crate::engine::{Arg, Conn, LOCK_TIMEOUT, Row, Sql, StoreLocation, args};
 use crate::query::{RunQuery, SortOrder};
 use crate::records::{
     ArtifactRecord, Goal, MetricRecord, MetricSummaryRecord, ResumeRecord, RunRecord, RunStatus,
 };
 use crate::series::downsample;
-use crate::sqlite::{
-    BUSY_TIMEOUT, VISIBLE, check_points, ensure_run, ensure_running, now, open_connection,
-    recompute_summaries, retry_busy, write_tx,
-};
 use crate::writer::{Syncer, Writer};
+use crate::writes::{VISIBLE, check_points, ensure_run, ensure_running, now, recompute_summaries};
 use crate::{
     EndStatus, Error, MetricPoint, NewArtifact, NewRun, Pulse, Result, RunId, RunTracker,
     migrations,
 };
 
-/// kiln's experiment store: one SQLite database file.
+/// kiln's experiment store: one SQLite database file (the default), or a PostgreSQL
+/// database that several machines share ([`ExperimentDb::open_location`] with a
+/// `postgres://` URL). Both keep the same tables and answer every query alike.
 ///
-/// Opened in WAL mode with foreign keys enforced and a busy timeout of
-/// [`ExperimentDb::BUSY_TIMEOUT`], so that several processes can write to one file.
-/// Every write is one `BEGIN IMMEDIATE` transaction, retried for a while when another
-/// process keeps the database busy, so that "database is locked" does not reach the
-/// caller under ordinary contention. Times are seconds since the Unix epoch (UTC) as
+/// A SQLite file is opened in WAL mode with foreign keys enforced and a busy timeout
+/// of [`ExperimentDb::BUSY_TIMEOUT`], so that several processes can write to one file.
+/// Every write is one transaction that holds the store's write lock (SQLite's
+/// `BEGIN IMMEDIATE`; on PostgreSQL an advisory transaction lock, waited for at most
+/// as long), retried for a while when another writer keeps the store busy or the
+/// connection to the server drops, so that neither reaches the caller under ordinary
+/// contention or a server restart. Times are seconds since the Unix epoch (UTC) as
 /// `f64`.
 ///
 /// # Background writer
@@ -57,11 +57,15 @@ use crate::{
 pub struct ExperimentDb {
     // Declared first so that it is dropped (its queue written) before `conn` closes.
     writer: Option<Writer>,
-    conn: Connection,
-    path: PathBuf,
-    /// The file's absolute path, for the writer's connection (immune to a change of the
-    /// working directory).
-    file: PathBuf,
+    /// The connection of the queries and the synchronous writes. In a cell so that the
+    /// queries can take `&self` (a PostgreSQL client needs `&mut` to run anything).
+    conn: RefCell<Conn>,
+    /// Where the store lives, as given.
+    location: StoreLocation,
+    /// The same with a SQLite file's absolute path, for the connections opened later
+    /// (the writer's, a pulse's, an exit handle's): immune to a change of the working
+    /// directory.
+    connect_to: StoreLocation,
     stale_after: Duration,
     /// Runs this handle knows to be RUNNING (started, resumed, or already checked), so
     /// that `log_metrics` need not read the database to check them.
@@ -73,7 +77,7 @@ pub struct ExperimentDb {
 /// owner's queued metric points. Made by [`ExperimentDb::exit_handle`].
 #[derive(Debug, Clone)]
 pub struct ExitHandle {
-    file: PathBuf,
+    location: StoreLocation,
     syncer: Syncer,
 }
 
@@ -84,7 +88,7 @@ impl ExitHandle {
     /// whether the queued points were all written in time.
     ///
     /// # Errors
-    /// [`Error::Sqlite`] when the store cannot be opened or written;
+    /// The engine's error when the store cannot be opened or written;
     /// [`Error::Invalid`] when the run is not RUNNING (it has ended already).
     pub fn end_run(
         &self,
@@ -94,18 +98,18 @@ impl ExitHandle {
         timeout: Duration,
     ) -> Result<bool> {
         let flushed = self.syncer.sync_within(timeout);
-        let mut conn = open_connection(&self.file)?;
+        let mut conn = Conn::open(&self.location)?;
         end_run(&mut conn, run, status, Some(reason))?;
         Ok(flushed)
     }
 }
 
 /// Updates `run`'s heartbeat when it is RUNNING.
-fn heartbeat(conn: &mut Connection, run: RunId) -> Result<()> {
-    write_tx(conn, |tx| {
+fn heartbeat(conn: &mut Conn, run: RunId) -> Result<()> {
+    conn.write_tx(|tx| {
         let changed = tx.execute(
             "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1 AND status = 'RUNNING'",
-            params![run, now()],
+            args![run, now()],
         )?;
         if changed == 0 {
             ensure_run(tx, run)?;
@@ -115,17 +119,12 @@ fn heartbeat(conn: &mut Connection, run: RunId) -> Result<()> {
 }
 
 /// Records `run`, which must be RUNNING, as ended.
-fn end_run(
-    conn: &mut Connection,
-    run: RunId,
-    status: EndStatus,
-    reason: Option<&str>,
-) -> Result<()> {
-    write_tx(conn, |tx| {
+fn end_run(conn: &mut Conn, run: RunId, status: EndStatus, reason: Option<&str>) -> Result<()> {
+    conn.write_tx(|tx| {
         ensure_running(tx, run, "finish it again")?;
         tx.execute(
             "UPDATE runs SET status = ?2, ended_at = ?3, failure_reason = ?4 WHERE id = ?1",
-            params![run, RunStatus::from(status), now(), reason],
+            args![run, RunStatus::from(status), now(), reason],
         )?;
         Ok(())
     })
@@ -142,10 +141,9 @@ const REPORTED_STATUS: &str = "CASE WHEN r.status = 'RUNNING'
         AND COALESCE(r.heartbeat_at, r.started_at) < ? THEN 'LOST' ELSE r.status END";
 
 /// A run as stored (its status not yet checked for staleness).
-fn run_from_row(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
+fn run_from_row(row: &Row) -> Result<RunRecord> {
     let config: String = row.get(4)?;
-    let config = serde_json::from_str(&config)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(4, Type::Text, Box::new(e)))?;
+    let config = serde_json::from_str(&config)?;
     Ok(RunRecord {
         id: row.get(0)?,
         experiment: row.get(1)?,
@@ -166,28 +164,27 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
 const SELECT_SUMMARY: &str = "SELECT key, split, last, last_step, min, min_step, max, max_step
     FROM metric_summaries";
 
-fn summary_from_row(row: &Row<'_>) -> rusqlite::Result<MetricSummaryRecord> {
+fn summary_from_row(row: &Row) -> Result<MetricSummaryRecord> {
     let pair = |value: Option<f64>, step: Option<u64>| step.zip(value);
     Ok(MetricSummaryRecord {
         key: row.get(0)?,
         split: row.get(1)?,
-        last: row.get::<_, Option<f64>>(2)?.unwrap_or(f64::NAN),
+        last: row.get::<Option<f64>>(2)?.unwrap_or(f64::NAN),
         last_step: row.get(3)?,
         min: pair(row.get(4)?, row.get(5)?),
         max: pair(row.get(6)?, row.get(7)?),
     })
 }
 
-fn experiment_id(conn: &Connection, name: &str) -> Result<i64> {
-    conn.prepare_cached("SELECT id FROM experiments WHERE name = ?1")?
-        .query_row([name], |row| row.get(0))
-        .optional()?
-        .ok_or_else(|| Error::NotFound(format!("experiment {name:?}")))
+fn experiment_id(conn: &mut impl Sql, name: &str) -> Result<i64> {
+    conn.query_opt("SELECT id FROM experiments WHERE name = ?1", args![name])?
+        .ok_or_else(|| Error::NotFound(format!("experiment {name:?}")))?
+        .get(0)
 }
 
 /// Inserts params; a key already set to another value is an error, the same value is
 /// accepted.
-fn insert_params(conn: &Connection, run: RunId, params: &[(String, String)]) -> Result<()> {
+fn insert_params(conn: &mut impl Sql, run: RunId, params: &[(String, String)]) -> Result<()> {
     let mut seen = HashSet::new();
     for (key, value) in params {
         if !seen.insert(key.as_str()) {
@@ -196,9 +193,12 @@ fn insert_params(conn: &Connection, run: RunId, params: &[(String, String)]) -> 
             )));
         }
         let existing: Option<String> = conn
-            .prepare_cached("SELECT value FROM params WHERE run_id = ?1 AND key = ?2")?
-            .query_row(params![run, key], |row| row.get(0))
-            .optional()?;
+            .query_opt(
+                "SELECT value FROM params WHERE run_id = ?1 AND key = ?2",
+                args![run, key],
+            )?
+            .map(|row| row.get(0))
+            .transpose()?;
         match existing {
             Some(old) if old == *value => {}
             Some(old) => {
@@ -207,17 +207,33 @@ fn insert_params(conn: &Connection, run: RunId, params: &[(String, String)]) -> 
                 )));
             }
             None => {
-                conn.prepare_cached("INSERT INTO params (run_id, key, value) VALUES (?1, ?2, ?3)")?
-                    .execute(params![run, key, value])?;
+                conn.execute(
+                    "INSERT INTO params (run_id, key, value) VALUES (?1, ?2, ?3)",
+                    args![run, key, value],
+                )?;
             }
         }
     }
     Ok(())
 }
 
+/// Every visible point of one metric series as `(step, value)`, by step (points at
+/// one step in the order they were written); a NaN value reads back as NaN.
+fn series_points(conn: &mut Conn, run: RunId, key: &str, split: &str) -> Result<Vec<(u64, f64)>> {
+    let sql = format!(
+        "SELECT m.step, m.value FROM metrics m
+            WHERE m.run_id = ?1 AND m.key = ?2 AND m.split = ?3 AND {VISIBLE}
+            ORDER BY m.step, m.id"
+    );
+    conn.query(&sql, args![run, key, split])?
+        .iter()
+        .map(|row| Ok((row.get(0)?, row.get::<Option<f64>>(1)?.unwrap_or(f64::NAN))))
+        .collect()
+}
+
 impl ExperimentDb {
     /// How long a write waits for another writer to finish before it is retried.
-    pub const BUSY_TIMEOUT: Duration = BUSY_TIMEOUT;
+    pub const BUSY_TIMEOUT: Duration = LOCK_TIMEOUT;
 
     /// How old a RUNNING run's heartbeat may be before queries report it LOST, unless
     /// [`ExperimentDb::set_stale_after`] says otherwise.
@@ -227,42 +243,68 @@ impl ExperimentDb {
     /// [`RunTracker::log_metrics`] blocks.
     pub const WRITER_QUEUE_BATCHES: usize = 64;
 
-    /// Opens (creating when missing) the database at `path` and brings its schema up to
-    /// date. The parent directory must exist.
+    /// Opens (creating when missing) the SQLite database at `path` and brings its
+    /// schema up to date. The parent directory must exist.
     ///
     /// # Errors
     /// [`Error::Sqlite`] when the file cannot be opened or a migration fails;
     /// [`Error::Invalid`] when WAL cannot be enabled or the database was written by a
     /// newer kiln.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
-        let mut conn = open_connection(&path)?;
-        let applied = retry_busy(|| migrations::apply(&mut conn, now()))?;
+        Self::open_location(&StoreLocation::Sqlite(path.as_ref().to_path_buf()))
+    }
+
+    /// Opens the store at `location`, a SQLite file (created when missing; its parent
+    /// directory must exist) or a PostgreSQL database (which must exist; its tables
+    /// are created on first use), and brings its schema up to date.
+    ///
+    /// ```no_run
+    /// use kiln_experiment_db::{ExperimentDb, StoreLocation};
+    ///
+    /// let shared: StoreLocation = "postgres://kiln@db.lab/kiln".parse()?;
+    /// let db = ExperimentDb::open_location(&shared)?;
+    /// println!("{} runs", db.list_runs(None)?.len());
+    /// # Ok::<(), kiln_experiment_db::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Unreachable`] when the PostgreSQL server cannot be reached or refuses
+    /// the login (saying which); [`Error::Sqlite`] or [`Error::Postgres`] when a
+    /// migration fails; [`Error::Invalid`] when WAL cannot be enabled on a SQLite file
+    /// or the store was written by a newer kiln.
+    pub fn open_location(location: &StoreLocation) -> Result<Self> {
+        let mut conn = Conn::open(location)?;
+        let applied = conn.retrying(|conn| migrations::apply(conn, now()))?;
         if !applied.is_empty() {
-            tracing::info!(path = %path.display(), ?applied, "experiment store migrated");
+            tracing::info!(store = %location, ?applied, "experiment store migrated");
         }
-        let file = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        let connect_to = match location {
+            StoreLocation::Sqlite(path) => {
+                StoreLocation::Sqlite(std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()))
+            }
+            other => other.clone(),
+        };
         Ok(Self {
             writer: None,
-            conn,
-            path,
-            file,
+            conn: RefCell::new(conn),
+            location: location.clone(),
+            connect_to,
             stale_after: Self::DEFAULT_STALE_AFTER,
             running: HashSet::new(),
         })
     }
 
-    /// Path of the database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the store lives, as it was opened.
+    pub fn location(&self) -> &StoreLocation {
+        &self.location
     }
 
-    /// The schema version of the database (the last migration applied).
+    /// The schema version of the store (the last migration applied).
     ///
     /// # Errors
-    /// [`Error::Sqlite`] when the query fails.
+    /// The engine's error when the query fails.
     pub fn schema_version(&self) -> Result<i64> {
-        migrations::current_version(&self.conn)
+        migrations::current_version(&mut self.conn.borrow_mut())
     }
 
     /// The schema version this build of kiln creates.
@@ -299,7 +341,7 @@ impl ExperimentDb {
     /// The writer thread, started on first use with its own connection.
     fn writer(&mut self) -> Result<&Writer> {
         if self.writer.is_none() {
-            let conn = open_connection(&self.file)?;
+            let conn = Conn::open(&self.connect_to)?;
             self.writer = Some(Writer::spawn(conn, Self::WRITER_QUEUE_BATCHES)?);
         }
         self.writer.as_ref().ok_or_else(|| {
@@ -329,11 +371,11 @@ impl ExperimentDb {
     /// the handle does not keep it alive (dropping the store still ends it).
     ///
     /// # Errors
-    /// [`Error::Sqlite`] when the writer's connection cannot be opened;
+    /// The engine's error when the writer's connection cannot be opened;
     /// [`Error::Invalid`] when its thread cannot be started or has stopped.
     pub fn exit_handle(&mut self) -> Result<ExitHandle> {
         Ok(ExitHandle {
-            file: self.file.clone(),
+            location: self.connect_to.clone(),
             syncer: self.writer()?.syncer(),
         })
     }
@@ -356,7 +398,7 @@ impl ExperimentDb {
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
     pub fn heartbeat(&mut self, run: RunId) -> Result<()> {
-        heartbeat(&mut self.conn, run)
+        heartbeat(self.conn.get_mut(), run)
     }
 
     /// Continues a run as a new attempt that resumes from `from_step` (typically the
@@ -380,15 +422,15 @@ impl ExperimentDb {
         self.flush()?;
         let from = i64::try_from(from_step)
             .map_err(|_| Error::Invalid(format!("resume step {from_step} is too large")))?;
-        let attempt = write_tx(&mut self.conn, |tx| {
-            let (status, attempt, reason): (RunStatus, u32, Option<String>) = tx
-                .query_row(
+        let attempt = self.conn.get_mut().write_tx(|tx| {
+            let row = tx
+                .query_opt(
                     "SELECT status, attempt, failure_reason FROM runs WHERE id = ?1",
-                    [run],
-                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-                )
-                .optional()?
+                    args![run],
+                )?
                 .ok_or_else(|| Error::NotFound(format!("run {run}")))?;
+            let (status, attempt, reason): (RunStatus, u32, Option<String>) =
+                (row.get(0)?, row.get(1)?, row.get(2)?);
             let next = attempt.checked_add(1).ok_or_else(|| {
                 Error::Invalid(format!("run {run} has been resumed too many times"))
             })?;
@@ -397,12 +439,12 @@ impl ExperimentDb {
                 "INSERT INTO run_resumes
                     (run_id, attempt, from_step, resumed_at, previous_status, previous_reason)
                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![run, next, from, now, status, reason],
+                args![run, next, from, now, status, reason],
             )?;
             tx.execute(
                 "UPDATE runs SET status = ?2, attempt = ?3, ended_at = NULL,
                     failure_reason = NULL, heartbeat_at = ?4 WHERE id = ?1",
-                params![run, RunStatus::Running, next, now],
+                args![run, RunStatus::Running, next, now],
             )?;
             recompute_summaries(tx, run)?;
             Ok(next)
@@ -417,23 +459,24 @@ impl ExperimentDb {
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
     pub fn resumes(&self, run: RunId) -> Result<Vec<ResumeRecord>> {
-        ensure_run(&self.conn, run)?;
-        let mut stmt = self.conn.prepare_cached(
+        let conn = &mut *self.conn.borrow_mut();
+        ensure_run(conn, run)?;
+        conn.query(
             "SELECT attempt, from_step, resumed_at, previous_status, previous_reason
                 FROM run_resumes WHERE run_id = ?1 ORDER BY attempt",
-        )?;
-        let resumes = stmt
-            .query_map([run], |row| {
-                Ok(ResumeRecord {
-                    attempt: row.get(0)?,
-                    from_step: row.get(1)?,
-                    resumed_at: row.get(2)?,
-                    previous_status: row.get(3)?,
-                    previous_reason: row.get(4)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(resumes)
+            args![run],
+        )?
+        .iter()
+        .map(|row| {
+            Ok(ResumeRecord {
+                attempt: row.get(0)?,
+                from_step: row.get(1)?,
+                resumed_at: row.get(2)?,
+                previous_status: row.get(3)?,
+                previous_reason: row.get(4)?,
+            })
+        })
+        .collect()
     }
 
     /// Adds params to a run. Setting a param again to the same value is accepted, to
@@ -443,7 +486,7 @@ impl ExperimentDb {
     /// [`Error::NotFound`] when the run does not exist; [`Error::Invalid`] when a key is
     /// given twice or already has another value (then none is stored).
     pub fn log_params(&mut self, run: RunId, params: &[(String, String)]) -> Result<()> {
-        write_tx(&mut self.conn, |tx| {
+        self.conn.get_mut().write_tx(|tx| {
             ensure_run(tx, run)?;
             insert_params(tx, run, params)
         })
@@ -454,12 +497,12 @@ impl ExperimentDb {
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
     pub fn set_tag(&mut self, run: RunId, key: &str, value: &str) -> Result<()> {
-        write_tx(&mut self.conn, |tx| {
+        self.conn.get_mut().write_tx(|tx| {
             ensure_run(tx, run)?;
             tx.execute(
                 "INSERT INTO tags (run_id, key, value) VALUES (?1, ?2, ?3)
                     ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value",
-                params![run, key, value],
+                args![run, key, value],
             )?;
             Ok(())
         })
@@ -477,21 +520,21 @@ impl ExperimentDb {
                 artifact.path
             )));
         }
-        write_tx(&mut self.conn, |tx| {
+        self.conn.get_mut().write_tx(|tx| {
             ensure_run(tx, run)?;
-            tx.execute(
+            tx.query_one(
                 "INSERT INTO artifacts (run_id, kind, path, size_bytes, sha256, created_at)
-                    VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
+                    VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+                args![
                     run,
-                    artifact.kind,
-                    artifact.path,
+                    &artifact.kind,
+                    &artifact.path,
                     artifact.size_bytes,
-                    artifact.sha256,
+                    artifact.sha256.as_deref(),
                     now()
                 ],
-            )?;
-            Ok(tx.last_insert_rowid())
+            )?
+            .get(0)
         })
     }
 
@@ -514,13 +557,12 @@ impl ExperimentDb {
     pub fn run(&self, id: RunId) -> Result<RunRecord> {
         self.sync()?;
         let sql = format!("{SELECT_RUN} WHERE r.id = ?1");
-        let run = self
+        let row = self
             .conn
-            .prepare_cached(&sql)?
-            .query_row([id], run_from_row)
-            .optional()?
+            .borrow_mut()
+            .query_opt(&sql, args![id])?
             .ok_or_else(|| Error::NotFound(format!("run {id}")))?;
-        Ok(Self::reported(run, self.cutoff()))
+        Ok(Self::reported(run_from_row(&row)?, self.cutoff()))
     }
 
     /// The runs that match a query, in its order (see [`RunQuery`]).
@@ -534,29 +576,29 @@ impl ExperimentDb {
         self.sync()?;
         let cutoff = self.cutoff();
         let mut sql = String::from(SELECT_RUN);
-        let mut args: Vec<Value> = Vec::new();
+        let mut args: Vec<Arg> = Vec::new();
         let mut conditions: Vec<String> = Vec::new();
         if let Some(order) = &query.order_by {
             sql.push_str(
                 " LEFT JOIN metric_summaries o ON o.run_id = r.id AND o.key = ? AND o.split = ?",
             );
-            args.push(Value::Text(order.key.clone()));
-            args.push(Value::Text(order.split.clone()));
+            args.push(Arg::Text(order.key.clone()));
+            args.push(Arg::Text(order.split.clone()));
         }
         if let Some(name) = &query.experiment {
-            experiment_id(&self.conn, name)?;
+            experiment_id(&mut *self.conn.borrow_mut(), name)?;
             conditions.push("e.name = ?".into());
-            args.push(Value::Text(name.clone()));
+            args.push(Arg::Text(name.clone()));
         }
         if !query.statuses.is_empty() {
             let marks = vec!["?"; query.statuses.len()].join(", ");
             conditions.push(format!("({REPORTED_STATUS}) IN ({marks})"));
-            args.push(Value::Real(cutoff));
+            args.push(Arg::Real(cutoff));
             args.extend(
                 query
                     .statuses
                     .iter()
-                    .map(|s| Value::Text(s.as_str().to_string())),
+                    .map(|s| Arg::Text(s.as_str().to_string())),
             );
         }
         for (key, value) in &query.tags {
@@ -564,8 +606,8 @@ impl ExperimentDb {
                 "EXISTS (SELECT 1 FROM tags t WHERE t.run_id = r.id AND t.key = ? AND t.value = ?)"
                     .into(),
             );
-            args.push(Value::Text(key.clone()));
-            args.push(Value::Text(value.clone()));
+            args.push(Arg::Text(key.clone()));
+            args.push(Arg::Text(value.clone()));
         }
         for condition in &query.metrics {
             conditions.push(format!(
@@ -574,9 +616,9 @@ impl ExperimentDb {
                 condition.field.column(),
                 condition.op.as_str()
             ));
-            args.push(Value::Text(condition.key.clone()));
-            args.push(Value::Text(condition.split.clone()));
-            args.push(Value::Real(condition.value));
+            args.push(Arg::Text(condition.key.clone()));
+            args.push(Arg::Text(condition.split.clone()));
+            args.push(Arg::Real(condition.value));
         }
         if !conditions.is_empty() {
             sql.push_str(" WHERE ");
@@ -595,14 +637,14 @@ impl ExperimentDb {
             }
             None => sql.push_str(" ORDER BY r.started_at, r.id"),
         }
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query(params_from_iter(args.iter()))?;
+        let rows = self.conn.borrow_mut().query(&sql, &args)?;
         let limit = query.limit.unwrap_or(usize::MAX);
         let mut runs = Vec::new();
-        while runs.len() < limit
-            && let Some(row) = rows.next()?
-        {
-            let run = run_from_row(row)?;
+        for row in rows {
+            if runs.len() >= limit {
+                break;
+            }
+            let run = run_from_row(&row)?;
             if !query.params.is_empty() {
                 let params: HashMap<String, String> = self.params(run.id)?.into_iter().collect();
                 let matches = query
@@ -623,14 +665,15 @@ impl ExperimentDb {
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
     pub fn params(&self, run: RunId) -> Result<Vec<(String, String)>> {
-        ensure_run(&self.conn, run)?;
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT key, value FROM params WHERE run_id = ?1 ORDER BY key")?;
-        let params = stmt
-            .query_map([run], |row| Ok((row.get(0)?, row.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(params)
+        let conn = &mut *self.conn.borrow_mut();
+        ensure_run(conn, run)?;
+        conn.query(
+            "SELECT key, value FROM params WHERE run_id = ?1 ORDER BY key",
+            args![run],
+        )?
+        .iter()
+        .map(|row| Ok((row.get(0)?, row.get(1)?)))
+        .collect()
     }
 
     /// The tags of a run, by key.
@@ -638,14 +681,15 @@ impl ExperimentDb {
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
     pub fn tags(&self, run: RunId) -> Result<Vec<(String, String)>> {
-        ensure_run(&self.conn, run)?;
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT key, value FROM tags WHERE run_id = ?1 ORDER BY key")?;
-        let tags = stmt
-            .query_map([run], |row| Ok((row.get(0)?, row.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(tags)
+        let conn = &mut *self.conn.borrow_mut();
+        ensure_run(conn, run)?;
+        conn.query(
+            "SELECT key, value FROM tags WHERE run_id = ?1 ORDER BY key",
+            args![run],
+        )?
+        .iter()
+        .map(|row| Ok((row.get(0)?, row.get(1)?)))
+        .collect()
     }
 
     /// The artifacts of a run, in the order they were recorded.
@@ -653,25 +697,26 @@ impl ExperimentDb {
     /// # Errors
     /// [`Error::NotFound`] when the run does not exist.
     pub fn artifacts(&self, run: RunId) -> Result<Vec<ArtifactRecord>> {
-        ensure_run(&self.conn, run)?;
-        let mut stmt = self.conn.prepare_cached(
+        let conn = &mut *self.conn.borrow_mut();
+        ensure_run(conn, run)?;
+        conn.query(
             "SELECT id, run_id, kind, path, size_bytes, sha256, created_at
                 FROM artifacts WHERE run_id = ?1 ORDER BY id",
-        )?;
-        let artifacts = stmt
-            .query_map([run], |row| {
-                Ok(ArtifactRecord {
-                    id: row.get(0)?,
-                    run: row.get(1)?,
-                    kind: row.get(2)?,
-                    path: row.get(3)?,
-                    size_bytes: row.get(4)?,
-                    sha256: row.get(5)?,
-                    created_at: row.get(6)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(artifacts)
+            args![run],
+        )?
+        .iter()
+        .map(|row| {
+            Ok(ArtifactRecord {
+                id: row.get(0)?,
+                run: row.get(1)?,
+                kind: row.get(2)?,
+                path: row.get(3)?,
+                size_bytes: row.get(4)?,
+                sha256: row.get(5)?,
+                created_at: row.get(6)?,
+            })
+        })
+        .collect()
     }
 
     /// Every visible point of one metric series as `(step, value)`, by step (points at
@@ -682,22 +727,9 @@ impl ExperimentDb {
     /// [`Error::NotFound`] when the run does not exist.
     pub fn metric_history(&self, run: RunId, key: &str, split: &str) -> Result<Vec<(u64, f64)>> {
         self.sync()?;
-        ensure_run(&self.conn, run)?;
-        let sql = format!(
-            "SELECT m.step, m.value FROM metrics m
-                WHERE m.run_id = ?1 AND m.key = ?2 AND m.split = ?3 AND {VISIBLE}
-                ORDER BY m.step, m.id"
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let points = stmt
-            .query_map(params![run, key, split], |row| {
-                Ok((
-                    row.get(0)?,
-                    row.get::<_, Option<f64>>(1)?.unwrap_or(f64::NAN),
-                ))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(points)
+        let conn = &mut *self.conn.borrow_mut();
+        ensure_run(conn, run)?;
+        series_points(conn, run, key, split)
     }
 
     /// The visible points of one metric series reduced to at most `n_points`, for a
@@ -722,43 +754,23 @@ impl ExperimentDb {
             )));
         }
         self.sync()?;
-        ensure_run(&self.conn, run)?;
+        let conn = &mut *self.conn.borrow_mut();
+        ensure_run(conn, run)?;
         let sql = format!(
             "SELECT COUNT(*), MIN(m.step), MAX(m.step) FROM metrics m
                 WHERE m.run_id = ?1 AND m.key = ?2 AND m.split = ?3 AND {VISIBLE}"
         );
-        let (count, lo, hi): (u64, Option<u64>, Option<u64>) = self
-            .conn
-            .prepare_cached(&sql)?
-            .query_row(params![run, key, split], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-            })?;
+        let row = conn.query_one(&sql, args![run, key, split])?;
+        let (count, lo, hi): (u64, Option<u64>, Option<u64>) =
+            (row.get(0)?, row.get(1)?, row.get(2)?);
         let (Some(lo), Some(hi)) = (lo, hi) else {
             return Ok(Vec::new());
         };
+        let points = series_points(conn, run, key, split)?;
         if usize::try_from(count).is_ok_and(|count| count <= n_points) {
-            return self.metric_history(run, key, split);
+            return Ok(points);
         }
-        let sql = format!(
-            "SELECT m.step, m.value FROM metrics m
-                WHERE m.run_id = ?1 AND m.key = ?2 AND m.split = ?3 AND {VISIBLE}
-                ORDER BY m.step, m.id"
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params![run, key, split], |row| {
-            Ok((
-                row.get::<_, u64>(0)?,
-                row.get::<_, Option<f64>>(1)?.unwrap_or(f64::NAN),
-            ))
-        })?;
-        // Stop at the first row that fails to read, and report it.
-        let mut failure = None;
-        let points = rows.map_while(|row| row.map_err(|e| failure = Some(e)).ok());
-        let sampled = downsample(points, lo, hi, n_points / 2);
-        match failure {
-            Some(e) => Err(e.into()),
-            None => Ok(sampled),
-        }
+        Ok(downsample(points, lo, hi, n_points / 2))
     }
 
     /// Every point of a run as stored, by key, split, step and write order; with
@@ -768,30 +780,30 @@ impl ExperimentDb {
     /// [`Error::NotFound`] when the run does not exist.
     pub fn metric_points(&self, run: RunId, include_hidden: bool) -> Result<Vec<MetricRecord>> {
         self.sync()?;
-        ensure_run(&self.conn, run)?;
+        let conn = &mut *self.conn.borrow_mut();
+        ensure_run(conn, run)?;
         let sql = format!(
             "SELECT m.key, m.split, m.step, m.epoch, m.value, m.wall_time, m.attempt,
                     NOT ({VISIBLE}) AS hidden
                 FROM metrics m WHERE m.run_id = ?1
                 ORDER BY m.key, m.split, m.step, m.id"
         );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let points = stmt
-            .query_map([run], |row| {
+        conn.query(&sql, args![run])?
+            .iter()
+            .map(|row| {
                 Ok(MetricRecord {
                     key: row.get(0)?,
                     split: row.get(1)?,
                     step: row.get(2)?,
                     epoch: row.get(3)?,
-                    value: row.get::<_, Option<f64>>(4)?.unwrap_or(f64::NAN),
+                    value: row.get::<Option<f64>>(4)?.unwrap_or(f64::NAN),
                     wall_time: row.get(5)?,
                     attempt: row.get(6)?,
                     hidden: row.get(7)?,
                 })
-            })?
+            })
             .filter(|p| include_hidden || !matches!(p, Ok(p) if p.hidden))
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(points)
+            .collect()
     }
 
     /// The summary of one metric series; `None` when no visible point of it was written.
@@ -805,14 +817,12 @@ impl ExperimentDb {
         split: &str,
     ) -> Result<Option<MetricSummaryRecord>> {
         self.sync()?;
-        ensure_run(&self.conn, run)?;
+        let conn = &mut *self.conn.borrow_mut();
+        ensure_run(conn, run)?;
         let sql = format!("{SELECT_SUMMARY} WHERE run_id = ?1 AND key = ?2 AND split = ?3");
-        let summary = self
-            .conn
-            .prepare_cached(&sql)?
-            .query_row(params![run, key, split], summary_from_row)
-            .optional()?;
-        Ok(summary)
+        conn.query_opt(&sql, args![run, key, split])?
+            .map(|row| summary_from_row(&row))
+            .transpose()
     }
 
     /// The summaries of every metric series of a run, by key then split.
@@ -821,13 +831,13 @@ impl ExperimentDb {
     /// [`Error::NotFound`] when the run does not exist.
     pub fn metric_summaries(&self, run: RunId) -> Result<Vec<MetricSummaryRecord>> {
         self.sync()?;
-        ensure_run(&self.conn, run)?;
+        let conn = &mut *self.conn.borrow_mut();
+        ensure_run(conn, run)?;
         let sql = format!("{SELECT_SUMMARY} WHERE run_id = ?1 ORDER BY key, split");
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let summaries = stmt
-            .query_map([run], summary_from_row)?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(summaries)
+        conn.query(&sql, args![run])?
+            .iter()
+            .map(summary_from_row)
+            .collect()
     }
 
     /// The run of an experiment whose metric series reached the best finite value
@@ -845,7 +855,8 @@ impl ExperimentDb {
         goal: Goal,
     ) -> Result<Option<RunRecord>> {
         self.sync()?;
-        let experiment = experiment_id(&self.conn, experiment)?;
+        let conn = &mut *self.conn.borrow_mut();
+        let experiment = experiment_id(conn, experiment)?;
         let order = match goal {
             Goal::Min => "s.min IS NOT NULL ORDER BY s.min ASC, r.id ASC",
             Goal::Max => "s.max IS NOT NULL ORDER BY s.max DESC, r.id ASC",
@@ -854,11 +865,10 @@ impl ExperimentDb {
             "{SELECT_RUN} JOIN metric_summaries s ON s.run_id = r.id
                 WHERE r.experiment_id = ?1 AND s.key = ?2 AND s.split = ?3 AND {order} LIMIT 1"
         );
-        let run = self
-            .conn
-            .prepare_cached(&sql)?
-            .query_row(params![experiment, key, split], run_from_row)
-            .optional()?;
+        let run = conn
+            .query_opt(&sql, args![experiment, key, split])?
+            .map(|row| run_from_row(&row))
+            .transpose()?;
         let cutoff = self.cutoff();
         Ok(run.map(|run| Self::reported(run, cutoff)))
     }
@@ -926,43 +936,44 @@ impl RunTracker for ExperimentDb {
             return Err(Error::Invalid("run name is empty".into()));
         }
         let config = serde_json::to_string(&run.config)?;
-        let id = write_tx(&mut self.conn, |tx| {
+        let id = self.conn.get_mut().write_tx(|tx| {
             let now = now();
             tx.execute(
                 "INSERT INTO experiments (name, created_at) VALUES (?1, ?2)
                     ON CONFLICT (name) DO NOTHING",
-                params![run.experiment, now],
+                args![&run.experiment, now],
             )?;
             let experiment = experiment_id(tx, &run.experiment)?;
             let taken: Option<RunId> = tx
-                .query_row(
+                .query_opt(
                     "SELECT id FROM runs WHERE experiment_id = ?1 AND name = ?2",
-                    params![experiment, run.name],
-                    |row| row.get(0),
-                )
-                .optional()?;
+                    args![experiment, &run.name],
+                )?
+                .map(|row| row.get(0))
+                .transpose()?;
             if let Some(other) = taken {
                 return Err(Error::Invalid(format!(
                     "run name {:?} is already taken in experiment {:?} (run {other})",
                     run.name, run.experiment
                 )));
             }
-            tx.execute(
-                "INSERT INTO runs (experiment_id, name, status, config_json, kiln_version,
-                        git_commit, host, started_at, heartbeat_at, attempt)
-                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1)",
-                params![
-                    experiment,
-                    run.name,
-                    RunStatus::Running,
-                    config,
-                    run.kiln_version,
-                    run.git_commit,
-                    run.host,
-                    now
-                ],
-            )?;
-            let id = tx.last_insert_rowid();
+            let id: RunId = tx
+                .query_one(
+                    "INSERT INTO runs (experiment_id, name, status, config_json, kiln_version,
+                            git_commit, host, started_at, heartbeat_at, attempt)
+                        VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1) RETURNING id",
+                    args![
+                        experiment,
+                        &run.name,
+                        RunStatus::Running,
+                        config.as_str(),
+                        &run.kiln_version,
+                        run.git_commit.as_deref(),
+                        &run.host,
+                        now
+                    ],
+                )?
+                .get(0)?;
             insert_params(tx, id, &run.params)?;
             Ok(id)
         })?;
@@ -985,7 +996,7 @@ impl RunTracker for ExperimentDb {
         self.take_failure()?;
         check_points(points)?;
         if !self.running.contains(&run) {
-            ensure_running(&self.conn, run, "log metrics")?;
+            ensure_running(self.conn.get_mut(), run, "log metrics")?;
             self.running.insert(run);
         }
         if points.is_empty() {
@@ -1004,7 +1015,7 @@ impl RunTracker for ExperimentDb {
     fn finish_run(&mut self, run: RunId, status: EndStatus, reason: Option<&str>) -> Result<()> {
         let written = self.flush();
         self.running.remove(&run);
-        let ended = end_run(&mut self.conn, run, status, reason);
+        let ended = end_run(self.conn.get_mut(), run, status, reason);
         match (written, ended) {
             (Err(error), Err(also)) => {
                 tracing::error!(run, error = %also, "could not end the run");
@@ -1021,9 +1032,9 @@ impl RunTracker for ExperimentDb {
     /// Heartbeats through a connection of the pulse's own, opened at each beat
     /// (beats are [`crate::HEARTBEAT_INTERVAL`] apart).
     fn pulse(&mut self, run: RunId) -> Option<Pulse> {
-        let file = self.file.clone();
+        let location = self.connect_to.clone();
         Some(Pulse::new(move || {
-            heartbeat(&mut open_connection(&file)?, run)
+            heartbeat(&mut Conn::open(&location)?, run)
         }))
     }
 
@@ -1060,22 +1071,25 @@ mod tests {
         let mut db = ExperimentDb::open(dir.path().join("kiln.sqlite")).unwrap();
         let fk: bool = db
             .conn
-            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .get_mut()
+            .query_one("PRAGMA foreign_keys", args![])
+            .unwrap()
+            .get(0)
             .unwrap();
         assert!(fk);
         let run = db.start_run(&new_run("a")).unwrap();
-        let insert = |run: RunId| {
-            db.conn.execute(
+        let mut insert = |run: RunId| {
+            db.conn.get_mut().execute(
                 "INSERT INTO metrics (run_id, key, split, step, epoch, value, wall_time)
                     VALUES (?1, 'loss', 'train', 0, 0, 1.0, 0.0)",
-                [run],
+                args![run],
             )
         };
         insert(run).unwrap();
         let err = insert(run + 1000).unwrap_err();
-        assert_eq!(
-            err.sqlite_error_code(),
-            Some(rusqlite::ErrorCode::ConstraintViolation),
+        assert!(
+            matches!(&err, Error::Sqlite(e)
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation)),
             "{err}"
         );
         assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
@@ -1146,10 +1160,13 @@ mod tests {
     #[test]
     fn busy_timeout_is_set() {
         let dir = tempfile::tempdir().unwrap();
-        let db = ExperimentDb::open(dir.path().join("kiln.sqlite")).unwrap();
+        let mut db = ExperimentDb::open(dir.path().join("kiln.sqlite")).unwrap();
         let ms: i64 = db
             .conn
-            .query_row("PRAGMA busy_timeout", [], |r| r.get(0))
+            .get_mut()
+            .query_one("PRAGMA busy_timeout", args![])
+            .unwrap()
+            .get(0)
             .unwrap();
         assert_eq!(ms, 5000);
     }

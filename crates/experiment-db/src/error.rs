@@ -4,6 +4,17 @@ pub enum Error {
     /// SQLite failed.
     #[error("experiment store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The PostgreSQL server returned an error, or the connection to it failed.
+    #[error("experiment store (PostgreSQL): {}", postgres_message(.0))]
+    Postgres(#[from] postgres::Error),
+    /// The PostgreSQL server could not be reached, or refused the login.
+    #[error("experiment store: cannot connect to {location}: {reason}")]
+    Unreachable {
+        /// The store's URL, its password masked.
+        location: String,
+        /// What failed, and what to check.
+        reason: String,
+    },
     /// A run or experiment that was named does not exist.
     #[error("experiment store: {0} not found")]
     NotFound(String),
@@ -28,4 +39,17 @@ pub enum Error {
         /// The error of the first of them.
         first: Box<Error>,
     },
+}
+
+/// A PostgreSQL error with the server's message, which the client's own `Display`
+/// leaves to its source.
+fn postgres_message(error: &postgres::Error) -> String {
+    match (error.as_db_error(), std::error::Error::source(error)) {
+        (Some(db), _) => match db.detail() {
+            Some(detail) => format!("{}: {} ({detail})", db.severity(), db.message()),
+            None => format!("{}: {}", db.severity(), db.message()),
+        },
+        (None, Some(source)) => format!("{error}: {source}"),
+        (None, None) => error.to_string(),
+    }
 }

@@ -2,8 +2,10 @@
 //!
 //! Knows nothing of Burn: it stores numbers, strings and JSON.
 //!
-//! [`ExperimentDb`] is one SQLite file (WAL, foreign keys enforced, a busy timeout)
-//! whose schema is created and upgraded by numbered migrations when it opens. A
+//! [`ExperimentDb`] is one SQLite file (WAL, foreign keys enforced, a busy timeout),
+//! or a PostgreSQL database that several machines share ([`StoreLocation`]: a
+//! `postgres://` URL), whose schema is created and upgraded by numbered migrations
+//! when it opens. A
 //! training loop records runs through the [`RunTracker`] trait; metric points are
 //! written by a background thread so that the loop never waits on the disk. The
 //! queries ([`ExperimentDb::list_runs`], [`ExperimentDb::query_runs`],
@@ -19,6 +21,7 @@
 
 mod compare;
 mod db;
+mod engine;
 mod error;
 mod migrations;
 #[cfg(feature = "plot")]
@@ -26,12 +29,15 @@ pub mod plot;
 mod query;
 mod records;
 mod series;
-mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tracker;
 mod writer;
+mod writes;
 
 pub use compare::{Comparison, MetricRow, ParamRow};
 pub use db::{ExitHandle, ExperimentDb};
+pub use engine::StoreLocation;
 pub use error::Error;
 pub use query::{
     CompareOp, Filter, MetricCondition, MetricField, MetricOrder, ParamCondition, RunQuery,

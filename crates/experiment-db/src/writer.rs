@@ -13,9 +13,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rusqlite::Connection;
-
-use crate::sqlite::{write_points, write_tx};
+use crate::engine::Conn;
+use crate::writes::write_points;
 use crate::{Error, MetricPoint, Result, RunId};
 
 /// What the thread is asked to do.
@@ -53,7 +52,7 @@ pub(crate) struct Writer {
 impl Writer {
     /// Starts the thread, which writes through `conn`, with a queue of `capacity`
     /// batches.
-    pub(crate) fn spawn(conn: Connection, capacity: usize) -> Result<Self> {
+    pub(crate) fn spawn(conn: Conn, capacity: usize) -> Result<Self> {
         let (sender, receiver) = sync_channel(capacity);
         let failures = Arc::new(Mutex::new(Failures::default()));
         let thread_failures = Arc::clone(&failures);
@@ -172,11 +171,11 @@ fn stopped() -> Error {
 }
 
 /// The thread's loop: runs until the queue is closed and empty.
-fn serve(mut conn: Connection, receiver: &Receiver<Command>, failures: &Mutex<Failures>) {
+fn serve(mut conn: Conn, receiver: &Receiver<Command>, failures: &Mutex<Failures>) {
     for command in receiver {
         match command {
             Command::Batch { run, points } => {
-                if let Err(error) = write_tx(&mut conn, |tx| write_points(tx, run, &points)) {
+                if let Err(error) = conn.write_tx(|tx| write_points(tx, run, &points)) {
                     tracing::warn!(run, points = points.len(), %error, "metric batch not written");
                     let mut failures = failures.lock().unwrap_or_else(PoisonError::into_inner);
                     failures.batches += 1;

@@ -61,6 +61,7 @@ fn bad_text_files_fail_cleanly(#[case] content: Option<&[u8]>, #[case] needle: &
 #[case(&["train", "--devices", "9999"], "invalid devices \"9999\": expected at most")]
 #[case(&["train", "--experiment", "../../escape"], "invalid experiment \"../../escape\": expected a non-empty name without slashes")]
 #[case(&["train", "--run-name", ".."], "invalid run_name \"..\"")]
+#[case(&["train", "--db", "postgres://kiln:pw@127.0.0.1:1/kiln"], "cannot connect to postgres://kiln:***@127.0.0.1:1/kiln")]
 fn bad_arguments_fail_with_the_value_named(#[case] args: &[&str], #[case] needle: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut all = args.to_vec();
@@ -78,6 +79,30 @@ fn bad_arguments_fail_with_the_value_named(#[case] args: &[&str], #[case] needle
     // Nothing outside the output directory (`--experiment ../../escape`).
     let parent = dir.path().parent().unwrap();
     assert!(!parent.join("escape").exists() && !dir.path().join("..").join("escape").exists());
+}
+
+/// A malformed `--db` URL is a usage error (exit 2) that says what is wrong, for
+/// `train` and `runs` alike; nothing is trained or written.
+#[rstest]
+#[case::train_port(&["train", "--db", "postgres://kiln@host:port/kiln"], "invalid port \"port\"")]
+#[case::runs_option(&["runs", "--db", "postgres://kiln@host/kiln?colour=red"], "unknown option \"colour\"")]
+fn a_malformed_store_url_is_a_usage_error(#[case] args: &[&str], #[case] why: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut all = args.to_vec();
+    all.extend(["--output-dir", dir.path().to_str().unwrap()]);
+    let out = kiln(&all);
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("malformed PostgreSQL URL") && err.contains(why),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
 }
 
 /// A CPU-only kiln says how to get the GPU check instead of failing obscurely.
@@ -238,12 +263,35 @@ fn sigterm_stops_training_and_the_run_is_recorded_killed(#[case] signals: usize)
     assert!(row.contains("KILLED"), "{stdout}");
 }
 
-#[test]
-fn runs_commands_list_show_compare_best_export_and_plot_real_runs() {
+/// Where a test records its runs.
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    /// The default: `<output-dir>/kiln.sqlite`.
+    Sqlite,
+    /// `--db postgres://...`: a throwaway database on the test server.
+    Postgres,
+}
+
+/// The same commands on the default SQLite file and on a PostgreSQL database.
+#[rstest]
+fn runs_commands_list_show_compare_best_export_and_plot_real_runs(
+    #[values(Store::Sqlite, Store::Postgres)] store: Store,
+) {
+    let database = match store {
+        Store::Sqlite => None,
+        Store::Postgres => match kiln_experiment_db::testing::TempDatabase::create() {
+            Some(database) => Some(database),
+            None => return,
+        },
+    };
+    let db_args: Vec<&str> = match &database {
+        Some(database) => vec!["--db", database.url.as_str()],
+        None => vec![],
+    };
     let dir = tempfile::tempdir().unwrap();
     let o = dir.path().to_str().unwrap();
     for (name, lr) in [("a", "1e-3"), ("b", "3e-3")] {
-        let out = kiln(&[
+        let mut train = vec![
             "train",
             "--max-steps",
             "4",
@@ -257,13 +305,25 @@ fn runs_commands_list_show_compare_best_export_and_plot_real_runs() {
             name,
             "--lr",
             lr,
-        ]);
-        assert!(out.status.success(), "{}", text(&out).1);
+        ];
+        train.extend(&db_args);
+        let out = kiln(&train);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        if let Some(database) = &database {
+            // The summary names the store, its password (if any) masked.
+            assert!(
+                stdout.contains("recorded as run") && stdout.contains("kiln_test_"),
+                "{stdout}"
+            );
+            assert!(!dir.path().join("kiln.sqlite").exists(), "{}", database.url);
+        }
     }
     let ok = |args: &[&str]| {
         let mut all = vec!["runs"];
         all.extend_from_slice(args);
         all.extend(["--output-dir", o]);
+        all.extend(&db_args);
         let out = kiln(&all);
         let (stdout, stderr) = text(&out);
         assert!(out.status.success(), "{args:?}: {stderr}");

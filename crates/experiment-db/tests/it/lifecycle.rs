@@ -1,5 +1,5 @@
 //! The background writer, stale runs read LOST, resumed runs, and the summaries of
-//! resumed runs against a full scan (property test), on real database files.
+//! resumed runs against a full scan (property test), on real stores of both engines.
 
 use std::time::Duration;
 
@@ -9,14 +9,11 @@ use kiln_experiment_db::{
 };
 use rstest::rstest;
 
-fn count_points(path: &std::path::Path, run: RunId) -> i64 {
-    raw(path)
-        .query_row(
-            "SELECT COUNT(*) FROM metrics WHERE run_id = ?1",
-            [run],
-            |r| r.get(0),
-        )
-        .unwrap()
+fn count_points(store: &TempStore, run: RunId) -> i64 {
+    store.raw().int(
+        "SELECT COUNT(*) FROM metrics WHERE run_id = ?1",
+        &[run.into()],
+    )
 }
 
 // ---------------------------------------------------------------- background writer
@@ -25,22 +22,26 @@ fn count_points(path: &std::path::Path, run: RunId) -> i64 {
 /// synchronous write would wait for the lock, then fail at the busy timeout): the
 /// calls all return while the lock is held, none of their points written yet, and
 /// the points land once the lock is released.
-#[test]
-fn log_metrics_does_not_wait_for_the_disk() {
-    let (_dir, path, mut db) = temp_db();
+#[rstest]
+fn log_metrics_does_not_wait_for_the_disk(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     db.log_metrics(id, &losses(&[(0, 1.0)])).unwrap();
     db.flush().unwrap(); // the writer thread is up
 
-    let blocker = raw(&path);
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut blocker = store.raw();
+    blocker.lock_writers();
     for step in 1..=20 {
         db.log_metrics(id, &losses(&[(step, 1.0 / step as f64)]))
             .unwrap();
     }
     // Still locked: the 20 calls returned without writing.
-    assert_eq!(count_points(&path, id), 1);
-    blocker.execute_batch("COMMIT").unwrap();
+    assert_eq!(count_points(&store, id), 1);
+    blocker.unlock_writers();
     db.flush().unwrap();
     assert_eq!(db.metric_history(id, "loss", "train").unwrap().len(), 21);
 }
@@ -49,17 +50,21 @@ fn log_metrics_does_not_wait_for_the_disk() {
 /// batch is dropped. With the database locked, the logger gets at most one batch
 /// past the queue's capacity (the one the writer holds), and no further until the
 /// lock goes.
-#[test]
-fn a_full_queue_blocks_rather_than_drops() {
-    let (_dir, path, mut db) = temp_db();
+#[rstest]
+fn a_full_queue_blocks_rather_than_drops(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     db.log_metrics(id, &[]).unwrap();
     db.flush().unwrap();
     let capacity = ExperimentDb::WRITER_QUEUE_BATCHES as u64;
     let batches = capacity + 10;
 
-    let blocker = raw(&path);
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut blocker = store.raw();
+    blocker.lock_writers();
     let (done, progress) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
         let logger = scope.spawn(|| {
@@ -83,25 +88,27 @@ fn a_full_queue_blocks_rather_than_drops() {
             );
         }
         assert!(!logger.is_finished());
-        blocker.execute_batch("COMMIT").unwrap();
+        blocker.unlock_writers();
         logger.join().unwrap();
     });
     db.flush().unwrap();
-    assert_eq!(count_points(&path, id), batches as i64);
+    assert_eq!(count_points(&store, id), batches as i64);
 }
 
 /// Dropping the store writes what is still queued.
-#[test]
-fn drop_writes_queued_points() {
-    let (_dir, path, mut db) = temp_db();
+#[rstest]
+fn drop_writes_queued_points(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     for batch in 0..50u64 {
         let points: Vec<(u64, f64)> = (0..20).map(|i| (batch * 20 + i, i as f64)).collect();
         db.log_metrics(id, &losses(&points)).unwrap();
     }
     drop(db);
-    assert_eq!(count_points(&path, id), 1000);
-    let db = ExperimentDb::open(&path).unwrap();
+    assert_eq!(count_points(&store, id), 1000);
+    let db = store.open();
     let summary = db.metric_summary(id, "loss", "train").unwrap().unwrap();
     assert_eq!((summary.last_step, summary.last), (999, 19.0));
 }
@@ -122,25 +129,30 @@ enum ReportedBy {
 #[case::next_log(ReportedBy::NextLog)]
 #[case::finish(ReportedBy::Finish)]
 #[case::resume(ReportedBy::Resume)]
-fn writer_failures_are_reported_once(#[case] by: ReportedBy) {
-    let (_dir, path, mut db) = temp_db();
+fn writer_failures_are_reported_once(
+    #[case] by: ReportedBy,
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     db.log_metrics(id, &losses(&[(0, 1.0)])).unwrap();
     db.flush().unwrap();
 
     // Another process ends the run; this handle still believes it RUNNING.
-    let mut other = ExperimentDb::open(&path).unwrap();
+    let mut other = store.open();
     other
         .finish_run(id, EndStatus::Killed, Some("SIGTERM"))
         .unwrap();
     // Two batches that will fail, queued while the writer is held up by a lock (so that
     // the second call cannot already report the first failure).
-    let blocker = raw(&path);
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut blocker = store.raw();
+    blocker.lock_writers();
     db.log_metrics(id, &losses(&[(1, 0.5), (2, 0.25), (3, 0.125)]))
         .unwrap();
     db.log_metrics(id, &losses(&[(4, 0.1)])).unwrap();
-    blocker.execute_batch("COMMIT").unwrap();
+    blocker.unlock_writers();
 
     let err = match by {
         ReportedBy::Flush => db.flush().unwrap_err(),
@@ -169,7 +181,7 @@ fn writer_failures_are_reported_once(#[case] by: ReportedBy) {
     // Reported once.
     db.flush().unwrap();
     assert_eq!(
-        count_points(&path, id),
+        count_points(&store, id),
         1,
         "the failed batches wrote nothing"
     );
@@ -180,22 +192,26 @@ fn writer_failures_are_reported_once(#[case] by: ReportedBy) {
     let next = db.start_run(&new_run("e", "next")).unwrap();
     db.log_metrics(next, &losses(&[(0, 1.0)])).unwrap();
     db.finish_run(next, EndStatus::Finished, None).unwrap();
-    assert_eq!(count_points(&path, next), 1);
+    assert_eq!(count_points(&store, next), 1);
 }
 
 /// A failure still pending when the store is dropped is logged, not a panic.
-#[test]
-fn dropping_with_a_pending_failure_does_not_panic() {
-    let (_dir, path, mut db) = temp_db();
+#[rstest]
+fn dropping_with_a_pending_failure_does_not_panic(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     db.log_metrics(id, &[]).unwrap();
-    ExperimentDb::open(&path)
-        .unwrap()
+    store
+        .open()
         .finish_run(id, EndStatus::Failed, Some("x"))
         .unwrap();
     db.log_metrics(id, &losses(&[(1, 0.5)])).unwrap();
     drop(db);
-    assert_eq!(count_points(&path, id), 0);
+    assert_eq!(count_points(&store, id), 0);
 }
 
 // ---------------------------------------------------------------- stale runs
@@ -221,8 +237,11 @@ fn stale_runs_read_lost(
     #[case] start_age: f64,
     #[case] stale_after_s: u64,
     #[case] expected: RunStatus,
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
 ) {
-    let (_dir, path, mut db) = temp_db();
+    let Some((store, mut db)) = temp_store(engine) else {
+        return;
+    };
     assert_eq!(db.stale_after(), ExperimentDb::DEFAULT_STALE_AFTER);
     assert_eq!(ExperimentDb::DEFAULT_STALE_AFTER, Duration::from_secs(300));
     db.set_stale_after(Duration::from_secs(stale_after_s));
@@ -232,22 +251,21 @@ fn stale_runs_read_lost(
         db.finish_run(id, EndStatus::Finished, None).unwrap();
     }
     let now = now();
-    raw(&path)
-        .execute(
-            "UPDATE runs SET heartbeat_at = ?2, started_at = ?3 WHERE id = ?1",
-            rusqlite::params![id, heartbeat_age.map(|a| now - a), now - start_age],
+    store.raw().execute(
+        "UPDATE runs SET heartbeat_at = ?2, started_at = ?3 WHERE id = ?1",
+        &[
+            id.into(),
+            heartbeat_age.map(|a| now - a).into(),
+            (now - start_age).into(),
+        ],
+    );
+    let stored_row = || {
+        store.raw().query(
+            "SELECT status, heartbeat_at FROM runs WHERE id = ?1",
+            &[id.into()],
         )
-        .unwrap();
-    let stored_row = |path: &std::path::Path| -> (String, Option<f64>) {
-        raw(path)
-            .query_row(
-                "SELECT status, heartbeat_at FROM runs WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap()
     };
-    let before = stored_row(&path);
+    let before = stored_row();
 
     assert_eq!(db.run(id).unwrap().status, expected);
     let listed = db.list_runs(Some("e")).unwrap();
@@ -265,25 +283,21 @@ fn stale_runs_read_lost(
     let lost = with_status(RunStatus::Lost);
     assert_eq!(lost.contains(&id), expected == RunStatus::Lost);
     assert!(!lost.contains(&fresh));
-    assert_eq!(
-        stored_row(&path),
-        before,
-        "reading does not rewrite the row"
-    );
+    assert_eq!(stored_row(), before, "reading does not rewrite the row");
 }
 
 /// The writer beats for the run whenever it commits a batch: a LOST run that logs
 /// again reads RUNNING.
-#[test]
-fn the_writer_refreshes_the_heartbeat() {
-    let (_dir, path, mut db) = temp_db();
+#[rstest]
+fn the_writer_refreshes_the_heartbeat(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
-    raw(&path)
-        .execute(
-            "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1",
-            rusqlite::params![id, now() - 3600.0],
-        )
-        .unwrap();
+    store.raw().execute(
+        "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1",
+        &[id.into(), (now() - 3600.0).into()],
+    );
     assert_eq!(db.run(id).unwrap().status, RunStatus::Lost);
     let before = now();
     db.log_metrics(id, &losses(&[(0, 1.0)])).unwrap();
@@ -292,12 +306,10 @@ fn the_writer_refreshes_the_heartbeat() {
     assert_eq!(run.status, RunStatus::Running);
     assert!(run.heartbeat_at.unwrap() >= before - 1.0);
     // An explicit heartbeat too, once the last one is stale.
-    raw(&path)
-        .execute(
-            "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1",
-            rusqlite::params![id, now() - 3600.0],
-        )
-        .unwrap();
+    store.raw().execute(
+        "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1",
+        &[id.into(), (now() - 3600.0).into()],
+    );
     assert_eq!(db.run(id).unwrap().status, RunStatus::Lost);
     db.heartbeat(id).unwrap();
     assert_eq!(db.run(id).unwrap().status, RunStatus::Running);
@@ -307,9 +319,13 @@ fn the_writer_refreshes_the_heartbeat() {
 
 /// Attempt 1 logs steps 0..=20 and dies; attempt 2 resumes from step 10: the points of
 /// attempt 1 after step 10 are hidden (not deleted) and the summaries recomputed.
-#[test]
-fn resume_hides_later_points_of_earlier_attempts() {
-    let (_dir, path, mut db) = temp_db();
+#[rstest]
+fn resume_hides_later_points_of_earlier_attempts(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     // Attempt 1: the loss falls to 0.1 at step 18, then diverges.
     let attempt1: Vec<(u64, f64)> = (0..=20)
@@ -334,7 +350,7 @@ fn resume_hides_later_points_of_earlier_attempts() {
 
     // The process died; a new one resumes from the checkpoint at step 10.
     drop(db);
-    let mut db = ExperimentDb::open(&path).unwrap();
+    let mut db = store.open();
     assert_eq!(db.resume_run(id, 10).unwrap(), 2);
     let run = db.run(id).unwrap();
     assert_eq!(run.attempt, 2);
@@ -405,8 +421,11 @@ fn resume_starts_a_new_attempt(
     #[case] end: Option<EndStatus>,
     #[case] previous: RunStatus,
     #[case] reason: Option<&str>,
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
 ) {
-    let (_dir, _path, mut db) = temp_db();
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     db.log_metrics(id, &losses(&[(0, 3.0), (5, 2.0), (9, 1.0)]))
         .unwrap();
@@ -442,9 +461,11 @@ fn resume_starts_a_new_attempt(
     );
 }
 
-#[test]
-fn resume_errors() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn resume_errors(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let err = db.resume_run(42, 0).unwrap_err();
     assert!(
         matches!(err, Error::NotFound(ref m) if m == "run 42"),
@@ -458,9 +479,11 @@ fn resume_errors() {
 
 /// Chained resumes: a point is hidden by any later attempt that resumed before its
 /// step.
-#[test]
-fn chained_resumes_keep_one_lineage() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn chained_resumes_keep_one_lineage(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     let a1: Vec<(u64, f64)> = (0..=30).map(|s| (s, 100.0 - s as f64)).collect();
     db.log_metrics(id, &losses(&a1)).unwrap();
@@ -490,9 +513,13 @@ fn chained_resumes_keep_one_lineage() {
 /// Property: for many random sequences of batches and resumes, the stored summary
 /// equals a full scan of the visible points, and the history is exactly the visible
 /// points.
-#[test]
-fn summaries_equal_a_full_scan_under_random_resumes() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn summaries_equal_a_full_scan_under_random_resumes(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
     for case in 0..150 {
         let id = db
@@ -544,4 +571,38 @@ fn summaries_equal_a_full_scan_under_random_resumes() {
             "case {case}"
         );
     }
+}
+
+// ---------------------------------------------------------------- a dropped connection
+
+/// The server drops every connection of the store (a restart, a failover, an idle
+/// timeout): the handle's reads, its writes and its background writer reconnect and
+/// go on, losing nothing.
+#[test]
+fn connections_dropped_by_the_server_are_made_again() {
+    let Some((store, mut db)) = temp_store(Engine::Postgres) else {
+        return;
+    };
+    let id = db.start_run(&new_run("e", "r")).unwrap();
+    db.log_metrics(id, &losses(&[(0, 1.0)])).unwrap();
+    db.flush().unwrap();
+    let terminated = store.raw().int(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+            WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        &[],
+    );
+    assert_eq!(terminated, 2, "the handle's connection and its writer's");
+    db.log_metrics(id, &losses(&[(1, 0.5)])).unwrap();
+    db.flush().unwrap();
+    assert_eq!(
+        db.metric_history(id, "loss", "train").unwrap(),
+        vec![(0, 1.0), (1, 0.5)]
+    );
+    store.raw().int(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+            WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        &[],
+    );
+    db.finish_run(id, EndStatus::Finished, None).unwrap();
+    assert_eq!(db.run(id).unwrap().status, RunStatus::Finished);
 }

@@ -1,15 +1,17 @@
-//! Several processes on one database file, and a writer process killed with SIGKILL.
+//! Several processes on one store, and a writer process killed with SIGKILL, on both
+//! engines.
 //!
 //! The child processes are this test binary run again: `processes::child_process_entry` does
 //! nothing unless `KILN_EDB_CHILD` names a role, so no extra binary is needed.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use kiln_experiment_db::{EndStatus, ExperimentDb, RunStatus, RunTracker};
+use kiln_experiment_db::{EndStatus, ExperimentDb, RunStatus, RunTracker, StoreLocation};
+use rstest::rstest;
 
 const ROLE: &str = "KILN_EDB_CHILD";
 const DB: &str = "KILN_EDB_PATH";
@@ -22,7 +24,7 @@ const CONCURRENT_BATCH: u64 = 10;
 const CRASH_BATCH: u64 = 100;
 
 /// Starts this test binary again as a child in `role`.
-fn spawn_child(role: &str, env: &[(&str, &Path)], name: &str) -> Child {
+fn spawn_child(role: &str, env: &[(&str, &str)], name: &str) -> Child {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
         .args([
@@ -47,19 +49,21 @@ fn child_process_entry() {
     let Ok(role) = std::env::var(ROLE) else {
         return;
     };
-    let path = PathBuf::from(std::env::var_os(DB).unwrap());
+    let location: StoreLocation = std::env::var(DB).unwrap().parse().unwrap();
     let name = std::env::var(NAME).unwrap();
     match role.as_str() {
-        "concurrent" => concurrent_writer(&path, &name, Path::new(&std::env::var_os(GO).unwrap())),
-        "crash" => crashing_writer(&path, &name),
+        "concurrent" => {
+            concurrent_writer(&location, &name, Path::new(&std::env::var_os(GO).unwrap()));
+        }
+        "crash" => crashing_writer(&location, &name),
         other => panic!("unknown child role {other}"),
     }
 }
 
 /// Writes `POINTS_PER_WRITER` points in small batches, through the background writer,
 /// as soon as the parent says go.
-fn concurrent_writer(path: &Path, name: &str, go: &Path) {
-    let mut db = ExperimentDb::open(path).unwrap();
+fn concurrent_writer(location: &StoreLocation, name: &str, go: &Path) {
+    let mut db = ExperimentDb::open_location(location).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !go.exists() {
         assert!(Instant::now() < deadline, "never told to go");
@@ -77,8 +81,8 @@ fn concurrent_writer(path: &Path, name: &str, go: &Path) {
 
 /// Writes batches of `CRASH_BATCH` points until killed, printing `committed N` once the
 /// N-th batch is committed.
-fn crashing_writer(path: &Path, name: &str) {
-    let mut db = ExperimentDb::open(path).unwrap();
+fn crashing_writer(location: &StoreLocation, name: &str) {
+    let mut db = ExperimentDb::open_location(location).unwrap();
     let run = db.start_run(&new_run("crash", name)).unwrap();
     let mut out = std::io::stdout();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -95,19 +99,21 @@ fn crashing_writer(path: &Path, name: &str) {
     }
 }
 
-/// Four processes write 5,000 points each into one file at once: all 20,000 are
-/// there, and no "database is locked" reaches any of them.
-#[test]
-fn four_processes_write_to_one_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kiln.sqlite");
-    drop(ExperimentDb::open(&path).unwrap()); // created and migrated once
-    let go = dir.path().join("go");
+/// Four processes write 5,000 points each into one store at once: all 20,000 are
+/// there, and no "database is locked" (or lock timeout) reaches any of them.
+#[rstest]
+fn four_processes_write_to_one_store(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some(store) = TempStore::new(engine) else {
+        return;
+    };
+    drop(store.open()); // created and migrated once
+    let go = store.dir.path().join("go");
+    let (location, go_arg) = (store.location_arg(), go.display().to_string());
     let children: Vec<Child> = (0..WRITERS)
         .map(|i| {
             spawn_child(
                 "concurrent",
-                &[(DB, &path), (GO, &go)],
+                &[(DB, &location), (GO, &go_arg)],
                 &format!("writer-{i}"),
             )
         })
@@ -117,18 +123,18 @@ fn four_processes_write_to_one_file() {
         let output = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
-            !stderr.contains("database is locked") && !stderr.contains("busy"),
+            !stderr.contains("database is locked")
+                && !stderr.contains("busy")
+                && !stderr.contains("lock timeout"),
             "{stderr}"
         );
         assert!(output.status.success(), "child failed: {stderr}");
     }
 
-    let db = ExperimentDb::open(&path).unwrap();
+    let db = store.open();
     let runs = db.list_runs(Some("concurrency")).unwrap();
     assert_eq!(runs.len(), WRITERS);
-    let total: i64 = raw(&path)
-        .query_row("SELECT COUNT(*) FROM metrics", [], |r| r.get(0))
-        .unwrap();
+    let total = store.raw().int("SELECT COUNT(*) FROM metrics", &[]);
     assert_eq!(total, (WRITERS as u64 * POINTS_PER_WRITER) as i64);
     for run in runs {
         assert_eq!(run.status, RunStatus::Finished, "{}", run.name);
@@ -144,14 +150,17 @@ fn four_processes_write_to_one_file() {
     }
 }
 
-/// A writer killed with SIGKILL in the middle of writing leaves a database that passes
-/// `PRAGMA integrity_check` and holds every batch committed before the kill, each
-/// batch whole.
-#[test]
-fn a_writer_killed_mid_write_loses_no_committed_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kiln.sqlite");
-    let mut child = spawn_child("crash", &[(DB, &path)], "victim");
+/// A writer killed with SIGKILL in the middle of writing leaves a store that holds
+/// every batch committed before the kill, each batch whole (and a SQLite file that
+/// passes `PRAGMA integrity_check`).
+#[rstest]
+fn a_writer_killed_mid_write_loses_no_committed_batch(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some(store) = TempStore::new(engine) else {
+        return;
+    };
+    let mut child = spawn_child("crash", &[(DB, &store.location_arg())], "victim");
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     // libtest may print "test child_process_entry ... " before the child's first line.
@@ -189,20 +198,19 @@ fn a_writer_killed_mid_write_loses_no_committed_batch() {
     assert!(!status.success());
     assert!(committed >= 25, "the child committed {committed} batches");
 
-    let conn = raw(&path);
-    let check: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(check, "ok");
-    let steps: Vec<u64> = {
-        let mut stmt = conn
-            .prepare("SELECT step FROM metrics ORDER BY step")
-            .unwrap();
-        stmt.query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap()
-    };
+    let mut conn = store.raw();
+    if engine == Engine::Sqlite {
+        let check = conn.query("PRAGMA integrity_check", &[]);
+        assert_eq!(check, vec![vec![Val::Text("ok".into())]]);
+    }
+    let steps: Vec<u64> = conn
+        .query("SELECT step FROM metrics ORDER BY step", &[])
+        .into_iter()
+        .map(|row| match row[0] {
+            Val::Int(step) => step as u64,
+            ref other => panic!("{other:?}"),
+        })
+        .collect();
     let stored = steps.len() as u64;
     assert!(
         stored >= committed * CRASH_BATCH,
@@ -216,7 +224,7 @@ fn a_writer_killed_mid_write_loses_no_committed_batch() {
     );
 
     // The store opens and reads it; the run, never ended, reads RUNNING then LOST.
-    let mut db = ExperimentDb::open(&path).unwrap();
+    let mut db = store.open();
     let run = db.list_runs(Some("crash")).unwrap().remove(0);
     assert_eq!(run.status, RunStatus::Running);
     let summary = db.metric_summary(run.id, "loss", "train").unwrap().unwrap();

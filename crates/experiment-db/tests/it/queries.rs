@@ -105,8 +105,11 @@ fn bad_filters_are_named(#[case] text: &str, #[case] why: &str) {
 /// | d   | 0.0001 | -     | -    | RUNNING  | 1.0, 0.9               | 0.7            |
 /// | e   | 10     | adam  | h200 | RUNNING  | -                      | -              |
 /// | x   | 0.001  | adam  | h200 | FINISHED | 0.1, 0.1   (cls)       | -              |
-fn fixture() -> (tempfile::TempDir, ExperimentDb, Vec<(String, RunId)>) {
-    let (dir, _path, mut db) = temp_db();
+/// The fixture's store, a handle on it, and its runs' names and ids.
+type Fixture = (TempStore, ExperimentDb, Vec<(String, RunId)>);
+
+fn fixture(engine: Engine) -> Option<Fixture> {
+    let (store, mut db) = temp_store(engine)?;
     type Spec<'a> = (
         &'a str,
         &'a str,
@@ -194,7 +197,7 @@ fn fixture() -> (tempfile::TempDir, ExperimentDb, Vec<(String, RunId)>) {
         }
         ids.push((name.to_string(), id));
     }
-    (dir, db, ids)
+    Some((store, db, ids))
 }
 
 fn names(db: &ExperimentDb, query: &RunQuery) -> Vec<String> {
@@ -241,14 +244,22 @@ fn names(db: &ExperimentDb, query: &RunQuery) -> Vec<String> {
 #[case::limit_after_param_filter(RunQuery::new().param("opt", CompareOp::Eq, "adam").limit(2),
     &["a", "c"])]
 #[case::limit_zero(RunQuery::new().limit(0), &[])]
-fn query_runs_filters_and_orders(#[case] query: RunQuery, #[case] expected: &[&str]) {
-    let (_dir, db, _ids) = fixture();
+fn query_runs_filters_and_orders(
+    #[case] query: RunQuery,
+    #[case] expected: &[&str],
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, db, _ids)) = fixture(engine) else {
+        return;
+    };
     assert_eq!(names(&db, &query), expected, "{query:?}");
 }
 
-#[test]
-fn query_runs_from_parsed_filters() {
-    let (_dir, db, _ids) = fixture();
+#[rstest]
+fn query_runs_from_parsed_filters(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, db, _ids)) = fixture(engine) else {
+        return;
+    };
     let query = RunQuery::new()
         .filters(["param.lr>=0.001", "tag.gpu=h200", "metric.valid/loss:min<2"])
         .unwrap();
@@ -279,8 +290,14 @@ fn query_runs_from_parsed_filters() {
     key: String::new(), split: "valid".into(), field: MetricField::Last, order: SortOrder::Ascending,
 }), ..RunQuery::default() }, "metric.valid/")]
 #[case::empty_experiment(RunQuery::new().experiment(""), "empty experiment name")]
-fn bad_queries_are_refused(#[case] query: RunQuery, #[case] named: &str) {
-    let (_dir, db, _ids) = fixture();
+fn bad_queries_are_refused(
+    #[case] query: RunQuery,
+    #[case] named: &str,
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, db, _ids)) = fixture(engine) else {
+        return;
+    };
     let err = db.query_runs(&query).unwrap_err();
     assert!(
         matches!(err, Error::Invalid(ref m) if m.contains(named)),
@@ -288,9 +305,13 @@ fn bad_queries_are_refused(#[case] query: RunQuery, #[case] named: &str) {
     );
 }
 
-#[test]
-fn query_runs_of_a_missing_experiment_is_not_found() {
-    let (_dir, db, _ids) = fixture();
+#[rstest]
+fn query_runs_of_a_missing_experiment_is_not_found(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, db, _ids)) = fixture(engine) else {
+        return;
+    };
     let err = db
         .query_runs(&RunQuery::new().experiment("nope"))
         .unwrap_err();
@@ -309,8 +330,13 @@ fn query_runs_of_a_missing_experiment_is_not_found() {
 #[case::ten(10)]
 #[case::odd(33)]
 #[case::two(2)]
-fn downsampling_keeps_spikes(#[case] n: usize) {
-    let (_dir, _path, mut db) = temp_db();
+fn downsampling_keeps_spikes(
+    #[case] n: usize,
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     let mut values: Vec<(u64, f64)> = (0..10_000u64)
         .map(|s| (s * 3, 5.0 + ((s * 7919) % 100) as f64 / 100.0))
@@ -334,9 +360,13 @@ fn downsampling_keeps_spikes(#[case] n: usize) {
     );
 }
 
-#[test]
-fn downsampling_short_histories_and_errors() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn downsampling_short_histories_and_errors(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     assert!(
         db.metric_history_downsampled(id, "loss", "train", 10)
@@ -363,9 +393,11 @@ fn downsampling_short_histories_and_errors() {
 }
 
 /// Downsampling reads only the visible points: a spike hidden by a resume is gone.
-#[test]
-fn downsampling_skips_hidden_points() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn downsampling_skips_hidden_points(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     let mut points: Vec<(u64, f64)> = (0..1000).map(|s| (s, 1.0)).collect();
     points[900].1 = 1e9;
@@ -382,9 +414,11 @@ fn downsampling_skips_hidden_points() {
 
 // ---------------------------------------------------------------- comparison
 
-#[test]
-fn compare_runs_side_by_side() {
-    let (_dir, db, ids) = fixture();
+#[rstest]
+fn compare_runs_side_by_side(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, db, ids)) = fixture(engine) else {
+        return;
+    };
     let id = |name: &str| ids.iter().find(|(n, _)| n == name).unwrap().1;
     let comparison = db.compare_runs(&[id("d"), id("a"), id("e")]).unwrap();
     assert_eq!(

@@ -1,11 +1,10 @@
-//! The experiment store on real database files.
+//! The experiment store on real stores of both engines: SQLite files and databases
+//! on a real PostgreSQL server.
 
-use std::path::Path;
-
-use crate::common::{point, raw, same_summary, scan, temp_db};
+use crate::common::{Engine, TempStore, Val, point, same_summary, scan, temp_store};
 use kiln_experiment_db::{
     EndStatus, Error, ExperimentDb, Goal, MetricPoint, MetricSummaryRecord, NewArtifact, NewRun,
-    RunId, RunStatus, RunTracker,
+    RunId, RunStatus, RunTracker, StoreLocation,
 };
 use rstest::rstest;
 
@@ -31,61 +30,63 @@ fn new_run(experiment: &str, name: &str) -> NewRun {
 
 // ---------------------------------------------------------------- schema
 
-#[test]
-fn migrations_apply_once_and_reopen_is_idempotent() {
-    let (_dir, path, mut db) = temp_db();
+#[rstest]
+fn migrations_apply_once_and_reopen_is_idempotent(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let latest = ExperimentDb::latest_schema_version();
     assert!(latest >= 1);
     assert_eq!(db.schema_version().unwrap(), latest);
     let run = db.start_run(&new_run("e", "r")).unwrap();
     drop(db);
 
-    let applied = |path: &Path| -> Vec<(i64, f64)> {
-        let conn = raw(path);
-        let mut stmt = conn
-            .prepare("SELECT version, applied_at FROM schema_migrations ORDER BY version")
-            .unwrap();
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap()
+    let applied = || {
+        store.raw().query(
+            "SELECT version, applied_at FROM schema_migrations ORDER BY version",
+            &[],
+        )
     };
-    let first = applied(&path);
+    let first = applied();
     assert_eq!(
-        first.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
-        (1..=latest).collect::<Vec<_>>()
+        first.iter().map(|r| r[0].clone()).collect::<Vec<_>>(),
+        (1..=latest).map(Val::Int).collect::<Vec<_>>()
     );
 
     for _ in 0..3 {
-        let db = ExperimentDb::open(&path).unwrap();
+        let db = store.open();
         assert_eq!(db.schema_version().unwrap(), latest);
         assert_eq!(db.run(run).unwrap().name, "r", "data survives reopening");
     }
-    assert_eq!(applied(&path), first, "no migration re-ran");
+    assert_eq!(applied(), first, "no migration re-ran");
 }
 
 #[test]
 fn open_sets_wal() {
-    let (_dir, path, _db) = temp_db();
-    let mode: String = raw(&path)
-        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(mode, "wal");
+    let Some((store, _db)) = temp_store(Engine::Sqlite) else {
+        unreachable!("SQLite needs nothing");
+    };
+    let mode = store.raw().query("PRAGMA journal_mode", &[]);
+    assert_eq!(mode, vec![vec![Val::Text("wal".into())]]);
 }
 
-#[test]
-fn a_database_from_a_newer_kiln_is_refused() {
-    let (_dir, path, db) = temp_db();
+#[rstest]
+fn a_database_from_a_newer_kiln_is_refused(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((store, db)) = temp_store(engine) else {
+        return;
+    };
     drop(db);
-    raw(&path)
-        .execute(
-            "INSERT INTO schema_migrations (version, applied_at) VALUES (9999, 0)",
-            [],
-        )
-        .unwrap();
-    let err = ExperimentDb::open(&path).unwrap_err();
+    store.raw().execute(
+        "INSERT INTO schema_migrations (version, applied_at) VALUES (9999, 0)",
+        &[],
+    );
+    let err = ExperimentDb::open_location(&store.location).unwrap_err();
     assert!(
-        matches!(err, Error::Invalid(ref m) if m.contains("9999")),
+        matches!(err, Error::Invalid(ref m) if m.contains("9999") && m.contains("newer kiln")),
         "{err}"
     );
 }
@@ -101,17 +102,22 @@ fn a_missing_directory_is_an_error_not_a_panic() {
 /// `KILN_UPDATE_SNAPSHOTS=1 cargo test -p kiln-experiment-db --test it store::schema_snapshot`.
 #[test]
 fn schema_snapshot() {
-    let (_dir, path, db) = temp_db();
+    let Some((store, db)) = temp_store(Engine::Sqlite) else {
+        unreachable!("SQLite needs nothing");
+    };
     drop(db);
-    let conn = raw(&path);
-    let mut stmt = conn
-        .prepare("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name")
-        .unwrap();
-    let statements: Vec<String> = stmt
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<rusqlite::Result<_>>()
-        .unwrap();
+    let statements: Vec<String> = store
+        .raw()
+        .query(
+            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name",
+            &[],
+        )
+        .into_iter()
+        .map(|row| match &row[0] {
+            Val::Text(sql) => sql.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
     let actual: String = statements.iter().map(|s| format!("{s};\n\n")).collect();
     // Read at run time first: cargo may reuse a binary built in another checkout.
     let snapshot = std::path::PathBuf::from(
@@ -132,11 +138,40 @@ fn schema_snapshot() {
     );
 }
 
+/// PostgreSQL's schema has SQLite's tables and columns, in the same order.
+#[test]
+fn both_engines_have_the_same_tables_and_columns() {
+    let columns = |engine: Engine| {
+        let (store, _db) = temp_store(engine)?;
+        let sql = match engine {
+            Engine::Sqlite => {
+                "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
+                    WHERE m.type = 'table' AND m.name <> 'sqlite_sequence'
+                    ORDER BY m.name, p.cid"
+            }
+            Engine::Postgres => {
+                "SELECT table_name::text, column_name::text FROM information_schema.columns
+                    WHERE table_schema = current_schema()
+                    ORDER BY table_name, ordinal_position"
+            }
+        };
+        Some(store.raw().query(sql, &[]))
+    };
+    let Some(postgres) = columns(Engine::Postgres) else {
+        return;
+    };
+    let sqlite = columns(Engine::Sqlite).unwrap();
+    assert!(sqlite.len() > 40, "{sqlite:?}");
+    assert_eq!(postgres, sqlite);
+}
+
 // ---------------------------------------------------------------- runs
 
-#[test]
-fn start_run_round_trips_everything() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn start_run_round_trips_everything(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let new = new_run("lm", "first");
     let before = now();
     let id = db.start_run(&new).unwrap();
@@ -185,8 +220,11 @@ fn run_lifecycle(
     #[case] end: EndStatus,
     #[case] reason: Option<&str>,
     #[case] expected: RunStatus,
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
 ) {
-    let (_dir, path, mut db) = temp_db();
+    let Some((store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     assert_eq!(db.run(id).unwrap().status, RunStatus::Running);
     db.log_metrics(id, &[point("loss", "train", 0, 2.0)])
@@ -213,31 +251,35 @@ fn run_lifecycle(
 
     // It is all on disk.
     drop(db);
-    assert_eq!(ExperimentDb::open(&path).unwrap().run(id).unwrap(), run);
+    assert_eq!(store.open().run(id).unwrap(), run);
 }
 
-#[test]
-fn heartbeat_updates_heartbeat_at() {
-    let (_dir, path, mut db) = temp_db();
+#[rstest]
+fn heartbeat_updates_heartbeat_at(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     // The last beat an hour ago, so that a new one is later whatever the clock's
     // resolution.
     let first = db.run(id).unwrap().heartbeat_at.unwrap() - 3600.0;
-    raw(&path)
-        .execute(
-            "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1",
-            rusqlite::params![id, first],
-        )
-        .unwrap();
+    store.raw().execute(
+        "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1",
+        &[id.into(), first.into()],
+    );
     db.heartbeat(id).unwrap();
     let second = db.run(id).unwrap().heartbeat_at.unwrap();
     assert!(second > first + 3000.0, "{second} > {first}");
     assert!(matches!(db.heartbeat(id + 1000), Err(Error::NotFound(_))));
 }
 
-#[test]
-fn duplicate_run_name_is_refused_by_name() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn duplicate_run_name_is_refused_by_name(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let first = db.start_run(&new_run("e", "baseline")).unwrap();
     let err = db.start_run(&new_run("e", "baseline")).unwrap_err();
     match &err {
@@ -258,16 +300,24 @@ fn duplicate_run_name_is_refused_by_name() {
 #[rstest]
 #[case::empty_experiment("", "r")]
 #[case::empty_name("e", "")]
-fn empty_names_are_refused(#[case] experiment: &str, #[case] name: &str) {
-    let (_dir, _path, mut db) = temp_db();
+fn empty_names_are_refused(
+    #[case] experiment: &str,
+    #[case] name: &str,
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let err = db.start_run(&new_run(experiment, name)).unwrap_err();
     assert!(matches!(err, Error::Invalid(_)), "{err}");
     assert!(db.list_runs(None).unwrap().is_empty());
 }
 
-#[test]
-fn a_param_given_twice_stores_no_run() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn a_param_given_twice_stores_no_run(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let mut new = new_run("e", "r");
     new.params.push(("lr".into(), "0.1".into()));
     let err = db.start_run(&new).unwrap_err();
@@ -281,9 +331,11 @@ fn a_param_given_twice_stores_no_run() {
     );
 }
 
-#[test]
-fn log_params_adds_and_refuses_changes() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn log_params_adds_and_refuses_changes(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     db.log_params(
         id,
@@ -304,9 +356,13 @@ fn log_params_adds_and_refuses_changes() {
     );
 }
 
-#[test]
-fn list_runs_orders_by_start_and_filters_by_experiment() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn list_runs_orders_by_start_and_filters_by_experiment(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let a1 = db.start_run(&new_run("a", "1")).unwrap();
     let b1 = db.start_run(&new_run("b", "1")).unwrap();
     let a2 = db.start_run(&new_run("a", "2")).unwrap();
@@ -322,9 +378,11 @@ fn list_runs_orders_by_start_and_filters_by_experiment() {
     );
 }
 
-#[test]
-fn missing_runs_are_not_found() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn missing_runs_are_not_found(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let missing: RunId = 42;
     let not_found = |r: Result<(), Error>| {
         let err = r.unwrap_err();
@@ -348,25 +406,31 @@ fn missing_runs_are_not_found() {
 }
 
 /// Foreign keys: a metric for a missing run is refused and nothing is stored.
-#[test]
-fn a_metric_for_a_missing_run_is_refused() {
-    let (_dir, path, mut db) = temp_db();
+#[rstest]
+fn a_metric_for_a_missing_run_is_refused(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     let err = db
         .log_metrics(id + 1, &[point("loss", "train", 0, 1.0)])
         .unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
-    let count: i64 = raw(&path)
-        .query_row("SELECT COUNT(*) FROM metrics", [], |r| r.get(0))
-        .unwrap();
+    let count = store.raw().int("SELECT COUNT(*) FROM metrics", &[]);
     assert_eq!(count, 0);
 }
 
 // ---------------------------------------------------------------- metrics
 
-#[test]
-fn metric_history_is_ordered_by_step_and_keeps_non_finite_values() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn metric_history_is_ordered_by_step_and_keeps_non_finite_values(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     db.log_metrics(
         id,
@@ -402,9 +466,13 @@ fn metric_history_is_ordered_by_step_and_keeps_non_finite_values() {
     assert!(db.metric_history(id, "nope", "train").unwrap().is_empty());
 }
 
-#[test]
-fn a_non_finite_wall_time_stores_nothing() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn a_non_finite_wall_time_stores_nothing(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     let mut bad = point("loss", "train", 1, 1.0);
     bad.wall_time = f64::NAN;
@@ -439,8 +507,11 @@ fn summaries_after_several_batches(
     #[case] last_step: u64,
     #[case] min: Option<(u64, f64)>,
     #[case] max: Option<(u64, f64)>,
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
 ) {
-    let (_dir, _path, mut db) = temp_db();
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     assert_eq!(db.metric_summary(id, "loss", "train").unwrap(), None);
     for batch in &batches {
@@ -497,9 +568,13 @@ fn summaries_after_several_batches(
 }
 
 /// A pseudo-random stream of points in many batches gives the summary a full scan gives.
-#[test]
-fn summaries_equal_a_full_scan_of_many_points() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn summaries_equal_a_full_scan_of_many_points(
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = move || {
@@ -546,8 +621,14 @@ fn summaries_equal_a_full_scan_of_many_points() {
 #[rstest]
 #[case::min(Goal::Min, "b")]
 #[case::max(Goal::Max, "c")]
-fn best_run_uses_the_summaries(#[case] goal: Goal, #[case] expected: &str) {
-    let (_dir, _path, mut db) = temp_db();
+fn best_run_uses_the_summaries(
+    #[case] goal: Goal,
+    #[case] expected: &str,
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let series: [(&str, &[f64]); 4] = [
         ("a", &[3.0, 2.0, 2.5]),
         ("b", &[4.0, 0.5, f64::NAN]),
@@ -593,8 +674,14 @@ fn best_run_uses_the_summaries(#[case] goal: Goal, #[case] expected: &str) {
 #[rstest]
 #[case::min(Goal::Min, 1.0)]
 #[case::max(Goal::Max, 9.0)]
-fn best_run_ties_go_to_the_lowest_id(#[case] goal: Goal, #[case] best: f64) {
-    let (_dir, _path, mut db) = temp_db();
+fn best_run_ties_go_to_the_lowest_id(
+    #[case] goal: Goal,
+    #[case] best: f64,
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let mut ids = Vec::new();
     for name in ["x", "y", "z"] {
         let id = db.start_run(&new_run("e", name)).unwrap();
@@ -615,9 +702,11 @@ fn best_run_ties_go_to_the_lowest_id(#[case] goal: Goal, #[case] best: f64) {
     assert!(ids[1] < ids[2]);
 }
 
-#[test]
-fn best_run_without_data_or_experiment() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn best_run_without_data_or_experiment(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     assert_eq!(db.best_run("e", "loss", "valid", Goal::Min).unwrap(), None);
     db.log_metrics(id, &[point("loss", "valid", 0, f64::NAN)])
@@ -628,9 +717,11 @@ fn best_run_without_data_or_experiment() {
     assert!(matches!(err, Error::NotFound(_)), "{err}");
 }
 
-#[test]
-fn best_run_counts_ended_runs() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn best_run_counts_ended_runs(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let failed = db.start_run(&new_run("e", "failed")).unwrap();
     db.log_metrics(failed, &[point("loss", "valid", 0, 0.1)])
         .unwrap();
@@ -651,9 +742,11 @@ fn best_run_counts_ended_runs() {
 
 // ---------------------------------------------------------------- tags, artifacts
 
-#[test]
-fn tags_round_trip_and_replace() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn tags_round_trip_and_replace(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     db.set_tag(id, "note", "first").unwrap();
     db.set_tag(id, "gpu", "h200").unwrap();
@@ -667,9 +760,11 @@ fn tags_round_trip_and_replace() {
     );
 }
 
-#[test]
-fn artifacts_round_trip() {
-    let (_dir, _path, mut db) = temp_db();
+#[rstest]
+fn artifacts_round_trip(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     let checkpoint = NewArtifact {
         kind: "checkpoint".into(),
@@ -701,8 +796,13 @@ fn artifacts_round_trip() {
 #[rstest]
 #[case::absolute("/tmp/x.mpk")]
 #[case::empty("")]
-fn artifact_paths_must_be_relative(#[case] path: &str) {
-    let (_dir, _path, mut db) = temp_db();
+fn artifact_paths_must_be_relative(
+    #[case] path: &str,
+    #[values(Engine::Sqlite, Engine::Postgres)] engine: Engine,
+) {
+    let Some((_store, mut db)) = temp_store(engine) else {
+        return;
+    };
     let id = db.start_run(&new_run("e", "r")).unwrap();
     let artifact = NewArtifact {
         kind: "checkpoint".into(),
@@ -722,33 +822,41 @@ fn now() -> f64 {
         .as_secs_f64()
 }
 
-/// A database left at schema version 1 by an older kiln is upgraded when it opens, its
+/// A store left at schema version 1 by an older kiln is upgraded when it opens, its
 /// data intact and usable by the features of the new migrations.
-#[test]
-fn a_version_1_database_is_upgraded() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kiln.sqlite");
+#[rstest]
+fn a_version_1_database_is_upgraded(#[values(Engine::Sqlite, Engine::Postgres)] engine: Engine) {
+    let Some(store) = TempStore::new(engine) else {
+        return;
+    };
+    let (create, initial) = match engine {
+        Engine::Sqlite => (
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)",
+            include_str!("../../migrations/0001_initial.sql"),
+        ),
+        Engine::Postgres => (
+            "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)",
+            include_str!("../../migrations/postgres/0001_initial.sql"),
+        ),
+    };
     {
-        let conn = raw(&path);
-        conn.execute_batch(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL);
-             INSERT INTO schema_migrations VALUES (1, 0);",
-        )
-        .unwrap();
-        conn.execute_batch(include_str!("../../migrations/0001_initial.sql"))
-            .unwrap();
-        conn.execute_batch(
-            "INSERT INTO experiments (id, name, created_at) VALUES (1, 'old', 0);
-             INSERT INTO runs (id, experiment_id, name, status, config_json, kiln_version,
+        let mut raw = store.raw();
+        for sql in [
+            create,
+            "INSERT INTO schema_migrations VALUES (1, 0)",
+            initial,
+            "INSERT INTO experiments (id, name, created_at) VALUES (1, 'old', 0)",
+            "INSERT INTO runs (id, experiment_id, name, status, config_json, kiln_version,
                  host, started_at, heartbeat_at)
-                 VALUES (7, 1, 'r', 'FAILED', '{}', '0.0.1', 'h', 0, 0);
-             INSERT INTO metrics (run_id, key, split, step, epoch, value, wall_time)
-                 VALUES (7, 'loss', 'train', 0, 0, 2.0, 0), (7, 'loss', 'train', 5, 0, 1.0, 0);
-             INSERT INTO metric_summaries VALUES (7, 'loss', 'train', 1.0, 5, 1.0, 5, 2.0, 0);",
-        )
-        .unwrap();
+                 VALUES (7, 1, 'r', 'FAILED', '{}', '0.0.1', 'h', 0, 0)",
+            "INSERT INTO metrics (run_id, key, split, step, epoch, value, wall_time)
+                 VALUES (7, 'loss', 'train', 0, 0, 2.0, 0), (7, 'loss', 'train', 5, 0, 1.0, 0)",
+            "INSERT INTO metric_summaries VALUES (7, 'loss', 'train', 1.0, 5, 1.0, 5, 2.0, 0)",
+        ] {
+            raw.batch(sql);
+        }
     }
-    let mut db = ExperimentDb::open(&path).unwrap();
+    let mut db = store.open();
     assert_eq!(
         db.schema_version().unwrap(),
         ExperimentDb::latest_schema_version()
@@ -761,4 +869,76 @@ fn a_version_1_database_is_upgraded() {
     );
     let summary = db.metric_summary(7, "loss", "train").unwrap().unwrap();
     assert_eq!((summary.last_step, summary.min), (0, Some((0, 2.0))));
+}
+
+// ---------------------------------------------------------------- PostgreSQL's bad input
+
+/// A server that cannot be reached is named, with what to check; never a panic.
+#[rstest]
+#[case::refused("postgres://kiln@127.0.0.1:1/kiln")]
+#[case::no_socket("postgres://kiln@/kiln?host=/nonexistent/kiln-socket-dir")]
+fn an_unreachable_server_is_named(#[case] url: &str) {
+    let err = ExperimentDb::open_location(&url.parse().unwrap()).unwrap_err();
+    assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot connect to postgres://kiln@")
+            && text.contains("is the server running"),
+        "{text}"
+    );
+}
+
+/// A malformed URL is refused when parsed, naming what is wrong.
+#[rstest]
+#[case::port("postgres://kiln@host:port/db", "invalid port")]
+#[case::option(
+    "postgres://kiln@host/db?frobnicate=1",
+    "unknown option \"frobnicate\""
+)]
+fn a_malformed_url_is_named(#[case] url: &str, #[case] why: &str) {
+    let err = url.parse::<StoreLocation>().unwrap_err().to_string();
+    assert!(
+        err.contains("malformed PostgreSQL URL") && err.contains(why),
+        "{err}"
+    );
+}
+
+/// A wrong password is named as such, and the password is not shown.
+#[test]
+fn a_wrong_password_is_named() {
+    let Some(store) = TempStore::new(Engine::Postgres) else {
+        return;
+    };
+    store.raw().batch(
+        "DO $$ BEGIN CREATE ROLE kiln_test_pw LOGIN PASSWORD 'right';
+            EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    );
+    let url = store.location_arg();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        panic!("{url}")
+    };
+    let rest = rest.split_once('@').map_or(rest, |(_, host)| host);
+    let wrong: StoreLocation = format!("{scheme}://kiln_test_pw:s3cret-wrong@{rest}")
+        .parse()
+        .unwrap();
+    match ExperimentDb::open_location(&wrong) {
+        Err(err) => {
+            let text = err.to_string();
+            assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");
+            assert!(text.contains("password authentication failed"), "{text}");
+            assert!(
+                text.contains("wrong password") && !text.contains("s3cret"),
+                "{text}"
+            );
+        }
+        Ok(_) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI's server must check passwords (.ci/run writes its pg_hba.conf)"
+            );
+            eprintln!(
+                "skipped: the test server trusts every login (pg_hba.conf), so a wrong password cannot be tried"
+            );
+        }
+    }
 }
