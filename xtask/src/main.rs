@@ -12,6 +12,8 @@
 //! - `cargo xtask launch [--nodes N] [--master-port P] -- [TRAIN ARGS...]`: builds
 //!   the release binary and runs `kiln launch`: a multi-node run on this machine,
 //!   one `kiln train` process per node on the loopback interface.
+//! - `cargo xtask ui [ARGS...]`: builds the release binary and runs `kiln ui ARGS...`,
+//!   the web dashboard over the experiment store (http://127.0.0.1:8080).
 //! - `cargo xtask gpu-check [ARGS...]`: builds the release binary with the `cuda`
 //!   feature and runs `kiln gpu-check ARGS...` (200 steps of the tiny GPT and of a
 //!   d 768 / 12-layer / T 256 GPT in 32-true and bf16-mixed on the first GPU; JSON
@@ -32,7 +34,7 @@ mod tidy;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some(command @ ("train" | "runs" | "launch")) => run_kiln(command, &args[1..], &[]),
+        Some(command @ ("train" | "runs" | "launch" | "ui")) => run_kiln(command, &args[1..], &[]),
         Some("gpu-check") => run_kiln("gpu-check", &args[1..], &["cuda"]),
         Some("bench") if args.get(1).map(String::as_str) == Some("--summarise") => {
             resummarise(args.get(2).map_or("", String::as_str))
@@ -42,7 +44,7 @@ fn main() -> ExitCode {
             "usage: cargo xtask train [ARGS...] | cargo xtask launch [--nodes N] \
                   [--master-port P] -- [TRAIN ARGS...] | cargo xtask bench [--rounds N] \
                   [--config tiny|small|all] [--compare-pytorch] [--paired N] [--no-write] | cargo xtask \
-                  gpu-check [ARGS...]"
+                  gpu-check [ARGS...] | cargo xtask ui [--db FILE|URL] [--port P]"
                 .into(),
         ),
     };
@@ -94,7 +96,7 @@ fn build_release(features: &[&str]) -> Result<PathBuf> {
         .join(format!("kiln{}", std::env::consts::EXE_SUFFIX)))
 }
 
-/// `cargo xtask train|runs|gpu-check ARGS...` = `kiln train|runs|gpu-check ARGS...`
+/// `cargo xtask train|runs|launch|ui|gpu-check ARGS...` = `kiln train|runs|... ARGS...`
 /// with the release binary built with `features`.
 fn run_kiln(command: &str, args: &[String], features: &[&str]) -> Result<()> {
     let kiln = build_release(features)?;

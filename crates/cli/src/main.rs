@@ -7,6 +7,7 @@ mod launch;
 mod runs;
 mod signals;
 mod train;
+mod ui;
 
 use std::process::ExitCode;
 
@@ -26,6 +27,9 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// List the runs recorded in the experiment store.
     Runs(runs::RunsArgs),
+    /// Serve a web dashboard over the experiment store (runs, one run, comparisons,
+    /// live curves) on http://127.0.0.1:8080.
+    Ui(ui::UiArgs),
     /// Start a multi-node run on this machine: one `kiln train` process per node
     /// (`kiln launch --nodes 2 -- --max-steps 30`).
     Launch(launch::LaunchArgs),
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         None => train::run(&train::TrainArgs::parse_from(["kiln"])),
         Some(Command::Train(args)) => train::run(&args),
         Some(Command::Runs(args)) => runs::run(&args),
+        Some(Command::Ui(args)) => ui::run(&args),
         Some(Command::Launch(args)) => launch::run(&args),
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::GpuCheck(args)) => gpu_check::run(&args),

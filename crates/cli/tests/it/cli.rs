@@ -105,6 +105,48 @@ fn a_malformed_store_url_is_a_usage_error(#[case] args: &[&str], #[case] why: &s
     );
 }
 
+/// `kiln ui` without a store, or on a port another program holds: a clear error,
+/// exit 1, nothing created.
+#[test]
+fn kiln_ui_refuses_a_missing_store_and_a_taken_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().to_str().unwrap();
+    let out = kiln(&["ui", "--output-dir", o, "--port", "0"]);
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no experiment store at") && err.contains("train a model first"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing created"
+    );
+
+    let out = kiln(&[
+        "train",
+        "--max-steps",
+        "1",
+        "--progress",
+        "off",
+        "--output-dir",
+        o,
+    ]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = kiln(&["ui", "--output-dir", o, "--port", &port]);
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}"))
+            && err.contains("choose another port"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// A CPU-only kiln says how to get the GPU check instead of failing obscurely.
 #[test]
 fn gpu_check_without_cuda_says_how_to_build_it() {
