@@ -58,6 +58,11 @@ pub struct BenchArgs {
     /// logging every step) and checkpoint files (save and load MB/s).
     #[arg(long)]
     store: bool,
+    /// With `--store`: measure this store (a postgres:// URL, or a SQLite file)
+    /// instead of a temporary SQLite file. Its runs are left in it, in experiment
+    /// "bench".
+    #[arg(long, value_name = "FILE|URL", requires = "store")]
+    db: Option<kiln_experiment_db::StoreLocation>,
     /// Measure one worker only (the hand loop and the coordinator), without the
     /// two-worker runs: what `cargo xtask bench --paired` times against PyTorch.
     #[arg(long)]
@@ -107,7 +112,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
         }
         if args.store {
-            emit(&store_insert_throughput(round)?);
+            emit(&store_insert_throughput(round, args.db.as_ref())?);
             emit(&logging_overhead(args, round)?);
             for line in checkpoint_speed(round)? {
                 emit(&line);
@@ -118,15 +123,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 /// Points per second written through `RunTracker::log_metrics` in batches of 100,
-/// flushed to disk.
-fn store_insert_throughput(round: usize) -> Result<serde_json::Value> {
-    use kiln_experiment_db::{ExperimentDb, MetricPoint, NewRun, RunTracker};
+/// flushed to the store: `location`, or a temporary SQLite file.
+fn store_insert_throughput(
+    round: usize,
+    location: Option<&kiln_experiment_db::StoreLocation>,
+) -> Result<serde_json::Value> {
+    use kiln_experiment_db::{ExperimentDb, MetricPoint, NewRun, RunTracker, StoreLocation};
     let dir = tempfile_dir()?.join(format!("store-{round}"));
     std::fs::create_dir_all(&dir)?;
-    let mut db = ExperimentDb::open(dir.join("bench.sqlite"))?;
+    let location = location
+        .cloned()
+        .unwrap_or_else(|| StoreLocation::Sqlite(dir.join("bench.sqlite")));
+    let mut db = ExperimentDb::open_location(&location)?;
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
     let run = db.start_run(&NewRun {
         experiment: "bench".into(),
-        name: format!("insert-{round}"),
+        name: format!("insert-{round}-{}-{started}", std::process::id()),
         config: serde_json::json!({}),
         params: vec![],
         kiln_version: env!("CARGO_PKG_VERSION").into(),
@@ -152,8 +166,13 @@ fn store_insert_throughput(round: usize) -> Result<serde_json::Value> {
     let seconds = start.elapsed().as_secs_f64();
     drop(db);
     let _ = std::fs::remove_dir_all(&dir);
+    let measure = if location.is_postgres() {
+        "insert_points_per_s_postgres"
+    } else {
+        "insert_points_per_s"
+    };
     Ok(serde_json::json!({
-        "kind": "store", "measure": "insert_points_per_s", "round": round,
+        "kind": "store", "measure": measure, "round": round,
         "value": (batches * per_batch) as f64 / seconds, "batch": per_batch,
     }))
 }

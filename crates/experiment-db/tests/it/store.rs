@@ -1,7 +1,7 @@
 //! The experiment store on real stores of both engines: SQLite files and databases
 //! on a real PostgreSQL server.
 
-use crate::common::{Engine, TempStore, Val, point, same_summary, scan, temp_store};
+use crate::common::{Engine, TempStore, Val, point, same_points, same_summary, scan, temp_store};
 use kiln_experiment_db::{
     EndStatus, Error, ExperimentDb, Goal, MetricPoint, MetricSummaryRecord, NewArtifact, NewRun,
     RunId, RunStatus, RunTracker, StoreLocation,
@@ -584,8 +584,9 @@ fn summaries_equal_a_full_scan_of_many_points(
         state
     };
     let mut all = Vec::new();
-    for _ in 0..20 {
-        let batch: Vec<(u64, f64)> = (0..50)
+    // Batches of several sizes: a batch goes in multi-row INSERTs of 256, 128, ... rows.
+    for size in [50, 1, 300, 7, 513, 50, 2, 129, 50, 50] {
+        let batch: Vec<(u64, f64)> = (0..size)
             .map(|_| {
                 let r = next();
                 let value = match r % 50 {
@@ -610,10 +611,13 @@ fn summaries_equal_a_full_scan_of_many_points(
         same_summary(&summary, &scanned),
         "{summary:?} != scan {scanned:?}"
     );
-    assert_eq!(
-        db.metric_history(id, "loss", "train").unwrap().len(),
-        all.len()
-    );
+    // Every point, by step, those of one step in the order written.
+    let mut expected = all.clone();
+    expected.sort_by_key(|&(step, _)| step);
+    assert!(same_points(
+        &db.metric_history(id, "loss", "train").unwrap(),
+        &expected
+    ));
 }
 
 // ---------------------------------------------------------------- best run
