@@ -110,18 +110,7 @@ fn split_metric(metric: &str) -> Result<(&str, &str)> {
 }
 
 pub fn run(args: &RunsArgs) -> Result<()> {
-    let location = args
-        .db
-        .clone()
-        .unwrap_or_else(|| StoreLocation::Sqlite(args.output_dir.join("kiln.sqlite")));
-    if let Some(path) = location.sqlite_path()
-        && !path.is_file()
-    {
-        anyhow::bail!(
-            "no experiment store at {} (train a model first)",
-            path.display()
-        );
-    }
+    let location = crate::train::existing_store(args.db.as_ref(), &args.output_dir)?;
     let db = crate::train::open_store(&location)?;
     let mut out = std::io::stdout().lock();
     match args

@@ -356,6 +356,23 @@ pub fn open_db(location: Option<&StoreLocation>, output_dir: &Path) -> Result<Ex
     open_store(&location)
 }
 
+/// The store a reading command (`kiln runs`, `kiln ui`) names: `db`, or
+/// `<output_dir>/kiln.sqlite`, which must exist (reading creates no store).
+pub fn existing_store(db: Option<&StoreLocation>, output_dir: &Path) -> Result<StoreLocation> {
+    let location = db
+        .cloned()
+        .unwrap_or_else(|| StoreLocation::Sqlite(output_dir.join("kiln.sqlite")));
+    if let Some(path) = location.sqlite_path()
+        && !path.is_file()
+    {
+        anyhow::bail!(
+            "no experiment store at {} (train a model first, or give --db)",
+            path.display()
+        );
+    }
+    Ok(location)
+}
+
 /// Opens the experiment store at `location`; a SQLite file's error names the file (a
 /// PostgreSQL error names the server already).
 pub fn open_store(location: &StoreLocation) -> Result<ExperimentDb> {

@@ -28,18 +28,7 @@ pub struct UiArgs {
 }
 
 pub fn run(args: &UiArgs) -> Result<()> {
-    let location = args
-        .db
-        .clone()
-        .unwrap_or_else(|| StoreLocation::Sqlite(args.output_dir.join("kiln.sqlite")));
-    if let Some(path) = location.sqlite_path()
-        && !path.is_file()
-    {
-        anyhow::bail!(
-            "no experiment store at {} (train a model first, or give --db)",
-            path.display()
-        );
-    }
+    let location = crate::train::existing_store(args.db.as_ref(), &args.output_dir)?;
     if !args.host.is_loopback() {
         eprintln!(
             "kiln ui: warning: listening on {}, not loopback: the dashboard has no login, so \
