@@ -137,21 +137,7 @@ pub(crate) fn write_points(tx: &mut impl Sql, run: RunId, points: &[MetricPoint]
             .or_insert_with(|| SummaryAcc::new(p.step, p.value));
     }
     for ((key, split), acc) in series {
-        let last = (!acc.last.is_nan()).then_some(acc.last);
-        tx.execute(
-            UPSERT_SUMMARY,
-            args![
-                run,
-                key,
-                split,
-                last,
-                acc.last_step,
-                acc.min.map(|(_, v)| v),
-                acc.min.map(|(s, _)| s),
-                acc.max.map(|(_, v)| v),
-                acc.max.map(|(s, _)| s),
-            ],
-        )?;
+        merge_summary(tx, run, key, split, &acc)?;
     }
     tx.execute(
         "UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1",
@@ -167,8 +153,7 @@ pub(crate) fn recompute_summaries(tx: &mut impl Sql, run: RunId) -> Result<()> {
         "SELECT key, split, step, value FROM metrics m
             WHERE m.run_id = ?1 AND {VISIBLE} ORDER BY m.id"
     );
-    let mut series: std::collections::BTreeMap<(String, String), SummaryAcc> =
-        std::collections::BTreeMap::new();
+    let mut series: BTreeMap<(String, String), SummaryAcc> = BTreeMap::new();
     for row in tx.query(&sql, args![run])? {
         let key: String = row.get(0)?;
         let split: String = row.get(1)?;
@@ -180,24 +165,36 @@ pub(crate) fn recompute_summaries(tx: &mut impl Sql, run: RunId) -> Result<()> {
             .or_insert_with(|| SummaryAcc::new(step, value));
     }
     tx.execute("DELETE FROM metric_summaries WHERE run_id = ?1", args![run])?;
+    // The rows are gone: each merge inserts the series' summary as it is.
     for ((key, split), acc) in series {
-        let last = (!acc.last.is_nan()).then_some(acc.last);
-        tx.execute(
-            "INSERT INTO metric_summaries
-                (run_id, key, split, last, last_step, min, min_step, max, max_step)
-                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            args![
-                run,
-                key,
-                split,
-                last,
-                acc.last_step,
-                acc.min.map(|(_, v)| v),
-                acc.min.map(|(s, _)| s),
-                acc.max.map(|(_, v)| v),
-                acc.max.map(|(s, _)| s),
-            ],
-        )?;
+        merge_summary(tx, run, &key, &split, &acc)?;
     }
+    Ok(())
+}
+
+/// Merges `acc`, the summary of points of one series written after those the stored
+/// summary covers, into the stored one (inserting it when there is none).
+fn merge_summary(
+    tx: &mut impl Sql,
+    run: RunId,
+    key: &str,
+    split: &str,
+    acc: &SummaryAcc,
+) -> Result<()> {
+    let last = (!acc.last.is_nan()).then_some(acc.last);
+    tx.execute(
+        UPSERT_SUMMARY,
+        args![
+            run,
+            key,
+            split,
+            last,
+            acc.last_step,
+            acc.min.map(|(_, v)| v),
+            acc.min.map(|(s, _)| s),
+            acc.max.map(|(_, v)| v),
+            acc.max.map(|(s, _)| s),
+        ],
+    )?;
     Ok(())
 }

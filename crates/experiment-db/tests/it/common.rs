@@ -116,15 +116,7 @@ impl Raw {
     pub fn execute(&mut self, sql: &str, args: &[Val]) -> u64 {
         match self {
             Raw::Sqlite(c) => {
-                let params: Vec<rusqlite::types::Value> = args
-                    .iter()
-                    .map(|a| match a {
-                        Val::Null => rusqlite::types::Value::Null,
-                        Val::Int(v) => rusqlite::types::Value::Integer(*v),
-                        Val::Real(v) => rusqlite::types::Value::Real(*v),
-                        Val::Text(v) => rusqlite::types::Value::Text(v.clone()),
-                    })
-                    .collect();
+                let params = sqlite_args(args);
                 c.execute(sql, rusqlite::params_from_iter(params)).unwrap() as u64
             }
             Raw::Postgres(c) => {
@@ -140,15 +132,7 @@ impl Raw {
     pub fn query(&mut self, sql: &str, args: &[Val]) -> Vec<Vec<Val>> {
         match self {
             Raw::Sqlite(c) => {
-                let params: Vec<rusqlite::types::Value> = args
-                    .iter()
-                    .map(|a| match a {
-                        Val::Null => rusqlite::types::Value::Null,
-                        Val::Int(v) => rusqlite::types::Value::Integer(*v),
-                        Val::Real(v) => rusqlite::types::Value::Real(*v),
-                        Val::Text(v) => rusqlite::types::Value::Text(v.clone()),
-                    })
-                    .collect();
+                let params = sqlite_args(args);
                 let mut stmt = c.prepare(sql).unwrap();
                 let n = stmt.column_count();
                 stmt.query_map(rusqlite::params_from_iter(params), |row| {
@@ -231,6 +215,17 @@ impl Raw {
             }
         }
     }
+}
+
+fn sqlite_args(args: &[Val]) -> Vec<rusqlite::types::Value> {
+    args.iter()
+        .map(|a| match a {
+            Val::Null => rusqlite::types::Value::Null,
+            Val::Int(v) => rusqlite::types::Value::Integer(*v),
+            Val::Real(v) => rusqlite::types::Value::Real(*v),
+            Val::Text(v) => rusqlite::types::Value::Text(v.clone()),
+        })
+        .collect()
 }
 
 fn pg_args(args: &[Val]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
