@@ -311,26 +311,70 @@ pub fn softmax_backward(y: &[f32], grad: &mut [f32], width: usize) {
         });
 }
 
+/// Queries per block of a causal attention. A block's scores are computed only for
+/// the keys up to its last query, and the backward pass's products skip the blocks
+/// of keys that no query before them sees: about 5/8 of the full products at 128
+/// tokens. The skipped terms are the mask's zeros, so the sums are the same.
+const QUERY_BLOCK: usize = 32;
+
+/// The `[start, end)` rows of each block of `t` queries (or keys).
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(QUERY_BLOCK)
+        .map(move |start| (start, (start + QUERY_BLOCK).min(t)))
+}
+
+/// Rows `[start, end)` of a head's `t × hd` column block at `at` in a `[t, d]` buffer.
+fn head_rows(
+    data: &[f32],
+    at: usize,
+    (start, end): (usize, usize),
+    hd: usize,
+    d: usize,
+) -> Mat<'_> {
+    Mat::rows(data, at + start * d, end - start, hd, d)
+}
+
+/// Rows `[start, end)` of a head's column block at `col` in a `[t, d]` buffer.
+fn head_rows_mut(
+    data: &mut [f32],
+    col: usize,
+    (start, end): (usize, usize),
+    hd: usize,
+    d: usize,
+) -> MatMut<'_> {
+    MatMut {
+        data,
+        offset: col + start * d,
+        rows: end - start,
+        cols: hd,
+        row_stride: d,
+    }
+}
+
 /// The causal attention probabilities of one head:
 /// `p = softmax(Q Kᵀ / √hd)` with every key after its query at 0. `Q` and `K` are the
-/// head's `t × hd` column blocks at `at` in `[t, d]` buffers.
+/// head's `t × hd` column blocks at `at` in `[t, d]` buffers; `p` is `t × t`.
 fn probabilities(q: &[f32], k: &[f32], at: usize, shape: AttentionShape, p: &mut [f32]) {
     let AttentionShape { t, d, .. } = shape;
     let (hd, scale) = (shape.head_width(), shape.scale());
-    let scores = MatMut {
-        data: p,
-        offset: 0,
-        rows: t,
-        cols: t,
-        row_stride: t,
-    };
-    matmul(
-        scores,
-        Mat::rows(q, at, t, hd, d),
-        Mat::rows(k, at, t, hd, d).t(),
-        scale,
-        false,
-    );
+    for rows @ (start, end) in blocks(t) {
+        let scores = MatMut {
+            data: &mut *p,
+            offset: start * t,
+            rows: end - start,
+            cols: end,
+            row_stride: t,
+        };
+        matmul(
+            scores,
+            head_rows(q, at, rows, hd, d),
+            head_rows(k, at, (0, end), hd, d).t(),
+            scale,
+            false,
+        );
+    }
+    // Each row's keys after its query, uncomputed past its block, become zeros.
     math::vectorized(
         #[inline(always)]
         || {
@@ -386,20 +430,16 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, 
         let mut p = vec![0.0; t * t];
         for col in (0..heads).map(|h| h * hd) {
             probabilities(q, k, base + col, shape, &mut p);
-            let dst = MatMut {
-                data: out,
-                offset: col,
-                rows: t,
-                cols: hd,
-                row_stride: d,
-            };
-            matmul(
-                dst,
-                Mat::rows(&p, 0, t, t, t),
-                Mat::rows(v, base + col, t, hd, d),
-                1.0,
-                false,
-            );
+            // out = P V, each block of queries over the keys up to its end.
+            for rows @ (start, end) in blocks(t) {
+                matmul(
+                    head_rows_mut(out, col, rows, hd, d),
+                    Mat::rows(&p, start * t, end - start, end, t),
+                    head_rows(v, base + col, (0, end), hd, d),
+                    1.0,
+                    false,
+                );
+            }
         }
     });
 }
@@ -429,63 +469,70 @@ pub fn causal_attention_backward(
             let base = b * block;
             let mut p = vec![0.0; t * t];
             let mut ds = vec![0.0; t * t];
-            let head = |data, col| Mat::rows(data, base + col, t, hd, d);
-            fn out(data: &mut [f32], col: usize, t: usize, hd: usize, d: usize) -> MatMut<'_> {
-                MatMut {
-                    data,
-                    offset: col,
-                    rows: t,
-                    cols: hd,
-                    row_stride: d,
+            // A block of keys is seen by the queries from its first one on.
+            let seen_by = |(start, _)| (start, t);
+            for at in (0..heads).map(|h| base + h * hd) {
+                let col = at - base;
+                probabilities(q, k, at, shape, &mut p);
+                for keys @ (start, end) in blocks(t) {
+                    // dV = Pᵀ dO
+                    matmul(
+                        head_rows_mut(dv, col, keys, hd, d),
+                        Mat::rows(&p, start * t + start, t - start, end - start, t).t(),
+                        head_rows(grad, at, seen_by(keys), hd, d),
+                        1.0,
+                        false,
+                    );
                 }
-            }
-            for col in (0..heads).map(|h| h * hd) {
-                probabilities(q, k, base + col, shape, &mut p);
-                let square = |data| Mat::rows(data, 0, t, t, t);
-                // dV = Pᵀ dO
-                matmul(
-                    out(dv, col, t, hd, d),
-                    square(&p).t(),
-                    head(grad, col),
-                    1.0,
-                    false,
-                );
-                // dP = dO Vᵀ
-                let dp = MatMut {
-                    data: &mut ds,
-                    offset: 0,
-                    rows: t,
-                    cols: t,
-                    row_stride: t,
-                };
-                matmul(dp, head(grad, col), head(v, col).t(), 1.0, false);
-                // dS = P ∘ (dP - Σ_j dP·P), zero wherever P is.
-                math::vectorized(
-                    #[inline(always)]
-                    || {
-                        for (dsr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                            let s = math::dot(dsr, pr);
-                            for (x, &pi) in dsr.iter_mut().zip(pr) {
-                                *x = pi * (*x - s);
+                for rows @ (start, end) in blocks(t) {
+                    // dP = dO Vᵀ
+                    let dp = MatMut {
+                        data: &mut ds,
+                        offset: start * t,
+                        rows: end - start,
+                        cols: end,
+                        row_stride: t,
+                    };
+                    matmul(
+                        dp,
+                        head_rows(grad, at, rows, hd, d),
+                        head_rows(v, at, (0, end), hd, d).t(),
+                        1.0,
+                        false,
+                    );
+                    // dS = P ∘ (dP - Σ_j dP·P), zero wherever P is.
+                    math::vectorized(
+                        #[inline(always)]
+                        || {
+                            for i in start..end {
+                                let dsr = &mut ds[i * t..i * t + end];
+                                let pr = &p[i * t..i * t + end];
+                                let s = math::dot(dsr, pr);
+                                for (x, &pi) in dsr.iter_mut().zip(pr) {
+                                    *x = pi * (*x - s);
+                                }
                             }
-                        }
-                    },
-                );
-                // dQ = scale · dS K, dK = scale · dSᵀ Q
-                matmul(
-                    out(dq, col, t, hd, d),
-                    square(&ds),
-                    head(k, col),
-                    scale,
-                    false,
-                );
-                matmul(
-                    out(dk, col, t, hd, d),
-                    square(&ds).t(),
-                    head(q, col),
-                    scale,
-                    false,
-                );
+                        },
+                    );
+                    // dQ = scale · dS K
+                    matmul(
+                        head_rows_mut(dq, col, rows, hd, d),
+                        Mat::rows(&ds, start * t, end - start, end, t),
+                        head_rows(k, at, (0, end), hd, d),
+                        scale,
+                        false,
+                    );
+                }
+                for keys @ (start, end) in blocks(t) {
+                    // dK = scale · dSᵀ Q
+                    matmul(
+                        head_rows_mut(dk, col, keys, hd, d),
+                        Mat::rows(&ds, start * t + start, t - start, end - start, t).t(),
+                        head_rows(q, at, seen_by(keys), hd, d),
+                        scale,
+                        false,
+                    );
+                }
             }
         });
 }

@@ -323,6 +323,7 @@ type Attention = fn([usize; 3], usize, bool) -> Vec<Vec<f32>>;
 #[case::one_head([1, 3, 4], 1)]
 #[case::tiny_gpt([4, 64, 128], 4)]
 #[case::odd_sizes([3, 17, 30], 5)]
+#[case::blocks_of_queries([2, 77, 24], 3)]
 fn fused_attention_equals_burns_ops(
     #[values(
         (attention::<Autodiff<Flex>> as Attention, TOLERANCE),
