@@ -352,22 +352,38 @@ fn head_rows_mut(
     }
 }
 
+/// Rows `[start, end)` of a `t × t` square of scores, the columns up to `end`: the
+/// keys a block of queries sees.
+fn block_of_square(data: &[f32], (start, end): (usize, usize), t: usize) -> Mat<'_> {
+    Mat::rows(data, start * t, end - start, end, t)
+}
+
+/// Columns `[start, end)` of a `t × t` square of scores, from row `start` on: a block
+/// of keys and the queries that see it.
+fn keys_of_square(data: &[f32], (start, end): (usize, usize), t: usize) -> Mat<'_> {
+    Mat::rows(data, start * t + start, t - start, end - start, t)
+}
+
+/// [`block_of_square`], writable.
+fn block_of_square_mut(data: &mut [f32], (start, end): (usize, usize), t: usize) -> MatMut<'_> {
+    MatMut {
+        data,
+        offset: start * t,
+        rows: end - start,
+        cols: end,
+        row_stride: t,
+    }
+}
+
 /// The causal attention probabilities of one head:
 /// `p = softmax(Q Kᵀ / √hd)` with every key after its query at 0. `Q` and `K` are the
 /// head's `t × hd` column blocks at `at` in `[t, d]` buffers; `p` is `t × t`.
 fn probabilities(q: &[f32], k: &[f32], at: usize, shape: AttentionShape, p: &mut [f32]) {
     let AttentionShape { t, d, .. } = shape;
     let (hd, scale) = (shape.head_width(), shape.scale());
-    for rows @ (start, end) in blocks(t) {
-        let scores = MatMut {
-            data: &mut *p,
-            offset: start * t,
-            rows: end - start,
-            cols: end,
-            row_stride: t,
-        };
+    for rows @ (_, end) in blocks(t) {
         matmul(
-            scores,
+            block_of_square_mut(p, rows, t),
             head_rows(q, at, rows, hd, d),
             head_rows(k, at, (0, end), hd, d).t(),
             scale,
@@ -431,10 +447,10 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, 
         for col in (0..heads).map(|h| h * hd) {
             probabilities(q, k, base + col, shape, &mut p);
             // out = P V, each block of queries over the keys up to its end.
-            for rows @ (start, end) in blocks(t) {
+            for rows @ (_, end) in blocks(t) {
                 matmul(
                     head_rows_mut(out, col, rows, hd, d),
-                    Mat::rows(&p, start * t, end - start, end, t),
+                    block_of_square(&p, rows, t),
                     head_rows(v, base + col, (0, end), hd, d),
                     1.0,
                     false,
@@ -474,11 +490,11 @@ pub fn causal_attention_backward(
             for at in (0..heads).map(|h| base + h * hd) {
                 let col = at - base;
                 probabilities(q, k, at, shape, &mut p);
-                for keys @ (start, end) in blocks(t) {
+                for keys in blocks(t) {
                     // dV = Pᵀ dO
                     matmul(
                         head_rows_mut(dv, col, keys, hd, d),
-                        Mat::rows(&p, start * t + start, t - start, end - start, t).t(),
+                        keys_of_square(&p, keys, t).t(),
                         head_rows(grad, at, seen_by(keys), hd, d),
                         1.0,
                         false,
@@ -486,15 +502,8 @@ pub fn causal_attention_backward(
                 }
                 for rows @ (start, end) in blocks(t) {
                     // dP = dO Vᵀ
-                    let dp = MatMut {
-                        data: &mut ds,
-                        offset: start * t,
-                        rows: end - start,
-                        cols: end,
-                        row_stride: t,
-                    };
                     matmul(
-                        dp,
+                        block_of_square_mut(&mut ds, rows, t),
                         head_rows(grad, at, rows, hd, d),
                         head_rows(v, at, (0, end), hd, d).t(),
                         1.0,
@@ -517,17 +526,17 @@ pub fn causal_attention_backward(
                     // dQ = scale · dS K
                     matmul(
                         head_rows_mut(dq, col, rows, hd, d),
-                        Mat::rows(&ds, start * t, end - start, end, t),
+                        block_of_square(&ds, rows, t),
                         head_rows(k, at, (0, end), hd, d),
                         scale,
                         false,
                     );
                 }
-                for keys @ (start, end) in blocks(t) {
+                for keys in blocks(t) {
                     // dK = scale · dSᵀ Q
                     matmul(
                         head_rows_mut(dk, col, keys, hd, d),
-                        Mat::rows(&ds, start * t + start, t - start, end - start, t).t(),
+                        keys_of_square(&ds, keys, t).t(),
                         head_rows(q, at, seen_by(keys), hd, d),
                         scale,
                         false,
