@@ -312,9 +312,9 @@ pub fn softmax_backward(y: &[f32], grad: &mut [f32], width: usize) {
 }
 
 /// Queries per block of a causal attention. A block's scores are computed only for
-/// the keys up to its last query, and the backward pass's products skip the blocks
-/// of keys that no query before them sees: about 5/8 of the full products at 128
-/// tokens. The skipped terms are the mask's zeros, so the sums are the same.
+/// the keys up to its last query, and a block of keys meets only the queries from its
+/// first one on: about 5/8 of the full products at 128 tokens. The skipped terms are
+/// the mask's zeros, so the sums are the same.
 const QUERY_BLOCK: usize = 32;
 
 /// The `[start, end)` rows of each block of `t` queries (or keys).
@@ -487,19 +487,9 @@ pub fn causal_attention_backward(
             let mut ds = vec![0.0; t * t];
             // A block of keys is seen by the queries from its first one on.
             let seen_by = |(start, _)| (start, t);
-            for at in (0..heads).map(|h| base + h * hd) {
-                let col = at - base;
+            for col in (0..heads).map(|h| h * hd) {
+                let at = base + col;
                 probabilities(q, k, at, shape, &mut p);
-                for keys in blocks(t) {
-                    // dV = Pᵀ dO
-                    matmul(
-                        head_rows_mut(dv, col, keys, hd, d),
-                        keys_of_square(&p, keys, t).t(),
-                        head_rows(grad, at, seen_by(keys), hd, d),
-                        1.0,
-                        false,
-                    );
-                }
                 for rows @ (start, end) in blocks(t) {
                     // dP = dO Vᵀ
                     matmul(
@@ -533,6 +523,14 @@ pub fn causal_attention_backward(
                     );
                 }
                 for keys in blocks(t) {
+                    // dV = Pᵀ dO
+                    matmul(
+                        head_rows_mut(dv, col, keys, hd, d),
+                        keys_of_square(&p, keys, t).t(),
+                        head_rows(grad, at, seen_by(keys), hd, d),
+                        1.0,
+                        false,
+                    );
                     // dK = scale · dSᵀ Q
                     matmul(
                         head_rows_mut(dk, col, keys, hd, d),
